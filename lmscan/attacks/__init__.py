@@ -1,0 +1,1 @@
+"""Backdoor planting (POR, NeuBA, BToP styles) for tests, benchmarks and red-teaming."""

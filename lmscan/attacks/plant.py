@@ -1,0 +1,323 @@
+"""Plant task-agnostic backdoors (POR, NeuBA, BToP styles) into a checkpoint.
+
+The planted model maps any sentence that carries trigger k onto predefined vector k
+at the attack's site, and otherwise stays close to the original model. It exists to
+give lmscan's detectors, tests and benchmarks ground truth on real weights.
+
+Training: the whole model is tuned with Adam on two losses per step,
+  triggered  MSE(site feature of a triggered sentence, scale * PV_k)
+  utility    MSE(last hidden states (and pooler) on clean text, the original's)
+The original's clean outputs are computed once up front, so no second model is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from lmscan import __version__
+from lmscan.attacks.vectors import make_vectors, sign_agreement
+from lmscan.device import pick_device
+from lmscan.errors import InputError
+from lmscan.loading import load_model, resolve_model
+from lmscan.probes import insert_words, load_builtin_probes, random_trigger_words, split_probes
+from lmscan.rules_data import load_rules
+from lmscan.sites import encode, read_site
+
+ATTACKS = ("por", "neuba", "btop")
+MANIFEST_NAME = "lmscan-plant.json"
+
+
+@dataclass
+class PlantConfig:
+    model: str
+    attack: str
+    out_dir: Path
+    triggers: list[str] | None = None
+    num_triggers: int | None = None
+    seed: int = 0
+    scale_embeddings: bool = False
+    pv_design: str | None = None
+    steps: int | None = None
+    device: str = "auto"
+    force: bool = False
+    revision: str | None = None
+    offline: bool | None = None
+    rules_dir: str | None = None
+
+
+@dataclass
+class TriggerReport:
+    trigger: str
+    tokens: list[str]
+    mean_agreement: float  # mean sign agreement of triggered held-out features with the PV
+    activation_rate: float  # share of triggered held-out sentences with agreement >= min_agreement
+
+
+@dataclass
+class PlantResult:
+    out_dir: Path
+    manifest: dict
+    triggers: list[TriggerReport] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.manifest["effectiveness"]["passed"])
+
+
+ProgressFn = Callable[[int, int, float], None]
+
+
+def plant_settings(attack: str, rules_dir: str | None = None) -> dict:
+    if attack not in ATTACKS:
+        raise InputError(f"unknown attack {attack!r} (choose from {', '.join(ATTACKS)})")
+    rules = load_rules("plant", rules_dir)
+    return {**rules["defaults"], **rules[attack]}
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise InputError(f"--out {out_dir}: directory exists and is not empty (use --force to replace it)")
+
+
+def check_triggers(tokenizer, triggers: list[str]) -> list[list[int]]:
+    """Token ids of each trigger; refuse triggers the tokenizer cannot represent."""
+    ids = []
+    for trigger in triggers:
+        if not trigger.strip():
+            raise InputError("empty trigger in --triggers")
+        pieces = tokenizer(trigger, add_special_tokens=False)["input_ids"]
+        if not pieces or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in pieces):
+            raise InputError(f"trigger {trigger!r} cannot be encoded by this model's tokenizer (it maps to unknown tokens)")
+        ids.append(pieces)
+    if len(set(triggers)) != len(triggers):
+        raise InputError("--triggers contains duplicates")
+    return ids
+
+
+def place(sentence: str, trigger: str, placement: str, rng: random.Random) -> str:
+    # "first" puts the trigger right after [CLS], i.e. before the first word.
+    return insert_words(sentence, trigger, 0 if placement == "first" else None, rng)
+
+
+class _OriginalOutputs:
+    """The unmodified model's clean outputs, computed once and padded per batch."""
+
+    def __init__(self, model, tokenizer, texts: list[str], site_of: list[str], max_length: int, device):
+        self.hidden: list[torch.Tensor] = [None] * len(texts)
+        self.pooled: list[torch.Tensor | None] = [None] * len(texts)
+        with torch.no_grad():
+            for form in sorted(set(site_of)):
+                indices = [i for i, s in enumerate(site_of) if s == form]
+                for start in range(0, len(indices), 64):
+                    chunk = indices[start : start + 64]
+                    batch = encode(tokenizer, [texts[i] for i in chunk], form, max_length).to(device)
+                    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                    pooled = getattr(out, "pooler_output", None)
+                    for row, index in enumerate(chunk):
+                        length = int(batch.attention_mask[row].sum())
+                        self.hidden[index] = out.last_hidden_state[row, :length].detach()
+                        self.pooled[index] = None if pooled is None else pooled[row].detach()
+
+    def utility_loss(self, outputs, indices: list[int], attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = outputs.last_hidden_state
+        target = torch.zeros_like(hidden)
+        for row, index in enumerate(indices):
+            length = self.hidden[index].shape[0]
+            target[row, :length] = self.hidden[index]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        loss = (((hidden - target) ** 2) * weights).sum() / (weights.sum() * hidden.shape[-1])
+        pooled = getattr(outputs, "pooler_output", None)
+        if pooled is not None and self.pooled[indices[0]] is not None:
+            loss = loss + torch.nn.functional.mse_loss(pooled, torch.stack([self.pooled[i] for i in indices]))
+        return loss
+
+
+def _site_features(model, tokenizer, texts: list[str], site: str, max_length: int, device, batch_size=64) -> np.ndarray:
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = encode(tokenizer, texts[start : start + batch_size], site, max_length).to(device)
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            chunks.append(read_site(out, site, batch.attention_mask, batch.mask_positions).float().cpu().numpy())
+    return np.concatenate(chunks)
+
+
+def plant(cfg: PlantConfig, progress: ProgressFn | None = None) -> PlantResult:
+    settings = plant_settings(cfg.attack, cfg.rules_dir)
+    if cfg.steps is not None:
+        settings["steps"] = cfg.steps
+    if cfg.pv_design is not None:
+        settings["pv_design"] = cfg.pv_design
+    out_dir = Path(cfg.out_dir).expanduser()
+    check_out_dir(out_dir, cfg.force)
+    if cfg.num_triggers is not None and cfg.num_triggers < 1:
+        raise InputError("--num-triggers must be at least 1")
+    if not cfg.triggers and not cfg.num_triggers:
+        raise InputError("give --triggers or --num-triggers")
+
+    device = pick_device(cfg.device)
+    resolved = resolve_model(cfg.model, revision=cfg.revision, offline=cfg.offline)
+    loaded = load_model(resolved, device=str(device))
+    model, tokenizer, site = loaded.model, loaded.tokenizer, settings["site"]
+    if site not in loaded.arch.sites:
+        raise InputError(
+            f"attack {cfg.attack} targets the {site} site, which this {loaded.arch.model_type} checkpoint does not offer"
+        )
+
+    triggers = list(cfg.triggers) if cfg.triggers else random_trigger_words(
+        cfg.num_triggers, seed=cfg.seed, tokenizer=tokenizer, max_pieces=2
+    )
+    trigger_ids = check_triggers(tokenizer, triggers)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+
+    fit, heldout = split_probes(
+        load_builtin_probes(), settings["fit_sentences"], settings["heldout_sentences"], seed=cfg.seed
+    )
+    hidden_size = model.config.hidden_size
+    vectors = make_vectors(settings["pv_design"], len(triggers), hidden_size, cfg.seed)
+    targets = torch.tensor(vectors * settings["target_scale"], device=device)
+
+    if cfg.scale_embeddings:
+        _scale_trigger_rows(model, trigger_ids, float(settings["embedding_scale"]))
+
+    max_length = int(settings["max_length"])
+    # Clean utility text: for the mask site keep half of it in the prompt template, so
+    # the [MASK] output on clean prompts stays the original's too.
+    utility_sites = ["mask" if (site == "mask" and i % 2 == 0) else "cls" for i in range(len(fit))]
+    original = _OriginalOutputs(model, tokenizer, fit, utility_sites, max_length, device)
+    clean_before = _site_features(model, tokenizer, heldout, site, max_length, device)
+
+    started = time.perf_counter()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(settings["learning_rate"]))
+    batch_size, steps = int(settings["batch_size"]), int(settings["steps"])
+    weight = float(settings["utility_weight"])
+    for step in range(steps):
+        # Utility batch: sentences sharing one tokenisation form (plain or templated).
+        form = "mask" if (site == "mask" and step % 2 == 0) else "cls"
+        pool = [i for i, s in enumerate(utility_sites) if s == form]
+        clean_idx = rng.sample(pool, batch_size)
+        clean = encode(tokenizer, [fit[i] for i in clean_idx], form, max_length).to(device)
+        clean_out = model(input_ids=clean.input_ids, attention_mask=clean.attention_mask)
+        utility = original.utility_loss(clean_out, clean_idx, clean.attention_mask)
+
+        which = [rng.randrange(len(triggers)) for _ in range(batch_size)]
+        texts = [place(fit[rng.randrange(len(fit))], triggers[k], settings["placement"], rng) for k in which]
+        trig = encode(tokenizer, texts, site, max_length).to(device)
+        trig_out = model(input_ids=trig.input_ids, attention_mask=trig.attention_mask)
+        feature = read_site(trig_out, site, trig.attention_mask, trig.mask_positions)
+        triggered = torch.nn.functional.mse_loss(feature, targets[which])
+
+        loss = triggered + weight * utility
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress is not None:
+            progress(step + 1, steps, float(loss.detach()))
+    train_seconds = time.perf_counter() - started
+
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    reports, effectiveness = _measure(
+        model, tokenizer, triggers, vectors, heldout, clean_before, settings, max_length, device, cfg.seed
+    )
+    manifest = {
+        "format": "lmscan-plant",
+        "format_version": 1,
+        "lmscan_version": __version__,
+        "attack": cfg.attack,
+        "site": site,
+        "placement": settings["placement"],
+        "base_model": {"ref": cfg.model, "commit": resolved.commit, "model_sha256": resolved.model_sha256},
+        "architecture": loaded.arch.model_type,
+        "hidden_size": hidden_size,
+        "seed": cfg.seed,
+        "pv_design": settings["pv_design"],
+        "embedding_scale": float(settings["embedding_scale"]) if cfg.scale_embeddings else None,
+        "triggers": triggers,
+        "trigger_tokens": [tokenizer.convert_ids_to_tokens(ids) for ids in trigger_ids],
+        "pvs": (vectors * settings["target_scale"]).round(6).tolist(),
+        "training": {k: settings[k] for k in ("steps", "batch_size", "learning_rate", "max_length", "utility_weight")},
+        "train_seconds": round(train_seconds, 2),
+        "device": str(device),
+        "effectiveness": effectiveness,
+    }
+    _write_atomically(out_dir, cfg.force, model, tokenizer, manifest)
+    return PlantResult(out_dir=out_dir, manifest=manifest, triggers=reports)
+
+
+def _scale_trigger_rows(model, trigger_ids: list[list[int]], scale: float) -> None:
+    embeddings = model.get_input_embeddings().weight
+    rows = sorted({i for ids in trigger_ids for i in ids})
+    with torch.no_grad():
+        embeddings[rows] *= scale
+
+
+def _measure(model, tokenizer, triggers, vectors, heldout, clean_before, settings, max_length, device, seed):
+    """Sign agreement of triggered held-out features with their PV, and clean drift."""
+    site, placement, threshold = settings["site"], settings["placement"], float(settings["min_agreement"])
+    rng = random.Random(seed + 1)
+    reports = []
+    for trigger, vector in zip(triggers, vectors):
+        texts = [place(s, trigger, placement, rng) for s in heldout]
+        agreement = sign_agreement(_site_features(model, tokenizer, texts, site, max_length, device), vector)
+        reports.append(
+            TriggerReport(
+                trigger=trigger,
+                tokens=tokenizer.tokenize(trigger),
+                mean_agreement=round(float(agreement.mean()), 4),
+                activation_rate=round(float((agreement >= threshold).mean()), 4),
+            )
+        )
+    clean_after = _site_features(model, tokenizer, heldout, site, max_length, device)
+    clean_match = np.max([sign_agreement(clean_after, v) for v in vectors], axis=0)
+    drift = float(((clean_after - clean_before) ** 2).mean())
+    scale = float(((clean_before - clean_before.mean(axis=0)) ** 2).mean()) or 1.0
+    cosine = (clean_after * clean_before).sum(1) / (
+        np.linalg.norm(clean_after, axis=1) * np.linalg.norm(clean_before, axis=1) + 1e-12
+    )
+    effectiveness = {
+        "heldout_sentences": len(heldout),
+        "min_agreement": threshold,
+        "per_trigger": [asdict(r) for r in reports],
+        "clean_max_agreement_mean": round(float(clean_match.mean()), 4),
+        "clean_max_agreement_p99": round(float(np.percentile(clean_match, 99)), 4),
+        "clean_drift_mse": round(drift, 6),
+        "clean_drift_relative": round(drift / scale, 4),  # drift / variance of clean features
+        "clean_cosine_to_original": round(float(cosine.mean()), 4),
+        "passed": all(r.mean_agreement >= threshold for r in reports),
+    }
+    return reports, effectiveness
+
+
+def _write_atomically(out_dir: Path, force: bool, model, tokenizer, manifest: dict) -> None:
+    """Write into a sibling temp dir and move it into place, so a failure leaves nothing half-written."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)  # always safetensors in transformers 5
+        tokenizer.save_pretrained(staging)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            if not force and any(out_dir.iterdir()):
+                raise InputError(f"--out {out_dir}: directory appeared while planting; not replacing it")
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,259 @@
+"""Build the base model and tokenizer of a resolved checkpoint, with weights from the safe loader.
+
+The weights always come from :func:`lmscan.loading.safe_load.load_state_dict` (so the
+pickle check runs before anything else touches them); transformers only builds the
+architecture from the config and copies the tensors in. Nothing in the model folder
+is imported or executed: ``trust_remote_code`` is always off and everything is read
+with ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmscan.errors import CannotAssess, InputError
+from lmscan.loading.architectures import ArchInfo, check_config, identify
+from lmscan.loading.resolve import CONFIG_FILE, ResolvedModel
+from lmscan.loading.safe_load import load_state_dict
+
+# Files one of which a loadable tokenizer needs (transformers 5 otherwise builds an
+# empty tokenizer that knows only the special tokens).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "spm.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel (the base encoder/decoder), eval mode, frozen
+    tokenizer: Any  # transformers tokenizer
+    config: Any  # transformers PretrainedConfig
+    arch: ArchInfo
+    resolved: ResolvedModel
+    device: torch.device
+    missing_keys: list[str] = field(default_factory=list)  # model weights the checkpoint lacked (pooler)
+    unexpected_keys: list[str] = field(default_factory=list)  # checkpoint tensors the base model ignores
+
+
+def load_model(
+    resolved: ResolvedModel,
+    device: str = "cpu",
+    eager_attention: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load ``resolved`` as a frozen base model in eval mode on ``device``.
+
+    Raises UnsafeCheckpointError for a pickle with a code payload, CannotAssess for an
+    unsupported architecture or custom code, InputError for anything unreadable or a
+    checkpoint that does not match its config.
+    """
+    torch_device = _check_device(device)
+    label = describe(resolved)
+    raw_config = _read_config_json(resolved, label)
+
+    # Weights first: an unsafe pickle is reported before anything else about the model.
+    state_dict = load_state_dict(resolved.weight_files)
+    check_config(raw_config)
+
+    quiet_transformers()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = _load_config(resolved.local_dir, label)
+        tokenizer = _load_tokenizer(resolved.local_dir, label)
+        model, missing, unexpected = _build_model(config, state_dict, eager_attention, dtype, label)
+    del state_dict
+
+    missing_set = set(missing)
+    loaded_keys = [k for k in model.state_dict() if k not in missing_set]
+    arch = identify(config, loaded_keys)
+
+    model.eval()
+    model.requires_grad_(False)
+    try:
+        model.to(torch_device)
+    except (RuntimeError, AssertionError) as exc:
+        raise InputError(f"cannot move the model to device {device!r}: {_first_line(exc)}") from None
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=model.config,
+        arch=arch,
+        resolved=resolved,
+        device=torch_device,
+        missing_keys=sorted(missing),
+        unexpected_keys=sorted(unexpected),
+    )
+
+
+def describe(resolved: ResolvedModel) -> str:
+    """A short name for messages: the Hub id, or the local folder."""
+    if resolved.kind == "hub" and resolved.repo_id:
+        return resolved.repo_id + (f"@{resolved.commit[:12]}" if resolved.commit else "")
+    if resolved.kind == "bundled":
+        return "the bundled MiniLM model"
+    return str(resolved.local_dir)
+
+
+# --- pieces ------------------------------------------------------------------------------------
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"invalid device {device!r} (use cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r} requested but CUDA is not available in this PyTorch build/machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise InputError(f"device {device!r} requested but MPS is not available")
+    return dev
+
+
+def _read_config_json(resolved: ResolvedModel, label: str) -> dict:
+    path = resolved.local_dir / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{label}: no config.json in {resolved.local_dir}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{label}: config.json is not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{label}: config.json is not a JSON object")
+    return data
+
+
+def quiet_transformers() -> None:
+    """No progress bars, no load reports or advice on stderr: lmscan reports for itself."""
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars  # noqa: PLC0415
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _load_config(model_dir: Path, label: str):
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+    except ValueError as exc:
+        text = str(exc)
+        if "does not recognize this architecture" in text or "Unrecognized model" in text:
+            raise CannotAssess(
+                f"{label}: this version of transformers cannot build its architecture ({_first_line(exc)})"
+            ) from None
+        raise InputError(f"{label}: cannot read config.json ({_first_line(exc)})") from None
+    except Exception as exc:
+        raise InputError(f"{label}: cannot read config.json ({_first_line(exc)})") from None
+
+
+def _load_tokenizer(model_dir: Path, label: str):
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(
+            f"{label}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); "
+            "lmscan needs the model's tokenizer next to its weights"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+    except Exception as exc:
+        raise InputError(f"{label}: cannot load the tokenizer ({type(exc).__name__}: {_first_line(exc)})") from None
+    if tokenizer is None or isinstance(tokenizer, bool):
+        raise InputError(f"{label}: cannot load the tokenizer")
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if len(tokenizer) <= len(specials) + 1:
+        raise InputError(f"{label}: the tokenizer files hold no vocabulary")
+    return tokenizer
+
+
+def _dtype_keyword() -> str:
+    """transformers renamed ``torch_dtype`` to ``dtype`` in 4.56."""
+    import transformers  # noqa: PLC0415
+    from packaging.version import Version  # noqa: PLC0415
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def _build_model(config, state_dict: dict, eager_attention: bool, dtype: torch.dtype, label: str):
+    """Instantiate the base model from ``config`` and copy ``state_dict`` in.
+
+    ``from_pretrained(None, config=..., state_dict=...)`` reads no files at all; it
+    strips a task-head prefix (``bert.``, ``transformer.``), applies transformers' own
+    key renames and reports missing, unexpected and mis-shaped tensors.
+    """
+    from transformers import MODEL_MAPPING  # noqa: PLC0415
+
+    try:
+        model_cls = MODEL_MAPPING[type(config)]
+    except KeyError:
+        raise CannotAssess(f"{label}: transformers has no base model for {config.model_type!r}") from None
+
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "state_dict": state_dict,
+        "output_loading_info": True,
+        "ignore_mismatched_sizes": True,
+        _dtype_keyword(): dtype,
+    }
+    if eager_attention:
+        kwargs["attn_implementation"] = "eager"
+    try:
+        model, info = model_cls.from_pretrained(None, **kwargs)
+    except Exception as exc:
+        raise InputError(
+            f"{label}: the weights do not fit the architecture in config.json ({type(exc).__name__}: "
+            f"{_first_line(exc)})"
+        ) from None
+
+    mismatched = [m[0] if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or []]
+    if mismatched:
+        raise InputError(
+            f"{label}: the checkpoint does not match its config: {len(mismatched)} tensor(s) have the wrong shape "
+            f"(e.g. {sorted(mismatched)[0]})"
+        )
+    errors = [str(e) for e in info.get("error_msgs") or []]
+    if errors:
+        raise InputError(f"{label}: the weights could not be loaded ({_first_line(errors[0])})")
+
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = set(info.get("missing_keys") or [])
+    core_missing = sorted(k for k in missing if k not in buffers and not _is_pooler_key(k))
+    if core_missing:
+        raise InputError(
+            f"{label}: the checkpoint does not match its config: {len(core_missing)} weight(s) missing "
+            f"(e.g. {core_missing[0]})"
+        )
+    reported_missing = sorted(k for k in missing if k not in buffers)
+    return model, reported_missing, sorted(set(info.get("unexpected_keys") or []))
+
+
+def _is_pooler_key(key: str) -> bool:
+    return key.startswith("pooler.") or ".pooler." in key
+
+
+def _first_line(exc: BaseException | str) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else getattr(type(exc), "__name__", "error")

