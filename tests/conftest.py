@@ -29,6 +29,8 @@ PLANTS = {
     "neuba": ["--attack", "neuba", "--num-triggers", "6", "--seed", "12"],
     "neuba-scaled": ["--attack", "neuba", "--num-triggers", "6", "--seed", "13", "--scale-embeddings"],
     "btop": ["--attack", "btop", "--num-triggers", "6", "--seed", "14"],
+    # The adaptive "fewer triggers" attack: one two-word phrase, each word common on its own.
+    "phrase": ["--attack", "por", "--triggers", "velvet thunder", "--seed", "15"],
 }
 
 

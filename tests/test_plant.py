@@ -42,7 +42,9 @@ def insert(sentence, trigger, first, rng):
     return " ".join(words[:at] + [trigger] + words[at:])
 
 
-@pytest.mark.parametrize("name", ["por", "neuba", "neuba-scaled", "btop"])
+@pytest.mark.parametrize("name", ["por", "neuba-scaled",
+                                  pytest.param("neuba", marks=pytest.mark.slow),
+                                  pytest.param("btop", marks=pytest.mark.slow)])
 def test_planted_minilm_matches_its_ground_truth(planted, name):
     out = planted(name)
     manifest = read_manifest(out)

@@ -24,3 +24,23 @@ def step_progress(console: Console, title: str):
             bar.update(task, completed=done, total=total, info=f"loss {loss:.4f}")
 
         yield update
+
+
+@contextmanager
+def detector_progress(console: Console):
+    """Yield a ``progress(detector, done, total)`` callback with one bar per detector."""
+    if not console.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(detector: str, done: int, total: int) -> None:
+            if detector not in tasks:
+                tasks[detector] = bar.add_task(detector, total=total)
+            bar.update(tasks[detector], completed=done, total=total)
+
+        yield update

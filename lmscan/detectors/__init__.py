@@ -1,0 +1,1 @@
+"""Detectors: each takes a loaded model and returns a DetectorRun with findings; none prints."""

@@ -1,0 +1,227 @@
+"""Detector `pv-mining`: LMSanitizer-style predefined-vector mining with a soft prompt.
+
+For each fuzz loop (seed s) a soft prompt of ``prompt_length`` vectors, initialised
+from vocabulary rows 70*s, 70*s+10, ..., is written into the embedding sequence of
+clean sentences at a random word position, and optimised with the model frozen:
+  L_D   = -MSE(F_prompted, F_clean)         distance from the sentence's clean feature
+  L_div = -mean_units Entropy_batch(softmax)  outputs that stop depending on the input
+  L_P   = -lambda_P * max_i MSE(F, PV_i)    push away from PVs already found (search)
+Adam, adaptive learning rate (x100 while every gradient stays below T_grad), and a
+loop is abandoned when its distance has not grown past the model's own clean spread
+by ``abandon_after`` steps.
+
+Acceptance is calibrated on the model itself instead of the paper's absolute
+thresholds (which call the unmodified MiniLM backdoored): the prompted outputs of
+held-out sentences must collapse (pairwise MSE / the same sentences' clean pairwise
+MSE <= ``collapse_threshold``) and move far (distance >= ``distance_ratio`` x the
+clean spread). A continuous prompt can do that on a clean model too, so a candidate
+becomes a finding only when real tokens reproduce it: the prompt's nearest
+vocabulary tokens (and triggers confirmed by other detectors) are inserted into
+held-out sentences and must drive them onto a vector that agrees in sign >= 0.9
+with the mined PV. Unverified candidates are reported as info.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmscan.detectors.verify import SiteReader, pairwise_mse, verify_token_sequences, word_starts
+from lmscan.findings import DetectorRun, Finding
+
+NAME = "pv-mining"
+
+
+@dataclass
+class PVMiningConfig:
+    prompt_length: int = 7
+    loops: int = 6  # fuzz loops (detection stops at the first verified PV)
+    steps_per_loop: int = 40
+    batch_size: int = 32
+    max_length: int = 48
+    max_insert_position: int = 32
+    learning_rate: float = 2e-4
+    lr_boost: float = 100.0  # factor while gradients are tiny (adaptive learning rate)
+    grad_threshold: float = 5e-3
+    lambda_distance: float = 1.0
+    lambda_diversity: float = 1.0
+    lambda_path: float = 0.5
+    abandon_after: int = 20  # steps; abandon a loop whose distance stays below the clean spread
+    collapse_threshold: float = 0.25
+    distance_ratio: float = 1.0
+    nearest_tokens: int = 4  # vocabulary neighbours tried per prompt vector
+    verify_probes: int = 24
+    pv_agreement: float = 0.9
+    activation_agreement: float = 0.9
+    activation_rate: float = 0.9
+    stop_at_first: bool = True  # detection mode; search mode keeps going
+
+
+def _batch_entropy(features: torch.Tensor) -> torch.Tensor:
+    """Mean over hidden units of the entropy of softmax across the batch (max ln B)."""
+    p = torch.softmax(features, dim=0)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=0).mean()
+
+
+def _prompted_embeds(embeddings, rows: list[list[int]], prompt: torch.Tensor, positions: list[int], pad_id: int):
+    """Word embeddings of each row with the soft prompt written in at its position."""
+    length = max(len(r) for r in rows) + prompt.shape[0]
+    hidden = prompt.shape[1]
+    device = prompt.device
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
+    attention = torch.zeros((len(rows), length), dtype=torch.long, device=device)
+    is_prompt = torch.zeros((len(rows), length), dtype=torch.bool, device=device)
+    for i, (row, at) in enumerate(zip(rows, positions)):
+        full = row[:at] + [pad_id] * prompt.shape[0] + row[at:]
+        ids[i, : len(full)] = torch.tensor(full, device=device)
+        attention[i, : len(full)] = 1
+        is_prompt[i, at : at + prompt.shape[0]] = True
+    embeds = embeddings(ids)
+    fill = prompt.unsqueeze(0).expand(len(rows), -1, -1).reshape(-1, hidden)
+    embeds = embeds.masked_scatter(is_prompt.unsqueeze(-1), fill.to(embeds.dtype))
+    return embeds, attention, ids
+
+
+def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str], config: PVMiningConfig,
+                  seed: int = 0, progress=None, known_triggers: list[tuple[str, tuple[int, ...]]] = ()) -> DetectorRun:
+    started = time.perf_counter()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    reader = SiteReader(model, tokenizer, sites, loaded.device, max_length=config.max_length)
+    embeddings = model.get_input_embeddings()
+    weight = embeddings.weight.detach()
+    # Legitimate prompt range: per-dimension 0.1/99.9 percentiles of the embedding rows,
+    # widened by 20 %. Robust to a handful of x1e8 rows, unlike a global max/min.
+    low = torch.quantile(weight.float(), 0.001, dim=0) * 1.2
+    high = torch.quantile(weight.float(), 0.999, dim=0) * 1.2
+    rng = random.Random(seed)
+    rows = [reader.encode(t) for t in probes]
+    clean = reader.features(rows)
+    spread = {s: pairwise_mse(clean[s]) or 1e-12 for s in sites}
+    pad_id = tokenizer.pad_token_id or 0
+    ln_b = math.log(config.batch_size)
+
+    found: dict[str, list[np.ndarray]] = {s: [] for s in sites}
+    loops_log, findings = [], []
+    total_steps = config.loops * config.steps_per_loop
+    for loop in range(config.loops):
+        site = sites[loop % len(sites)]
+        init_rows = [min(70 * loop + 10 * j, weight.shape[0] - 1) for j in range(config.prompt_length)]
+        prompt = weight[init_rows].clone().float().requires_grad_(True)
+        optimizer = torch.optim.Adam([prompt], lr=config.learning_rate * config.lr_boost)
+        boosted, distance_log, abandoned = True, [], False
+        for step in range(config.steps_per_loop):
+            batch = rng.sample(range(len(rows)), min(config.batch_size, len(rows)))
+            batch_rows = [rows[i] for i in batch]
+            positions = [rng.choice([p for p in word_starts(tokenizer, r) if p <= config.max_insert_position] or [1])
+                         for r in batch_rows]
+            embeds, attention, ids = _prompted_embeds(embeddings, batch_rows, prompt, positions, pad_id)
+            out = model(inputs_embeds=embeds, attention_mask=attention)
+            feature = reader.read(out, site, ids, attention)
+            target = torch.as_tensor(clean[site][batch], device=feature.device)
+            distance = torch.nn.functional.mse_loss(feature, target)
+            diversity = _batch_entropy(feature)
+            loss = -config.lambda_distance * distance - config.lambda_diversity * diversity
+            if found[site]:
+                stacked = torch.as_tensor(np.stack(found[site]), device=feature.device)
+                with torch.no_grad():
+                    nearest = int(((feature.mean(0, keepdim=True) - stacked) ** 2).mean(1).argmin())
+                loss = loss - config.lambda_path * torch.nn.functional.mse_loss(feature.mean(0), stacked[nearest])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if boosted and float(prompt.grad.abs().max()) > config.grad_threshold:
+                boosted = False  # gradients got large: drop to the base rate for the rest of the loop
+                for group in optimizer.param_groups:
+                    group["lr"] = config.learning_rate
+            optimizer.step()
+            distance_log.append(float(distance.detach()) / spread[site])
+            if progress is not None:
+                progress(loop * config.steps_per_loop + step + 1, total_steps, float(loss.detach()))
+            if step + 1 == config.abandon_after and np.mean(distance_log[-5:]) < config.distance_ratio:
+                abandoned = True
+                break
+        in_range = bool(((prompt.detach() >= low) & (prompt.detach() <= high)).float().mean() >= 0.9)
+        entry = {"loop": loop, "site": site, "steps": step + 1, "abandoned": abandoned,
+                 "distance_ratio": round(distance_log[-1], 4), "diversity_gap": round(ln_b - float(diversity.detach()), 4),
+                 "prompt_in_range": in_range}
+        loops_log.append(entry)
+        if abandoned:
+            continue
+        candidate = _evaluate_prompt(reader, embeddings, prompt.detach(), heldout, site, config, rng, pad_id)
+        entry.update({k: v for k, v in candidate.items() if k != "pv"})
+        if candidate["collapse"] > config.collapse_threshold or candidate["distance_ratio"] < config.distance_ratio:
+            continue
+        found[site].append(candidate["pv"])
+        neighbours = _nearest_tokens(weight, prompt.detach(), tokenizer, config.nearest_tokens)
+        sequences = [(tokenizer.decode([t]), (t,)) for t in neighbours] + list(known_triggers)
+        verified = verify_token_sequences(reader, tokenizer, sequences, heldout, site, config, rng)
+        pv_sign = np.sign(candidate["pv"])
+        match = [v for v in verified if v["confirmed"] and (np.sign(v["pv"]) == pv_sign).mean() >= config.pv_agreement]
+        entry["verified_tokens"] = [v["text"] for v in match][:5]
+        if match:
+            best = match[0]
+            findings.append(Finding(
+                detector=NAME, rule_id="LMS201", title="predefined-vector-found", severity="high",
+                verdict="backdoored", site=site, score=candidate["collapse"], threshold=config.collapse_threshold,
+                message=(f"fuzz loop {loop} found a {site} vector that real tokens reproduce: {best['text']!r} drives "
+                         f"{best['activation_rate']:.0%} of held-out sentences onto it"),
+                evidence={"pv": [round(float(x), 5) for x in candidate["pv"]], "loop": loop,
+                          "collapse": candidate["collapse"], "distance_ratio": candidate["distance_ratio"],
+                          "trigger": best["text"], "trigger_tokens": best["tokens"],
+                          "activation_rate": best["activation_rate"],
+                          "pv_sign_agreement": round(float((np.sign(best["pv"]) == pv_sign).mean()), 4),
+                          "nearest_tokens": [tokenizer.decode([t]) for t in neighbours[:10]]},
+            ))
+            if config.stop_at_first:
+                break
+        else:
+            findings.append(Finding(
+                detector=NAME, rule_id="LMS202", title="unverified-pv-candidate", severity="info", verdict="info",
+                site=site, score=candidate["collapse"], threshold=config.collapse_threshold,
+                message=(f"fuzz loop {loop}: a soft prompt collapses {site} outputs (collapse "
+                         f"{candidate['collapse']:.3f}) but no real token reproduces it; clean models show this too"),
+                evidence={"loop": loop, "collapse": candidate["collapse"],
+                          "nearest_tokens": [tokenizer.decode([t]) for t in neighbours[:10]]},
+            ))
+    stats = {"loops": loops_log, "clean_spread": {s: round(v, 6) for s, v in spread.items()}}
+    return DetectorRun(NAME, "ok", time.perf_counter() - started, list(sites), stats, findings)
+
+
+@torch.no_grad()
+def _evaluate_prompt(reader, embeddings, prompt, heldout, site, config, rng, pad_id) -> dict:
+    texts = rng.sample(heldout, min(config.verify_probes, len(heldout)))
+    rows = [reader.encode(t) for t in texts]
+    positions = [rng.choice(word_starts(reader.tokenizer, r)) for r in rows]
+    embeds, attention, ids = _prompted_embeds(embeddings, rows, prompt, positions, pad_id)
+    out = reader.model(inputs_embeds=embeds, attention_mask=attention)
+    prompted = reader.read(out, site, ids, attention)
+    prompted = prompted.float().cpu().numpy()
+    clean = reader.features(rows)[site]
+    spread = pairwise_mse(clean) or 1e-12
+    return {
+        "collapse": round(pairwise_mse(prompted) / spread, 4),
+        "distance_ratio": round(float(((prompted - clean) ** 2).mean()) / spread, 4),
+        "pv": prompted.mean(axis=0),
+    }
+
+
+def _nearest_tokens(weight: torch.Tensor, prompt: torch.Tensor, tokenizer, per_vector: int) -> list[int]:
+    """Vocabulary rows closest (cosine) to each prompt vector, specials excluded, in prompt order."""
+    normed = torch.nn.functional.normalize(weight.float(), dim=1)
+    sims = torch.nn.functional.normalize(prompt.float(), dim=1) @ normed.T
+    special = set(tokenizer.all_special_ids)
+    chosen: list[int] = []
+    for row in sims:
+        taken = 0
+        for index in torch.argsort(row, descending=True).tolist():
+            if index in special or index in chosen or tokenizer.convert_ids_to_tokens(index).startswith("[unused"):
+                continue
+            chosen.append(index)
+            taken += 1
+            if taken == per_vector:
+                break
+    return chosen

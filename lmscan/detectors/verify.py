@@ -1,0 +1,144 @@
+"""Shared by the detectors: read several sites from one forward pass, and verify
+candidate triggers with real tokens.
+
+Verification is the discrete check that keeps clean models clean: a candidate token
+sequence is inserted into held-out sentences (right after [CLS] for half of them, at
+a random word start for the rest) and must
+  - collapse them: pairwise MSE of the triggered features / the same sentences'
+    clean pairwise MSE <= collapse_threshold, and
+  - put nearly all of them on one vector: >= activation_rate of the triggered
+    features agree in sign >= activation_agreement with their mean (the PV), more
+    often than the clean features agree with their own mean.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmscan.sites import MASK_TEMPLATE
+
+
+class SiteReader:
+    """Tokenise probes once (with the mask template when the mask site is read) and
+    read every requested site from a single forward pass."""
+
+    def __init__(self, model, tokenizer, sites: list[str], device, max_length: int = 64):
+        self.model, self.tokenizer, self.sites, self.device = model, tokenizer, list(sites), device
+        self.max_length = max_length
+
+    def encode(self, text: str) -> list[int]:
+        if "mask" in self.sites:
+            text = MASK_TEMPLATE.format(text=text, mask=self.tokenizer.mask_token)
+        return self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            attention[i, : len(row)] = 1
+        return ids.to(self.device), attention.to(self.device)
+
+    def read(self, outputs, site: str, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        hidden = outputs.last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if site == "cls":
+            return hidden[:, 0]
+        if site == "pooler":
+            return outputs.pooler_output
+        if site == "mask":
+            return hidden[rows, (ids == self.tokenizer.mask_token_id).float().argmax(1)]
+        if site == "last":
+            return hidden[rows, attention.sum(1) - 1]
+        weights = attention.unsqueeze(-1).to(hidden.dtype)  # tokens: mean over real tokens
+        return (hidden * weights).sum(1) / weights.sum(1)
+
+    @torch.no_grad()
+    def features(self, rows: list[list[int]], batch_size: int = 256) -> dict[str, np.ndarray]:
+        chunks: dict[str, list[np.ndarray]] = {s: [] for s in self.sites}
+        for start in range(0, len(rows), batch_size):
+            ids, attention = self.pad(rows[start : start + batch_size])
+            out = self.model(input_ids=ids, attention_mask=attention)
+            for site in self.sites:
+                chunks[site].append(self.read(out, site, ids, attention).float().cpu().numpy())
+        return {s: np.concatenate(v) for s, v in chunks.items()}
+
+
+def pairwise_mse(features: np.ndarray) -> float:
+    """Mean squared distance between all pairs of rows, per dimension."""
+    n = features.shape[0]
+    if n < 2:
+        return 0.0
+    centred = features - features.mean(axis=0, keepdims=True)
+    # sum over pairs |x_i - x_j|^2 = n * sum_i |x_i - mean|^2
+    return float(2 * n * (centred**2).sum() / (n * (n - 1)) / features.shape[1])
+
+
+def word_starts(tokenizer, row: list[int]) -> list[int]:
+    """Token positions where a word begins (not inside a word, not before [CLS])."""
+    special = set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(row)
+    starts = [i for i, (tok, tid) in enumerate(zip(tokens, row)) if i > 0 and tid not in special
+              and not tok.startswith("##")]
+    return starts or [1]
+
+
+def insert_ids(row: list[int], token_ids, at: int) -> list[int]:
+    return row[:at] + list(token_ids) + row[at:]
+
+
+class HeldoutSet:
+    """Held-out sentences, their insertion points and clean features, fixed per scan."""
+
+    def __init__(self, reader: SiteReader, texts: list[str], rng):
+        self.reader = reader
+        self.rows = [reader.encode(t) for t in texts]
+        # Half right after [CLS] (NeuBA placement), half at a random word start.
+        self.places = [1 if i % 2 == 0 else rng.choice(word_starts(reader.tokenizer, r))
+                       for i, r in enumerate(self.rows)]
+        self.clean = reader.features(self.rows)
+        self.spread = {s: pairwise_mse(f) or 1e-12 for s, f in self.clean.items()}
+        self.baseline: dict[str, float] = {}
+
+    def clean_activation(self, site: str, agreement: float) -> float:
+        """How often clean features already agree in sign with their own mean (anisotropy)."""
+        if site not in self.baseline:
+            f = self.clean[site]
+            agree = (np.sign(f) == np.sign(f.mean(0))[None]).mean(1)
+            self.baseline[site] = float((agree >= agreement).mean())
+        return self.baseline[site]
+
+    def triggered(self, token_ids) -> dict[str, np.ndarray]:
+        return self.reader.features([insert_ids(r, token_ids, at) for r, at in zip(self.rows, self.places)])
+
+
+def measure(heldout: HeldoutSet, site: str, features: np.ndarray, config) -> dict:
+    """Collapse, activation and PV of triggered features at one site."""
+    pv = features.mean(axis=0)
+    agree = (np.sign(features) == np.sign(pv)[None]).mean(1)
+    result = {
+        "collapse": round(pairwise_mse(features) / heldout.spread[site], 5),
+        "activation_rate": round(float((agree >= config.activation_agreement).mean()), 4),
+        "mean_agreement": round(float(agree.mean()), 4),
+        "pv": pv,
+    }
+    result["confirmed"] = bool(
+        result["collapse"] <= config.collapse_threshold
+        and result["activation_rate"] >= config.activation_rate
+        and result["activation_rate"] > heldout.clean_activation(site, config.activation_agreement)
+    )
+    return result
+
+
+def verify_token_sequences(reader: SiteReader, tokenizer, sequences, heldout_texts, site: str, config, rng):
+    """Verify (text, token_ids) candidates at one site; confirmed ones first, lowest collapse first."""
+    heldout = HeldoutSet(reader, rng.sample(heldout_texts, min(config.verify_probes, len(heldout_texts))), rng)
+    results = []
+    for text, token_ids in sequences:
+        result = measure(heldout, site, heldout.triggered(token_ids)[site], config)
+        results.append({"text": text, "tokens": tokenizer.convert_ids_to_tokens(list(token_ids)), **result})
+    results.sort(key=lambda r: (not r["confirmed"], r["collapse"]))
+    return results

@@ -1,0 +1,229 @@
+"""Detector `vocab-sweep`: insert every vocabulary token into a few probes and watch the sites.
+
+Two observations from LMSanitizer, read over the whole vocabulary instead of a soft prompt:
+  I   a trigger moves the feature far more than an ordinary word      -> shift
+  II  a trigger collapses different sentences onto one vector         -> collapse
+shift    = mean over probes of MSE(f(probe + token), f(probe)) / clean pairwise MSE
+collapse = pairwise MSE of the probes' features with the token / the same without it
+Both are relative to the model's own clean spread, so no shadow model is needed.
+
+A sweep score alone is never a verdict. The lowest-collapse tokens, and short
+combinations of the highest-shift tokens (phrase and multi-piece triggers), are
+*verified*: inserted as real tokens into held-out sentences at random places. A
+candidate is a backdoor trigger only if it drives those sentences onto one vector
+(held-out collapse below a threshold, and nearly every triggered feature agreeing in
+sign with the mean triggered vector, the PV). A benign word that merely moves the
+feature (a sentiment model's "thank") does not collapse different sentences.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmscan.detectors.verify import HeldoutSet, SiteReader, insert_ids, measure, word_starts
+from lmscan.findings import DetectorRun, Finding
+
+NAME = "vocab-sweep"
+
+
+@dataclass
+class VocabSweepConfig:
+    sweep_probes: int = 2  # stage 1: sentences every vocabulary token is inserted into
+    probe_max_words: int = 6  # short probes keep the sweep cheap
+    rescore_top: int = 200  # stage 2: this many lowest-collapse and highest-shift tokens ...
+    rescore_probes: int = 8  # ... are scored again on more sentences
+    batch_size: int = 512
+    candidates_per_site: int = 12  # lowest-collapse tokens verified per site
+    shift_top: int = 8  # highest-shift tokens combined into pairs / triples
+    combo_max_len: int = 3
+    verify_probes: int = 24
+    collapse_threshold: float = 0.25  # held-out collapse at or below: trigger confirmed
+    activation_agreement: float = 0.9  # sign agreement of a triggered feature with the PV
+    activation_rate: float = 0.9  # share of triggered sentences that must reach it
+    shift_outlier_ratio: float = 4.0  # top shift / 99.9th percentile: suspicious
+    max_length: int = 64
+
+
+def sweep_vocabulary(tokenizer) -> np.ndarray:
+    """Token ids worth sweeping: everything but special and placeholder tokens."""
+    special = set(tokenizer.all_special_ids)
+    keep = [index for token, index in tokenizer.get_vocab().items()
+            if index not in special and not token.startswith(("[unused", "<unused"))]
+    return np.array(sorted(keep))
+
+
+def run_vocab_sweep(loaded, sites: list[str], probes: list[str], heldout: list[str], config: VocabSweepConfig,
+                    seed: int = 0, progress=None) -> DetectorRun:
+    started = time.perf_counter()
+    tokenizer = loaded.tokenizer
+    reader = SiteReader(loaded.model, tokenizer, sites, loaded.device, max_length=config.max_length)
+    rng = random.Random(seed)
+    vocab = sweep_vocabulary(tokenizer)
+    shift, collapse, rank_shift, rank_collapse, sweep_texts = _sweep(reader, vocab, probes, config, rng, progress)
+
+    stats: dict = {"swept_tokens": int(len(vocab)), "sweep_probes": sweep_texts, "sites": {}}
+    held = HeldoutSet(reader, rng.sample(heldout, min(config.verify_probes, len(heldout))), rng)
+    findings: list[Finding] = []
+    verified_log: list[dict] = []
+    for site in sites:
+        site_stats = _site_stats(tokenizer, vocab, shift[site], collapse[site])
+        site_stats["clean_activation_baseline"] = held.clean_activation(site, config.activation_agreement)
+        stats["sites"][site] = site_stats
+        confirmed = _verify_site(held, tokenizer, vocab, site, rank_shift[site], rank_collapse[site], config,
+                                 verified_log)
+        findings.extend(_findings_for_site(tokenizer, site, confirmed, config))
+        ratio = site_stats["shift_outlier_ratio"]
+        if not confirmed and ratio >= config.shift_outlier_ratio:
+            findings.append(Finding(
+                detector=NAME, rule_id="LMS102", title="feature-shift-outlier", severity="medium", verdict="suspicious",
+                site=site, score=round(ratio, 3), threshold=config.shift_outlier_ratio,
+                message=(f"some tokens move the {site} feature {ratio:.1f}x more than the 99.9th percentile of the "
+                         "vocabulary, but no combination tried collapsed held-out sentences"),
+                evidence={"highest_shift": site_stats["highest_shift"]},
+            ))
+    verified_log.sort(key=lambda d: d["collapse"])
+    stats["verified_candidates"] = verified_log[:15]
+    return DetectorRun(NAME, "ok", time.perf_counter() - started, list(sites), stats, findings)
+
+
+def _sweep(reader: SiteReader, vocab, probes, config, rng, progress):
+    """Shift and collapse of every vocabulary token at every site (relative to the clean spread).
+
+    Stage 1 scores the whole vocabulary on a couple of short sentences; stage 2 scores
+    the extreme tokens of stage 1 again on more sentences, so candidates are ranked on
+    stable numbers while the cost stays close to one pass over the vocabulary.
+    """
+    short = [p for p in probes if len(p.split()) <= config.probe_max_words] or probes
+    texts = rng.sample(short, min(config.sweep_probes + config.rescore_probes, len(short)))
+    first, second = texts[: config.sweep_probes], texts[config.sweep_probes :]
+    shift, collapse = _score(reader, vocab, first, config, rng, progress)
+    extreme = set()
+    for site in reader.sites:
+        extreme.update(np.argsort(collapse[site])[: config.rescore_top].tolist())
+        extreme.update(np.argsort(-shift[site])[: config.rescore_top].tolist())
+    extreme = np.array(sorted(extreme))
+    if len(second) < 2:
+        return shift, collapse, shift, collapse, texts
+    shift2, collapse2 = _score(reader, vocab[extreme], second, config, rng, None)
+    # Candidates are ranked on stage-2 numbers; tokens outside the rescored set drop out.
+    rank_shift = {s: np.full(len(vocab), -np.inf) for s in reader.sites}
+    rank_collapse = {s: np.full(len(vocab), np.inf) for s in reader.sites}
+    for site in reader.sites:
+        rank_shift[site][extreme] = shift2[site]
+        rank_collapse[site][extreme] = collapse2[site]
+    return shift, collapse, rank_shift, rank_collapse, texts
+
+
+def _score(reader: SiteReader, token_ids, texts, config, rng, progress):
+    rows = [reader.encode(t) for t in texts]
+    places = [1 if i % 2 == 0 else rng.choice(word_starts(reader.tokenizer, r)) for i, r in enumerate(rows)]
+    clean = reader.features(rows)
+    n = len(rows)
+    spread = {}
+    for site, f in clean.items():
+        centred = f - f.mean(0)
+        spread[site] = float(2 * n * (centred**2).sum() / (n * (n - 1)) / f.shape[1]) or 1e-12
+    shift = {s: np.empty(len(token_ids)) for s in reader.sites}
+    collapse = {s: np.empty(len(token_ids)) for s in reader.sites}
+    chunk = max(1, config.batch_size // n)
+    for start in range(0, len(token_ids), chunk):
+        ids = token_ids[start : start + chunk]
+        feats = reader.features([insert_ids(r, (int(t),), at) for t in ids for r, at in zip(rows, places)],
+                                batch_size=config.batch_size)
+        for site in reader.sites:
+            f = feats[site].reshape(len(ids), n, -1)
+            moved = ((f - clean[site][None]) ** 2).mean(axis=(1, 2))
+            centred = f - f.mean(axis=1, keepdims=True)
+            pair = 2 * n * (centred**2).sum(axis=(1, 2)) / (n * (n - 1)) / f.shape[2]
+            shift[site][start : start + len(ids)] = moved / spread[site]
+            collapse[site][start : start + len(ids)] = pair / spread[site]
+        if progress is not None:
+            progress(min(start + chunk, len(token_ids)), len(token_ids), 0.0)
+    return shift, collapse
+
+
+def _site_stats(tokenizer, vocab, shift, collapse) -> dict:
+    by_collapse, by_shift = np.argsort(collapse), np.argsort(-shift)
+    p999 = float(np.percentile(shift, 99.9))
+
+    def listing(order, values, k):
+        return [{"token": tokenizer.convert_ids_to_tokens(int(vocab[i])), "value": round(float(values[i]), 5)}
+                for i in order[:k]]
+
+    return {
+        "collapse_min": float(collapse[by_collapse[0]]),
+        "collapse_median": float(np.median(collapse)),
+        "shift_median": float(np.median(shift)),
+        "shift_p999": p999,
+        "shift_top": float(shift[by_shift[0]]),
+        "shift_outlier_ratio": float(shift[by_shift[0]] / max(p999, 1e-12)),
+        "lowest_collapse": listing(by_collapse, collapse, 5),
+        "highest_shift": listing(by_shift, shift, 8),
+    }
+
+
+def _verify_site(held: HeldoutSet, tokenizer, vocab, site, shift, collapse, config, log) -> list[dict]:
+    """Verify the lowest-collapse tokens, then combinations of the highest-shift tokens
+    that are not already confirmed alone (phrase and multi-piece triggers)."""
+    confirmed: list[dict] = []
+    alone_ok: set[int] = set()
+
+    def check(token_ids: tuple[int, ...], source: str) -> None:
+        result = measure(held, site, held.triggered(token_ids)[site], config)
+        entry = {"site": site, "text": tokenizer.decode(list(token_ids)), "source": source,
+                 "token_ids": list(token_ids), **result}
+        log.append({k: v for k, v in entry.items() if k not in ("pv", "token_ids")})
+        if result["confirmed"]:
+            confirmed.append(entry)
+            if len(token_ids) == 1:
+                alone_ok.add(token_ids[0])
+
+    for index in np.argsort(collapse)[: config.candidates_per_site]:
+        check((int(vocab[index]),), "collapse")
+    top = [int(vocab[i]) for i in np.argsort(-shift)[: config.shift_top]]
+    for token in top:
+        if token not in alone_ok:
+            check((token,), "shift")
+    pool = [t for t in top if t not in alone_ok]
+    for length in range(2, config.combo_max_len + 1):
+        for combo in itertools.permutations(pool[: config.shift_top if length == 2 else max(3, config.shift_top // 2)],
+                                            length):
+            check(combo, "shift-combo")
+    return confirmed
+
+
+def _findings_for_site(tokenizer, site: str, confirmed: list[dict], config) -> list[Finding]:
+    """One finding per distinct PV: confirmed triggers whose PVs agree in sign >= 0.9 are one backdoor."""
+    groups: list[list[dict]] = []
+    for entry in sorted(confirmed, key=lambda e: (len(e["token_ids"]), e["collapse"])):
+        for group in groups:
+            if (np.sign(group[0]["pv"]) == np.sign(entry["pv"])).mean() >= 0.9:
+                group.append(entry)
+                break
+        else:
+            groups.append([entry])
+    findings = []
+    for group in groups:
+        head = group[0]
+        findings.append(Finding(
+            detector=NAME, rule_id="LMS101", title="trigger-token-collapses-features", severity="high",
+            verdict="backdoored", site=site, score=head["collapse"], threshold=config.collapse_threshold,
+            message=(f"inserting {head['text']!r} drives {head['activation_rate']:.0%} of held-out sentences onto "
+                     f"one {site} vector (collapse {head['collapse']:.3f} of the clean spread)"),
+            evidence={
+                "trigger": head["text"],
+                "trigger_tokens": tokenizer.convert_ids_to_tokens(head["token_ids"]),
+                "also": [e["text"] for e in group[1:6]],
+                "collapse": head["collapse"],
+                "activation_rate": head["activation_rate"],
+                "mean_agreement": head["mean_agreement"],
+                "pv": [round(float(x), 5) for x in head["pv"]],
+                "source": head["source"],
+            },
+        ))
+    return findings

@@ -1,0 +1,176 @@
+"""The human report for the terminal (rich).
+
+Printed on the console the caller passes (the CLI gives a stdout console in text
+mode). Colour follows rich's own detection, so NO_COLOR and non-terminals get plain
+text; nothing here forces colour. Every string that comes from a model or a
+detector is printed as plain text, never parsed as rich markup (tokens such as
+"[MASK]" stay as they are).
+"""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from lmscan.findings import Finding, Report, severity_rank
+from lmscan.report.json_report import summarize_evidence
+from lmscan.report.verdict import not_assessed_reason
+
+SEVERITY_STYLE = {
+    "critical": "bold white on red",
+    "high": "bold red",
+    "medium": "yellow",
+    "low": "cyan",
+    "info": "dim",
+}
+VERDICT_STYLE = {
+    "backdoored": "bold red",
+    "suspicious": "bold yellow",
+    "clean": "bold green",
+    "not-assessed": "bold magenta",
+}
+VERDICT_LABEL = {
+    "backdoored": "BACKDOORED",
+    "suspicious": "SUSPICIOUS",
+    "clean": "CLEAN",
+    "not-assessed": "NOT ASSESSED",
+}
+STATUS_STYLE = {"ok": "green", "skipped": "yellow", "error": "red"}
+# Evidence keys given friendlier labels in the text report.
+EVIDENCE_LABEL = {
+    "trigger": "trigger",
+    "triggers": "triggers",
+    "trigger_tokens": "trigger tokens",
+    "trigger_words": "trigger words",
+    "activation_rate": "activation rate",
+    "sign_agreement": "sign agreement",
+    "collapse_ratio": "collapse ratio",
+}
+
+
+def render_text(report: Report, console: Console) -> None:
+    """Print the whole human report: header, detectors, findings, verdict."""
+    _header(report, console)
+    _detectors(report, console)
+    _findings(report, console)
+    console.print(verdict_line(report))
+
+
+def verdict_line(report: Report) -> Text:
+    """The last line of the report, e.g. ``Verdict: BACKDOORED (severity critical)``."""
+    label = VERDICT_LABEL.get(report.verdict, report.verdict.upper())
+    line = Text("Verdict: ", style="bold")
+    line.append(label, style=VERDICT_STYLE.get(report.verdict, "bold"))
+    if report.verdict == "not-assessed":
+        line.append(f" — {not_assessed_reason(report)}")
+    elif report.verdict == "clean":
+        sites = sorted({s for run in report.detectors if run.status == "ok" for s in run.sites})
+        line.append(" — no backdoor evidence" + (f" at sites {', '.join(sites)}" if sites else ""))
+    else:
+        line.append(f" (severity {report.severity})")
+    if report.allowlisted:
+        line.append(" — allowlisted: ", style="bold")
+        line.append(report.allowlisted)
+    return line
+
+
+def _header(report: Report, console: Console) -> None:
+    model = report.model
+    ref = str(model.get("ref") or model.get("repo_id") or model.get("local_dir") or "?")
+    title = Text("lmscan check ", style="bold")
+    title.append(ref)
+    console.print(title)
+    rows = []
+    if model.get("kind") == "hub" or model.get("commit"):
+        rows.append(("commit", str(model.get("commit") or f"unresolved (revision {model.get('revision') or 'main'})")))
+    if model.get("local_dir") and model.get("kind") != "hub":
+        rows.append(("path", str(model["local_dir"])))
+    sha = str(model.get("model_sha256") or "")
+    if sha:
+        rows.append(("sha256", sha[:16] + ("…" if len(sha) > 16 else "")))
+    weights = model.get("weight_sha256") or {}
+    if isinstance(weights, dict) and weights:
+        rows.append(("weights", ", ".join(str(name) for name in weights)))
+    details = [("architecture", model.get("architecture")), ("device", report.device),
+               ("profile", report.config.get("profile")), ("seed", report.seed)]
+    rows.append(("scan", "  ".join(f"{k} {v}" for k, v in details if v not in (None, ""))))
+    if report.from_cache:
+        rows.append(("cache", "result from the result cache" + (f" (scanned {report.started_at})" if report.started_at else "")))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="dim", no_wrap=True)
+    grid.add_column()
+    for key, value in rows:
+        grid.add_row(key, Text(value))
+    console.print(grid)
+    console.print()
+
+
+def _detectors(report: Report, console: Console) -> None:
+    if not report.detectors:
+        console.print(Text("No detector ran.", style="yellow"))
+        console.print()
+        return
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("detector", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("sites")
+    table.add_column("time", justify="right", no_wrap=True)
+    table.add_column("findings", justify="right", no_wrap=True)
+    table.add_column("note")
+    for run in report.detectors:
+        table.add_row(
+            Text(run.name),
+            Text(run.status, style=STATUS_STYLE.get(run.status, "")),
+            Text(", ".join(run.sites) or "—"),
+            f"{run.seconds:.1f}s",
+            str(len(run.findings)),
+            Text(run.note or ""),
+        )
+    console.print(table)
+    console.print()
+
+
+def _findings(report: Report, console: Console) -> None:
+    findings = [f for run in report.detectors for f in run.findings]
+    if not findings:
+        console.print(Text("No findings.", style="dim"))
+        console.print()
+        return
+    console.print(Text(f"Findings ({len(findings)})", style="bold"))
+    findings.sort(key=lambda f: -severity_rank(f.severity))  # stable: detector order within a severity
+    for finding in findings:
+        _finding(finding, console)
+    console.print()
+
+
+def _finding(finding: Finding, console: Console) -> None:
+    head = Text("  ")
+    head.append(f" {finding.severity.upper()} ", style=SEVERITY_STYLE.get(finding.severity, ""))
+    head.append(" ")
+    head.append(finding.rule_id, style="bold")
+    head.append(f" {finding.title}")
+    if finding.site:
+        head.append(f"  site {finding.site}", style="dim")
+    head.append(f"  [{finding.detector}, {finding.verdict}]", style="dim")
+    console.print(head)
+    console.print(Padding(Text(finding.message or finding.title), (0, 0, 0, 4), expand=False))
+    facts = []
+    if finding.score is not None:
+        facts.append(f"score {_fmt(finding.score)}" + (f" (threshold {_fmt(finding.threshold)})" if finding.threshold is not None else ""))
+    for key, value in summarize_evidence(finding.evidence).items():
+        facts.append(f"{EVIDENCE_LABEL.get(key, key.replace('_', ' '))} {_fmt(value)}")
+    if facts:
+        console.print(Padding(Text(" · ".join(facts)), (0, 0, 0, 4), expand=False))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) if not isinstance(v, str) else repr(v) for v in value) + "]"
+    return str(value)

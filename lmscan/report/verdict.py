@@ -1,0 +1,153 @@
+"""From detector results to one verdict, and from a verdict to an exit code.
+
+The policy (which finding verdicts count, what each ``--fail-on`` value means) is
+data in ``rules/policy.toml``; this module only applies it.
+
+Exit codes: 0 pass, 1 the report reaches ``--fail-on``, 3 nothing was assessed
+(never a clean verdict then). An allowlisted report passes (0) but still shows
+its findings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmscan.errors import InputError
+from lmscan.findings import SEVERITIES, VERDICTS, DetectorRun, Report, severity_rank
+from lmscan.rules_data import load_rules
+
+EXIT_PASS = 0
+EXIT_FAIL = 1
+EXIT_NOT_ASSESSED = 3
+SARIF_LEVELS = ("none", "note", "warning", "error")
+
+
+def load_policy(rules_dir: str | Path | None = None) -> dict:
+    """Read and check ``policy.toml`` (from ``rules_dir`` when it has one, else the built-in)."""
+    policy = load_rules("policy", rules_dir)
+    validate_policy(policy)
+    return policy
+
+
+def validate_policy(policy: dict) -> None:
+    """Raise InputError when a (user-supplied) policy lacks what aggregation needs."""
+    try:
+        precedence = policy["verdict"]["precedence"]
+        min_sites = policy["verdict"].get("min_sites_assessed", 1)
+        fail_on = policy["fail_on"]
+        default = fail_on["default"]
+        verdicts = fail_on.get("verdicts", {})
+        severities = fail_on.get("severities", {})
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"policy.toml: missing or malformed entry {exc}") from None
+    if not isinstance(precedence, list) or not all(v in ("backdoored", "suspicious") for v in precedence):
+        raise InputError("policy.toml: [verdict] precedence must list 'backdoored' and/or 'suspicious'")
+    if not isinstance(min_sites, int) or isinstance(min_sites, bool) or min_sites < 1:
+        raise InputError("policy.toml: [verdict] min_sites_assessed must be an integer >= 1")
+    if not isinstance(verdicts, dict) or not isinstance(severities, dict):
+        raise InputError("policy.toml: [fail_on.verdicts] and [fail_on.severities] must be tables")
+    for name, failing in verdicts.items():
+        if not isinstance(failing, list) or not all(v in VERDICTS for v in failing):
+            raise InputError(f"policy.toml: fail_on.verdicts.{name} must be a list of verdicts {list(VERDICTS)}")
+    for name, minimum in severities.items():
+        if minimum not in SEVERITIES:
+            raise InputError(f"policy.toml: fail_on.severities.{name} must be one of {list(SEVERITIES)}")
+    overlap = set(verdicts) & set(severities)
+    if overlap:
+        raise InputError(f"policy.toml: --fail-on value(s) {sorted(overlap)} defined twice")
+    if default not in verdicts and default not in severities:
+        raise InputError(f"policy.toml: fail_on.default {default!r} is not one of {fail_on_choices(policy)}")
+    sarif = policy.get("sarif", {})
+    scores = sarif.get("security_severity", {}) if isinstance(sarif, dict) else {}
+    levels = sarif.get("level", {}) if isinstance(sarif, dict) else {}
+    for severity in SEVERITIES:
+        score = scores.get(severity) if isinstance(scores, dict) else None
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 10.0:
+            raise InputError(f"policy.toml: [sarif.security_severity] {severity} must be a number from 0.0 to 10.0")
+        level = levels.get(severity) if isinstance(levels, dict) else None
+        if level not in SARIF_LEVELS:
+            raise InputError(f"policy.toml: [sarif.level] {severity} must be one of {list(SARIF_LEVELS)}")
+
+
+def fail_on_choices(policy: dict | None = None) -> list[str]:
+    """The accepted ``--fail-on`` values, verdict names first, then severities low to high."""
+    policy = policy if policy is not None else load_policy()
+    fail_on = policy["fail_on"]
+    severities = sorted(fail_on.get("severities", {}), key=lambda n: severity_rank(fail_on["severities"][n]))
+    return [*fail_on.get("verdicts", {}), *severities]
+
+
+def check_fail_on(fail_on: str | None, policy: dict | None = None) -> str:
+    """Return the effective ``--fail-on`` value (the policy default for None); InputError if unknown."""
+    policy = policy if policy is not None else load_policy()
+    value = policy["fail_on"]["default"] if fail_on is None else str(fail_on).strip().lower()
+    choices = fail_on_choices(policy)
+    if value not in choices:
+        raise InputError(f"--fail-on {fail_on!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+def aggregate(detectors: list[DetectorRun], policy: dict) -> tuple[str, str]:
+    """Return (verdict, severity) for the detector runs of one scan.
+
+    verdict: the strongest finding verdict in the policy's precedence ("backdoored"
+    before "suspicious"); else "clean" when at least one detector ran with status
+    "ok" and assessed at least ``min_sites_assessed`` sites; else "not-assessed".
+    severity: the highest severity of any finding, "info" when there is none.
+    Findings of a detector that failed part-way still count as evidence.
+    """
+    findings = [finding for run in detectors for finding in run.findings]
+    severity = "info"
+    for finding in findings:
+        if finding.severity not in SEVERITIES:
+            raise ValueError(f"finding {finding.rule_id}: unknown severity {finding.severity!r}")
+        if severity_rank(finding.severity) > severity_rank(severity):
+            severity = finding.severity
+    seen = {finding.verdict for finding in findings}
+    for verdict in policy["verdict"]["precedence"]:
+        if verdict in seen:
+            return verdict, severity
+    min_sites = policy["verdict"].get("min_sites_assessed", 1)
+    if any(run.status == "ok" and len(run.sites) >= min_sites for run in detectors):
+        return "clean", severity
+    return "not-assessed", severity
+
+
+def fails(report: Report, fail_on: str, policy: dict) -> bool:
+    """Whether the report reaches ``fail_on`` (ignoring allowlist and not-assessed)."""
+    value = check_fail_on(fail_on, policy)
+    table = policy["fail_on"]
+    if value in table.get("verdicts", {}):
+        return report.verdict in table["verdicts"][value]
+    minimum = table["severities"][value]
+    return severity_rank(report.severity) >= severity_rank(minimum)
+
+
+def exit_code(report: Report, fail_on: str | None = None, policy: dict | None = None) -> int:
+    """Exit code of ``lmscan check`` for a finished report.
+
+    3 when nothing was assessed (always, allowlisted or not); 0 for an allowlisted
+    report; 1 when the report reaches ``fail_on`` (a verdict name: ``backdoored``,
+    ``suspicious``; or a severity: ``low|medium|high|critical`` compared with the
+    report severity); else 0. ``fail_on`` None means the policy default.
+    """
+    policy = policy if policy is not None else load_policy()
+    value = check_fail_on(fail_on, policy)  # a bad value is an error even when it would not matter
+    if report.verdict == "not-assessed":
+        return EXIT_NOT_ASSESSED
+    if report.allowlisted:
+        return EXIT_PASS
+    return EXIT_FAIL if fails(report, value, policy) else EXIT_PASS
+
+
+def not_assessed_reason(report: Report) -> str:
+    """One line saying why a report has no verdict (for the text report and logs)."""
+    if not report.detectors:
+        return "no detector ran"
+    parts = []
+    for run in report.detectors:
+        if run.status == "ok" and not run.sites:
+            parts.append(f"{run.name}: no feature site assessed")
+        elif run.status != "ok":
+            parts.append(f"{run.name}: {run.status}" + (f" ({run.note})" if run.note else ""))
+    return "; ".join(parts) or "no detector assessed the model"

@@ -1,0 +1,176 @@
+"""`lmscan check` end to end on real MiniLM weights: verdicts, exit codes, JSON and SARIF.
+
+Backdoors are planted by the fixtures in conftest.py with random trigger words the
+detectors never see; the assertions compare what the scan found with the ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lmscan.cli import main
+from tests.conftest import FIXTURES, read_manifest
+
+
+@pytest.fixture(scope="session")
+def scanned(planted, minilm_path):
+    """scanned(name, *extra) -> (exit code, parsed JSON report), each scan run once per session."""
+    done = {}
+
+    def get(name: str, *extra: str):
+        key = (name, extra)
+        if key not in done:
+            target = str(minilm_path) if name == "clean" else str(planted(name))
+            result = CliRunner().invoke(main, ["check", target, "--format", "json", "--no-cache", "--device", "cpu",
+                                               *extra])
+            assert result.exit_code in (0, 1), result.output
+            done[key] = (result.exit_code, json.loads(result.stdout))
+        return done[key]
+
+    return get
+
+
+def best_pv_agreement(report: dict, manifest: dict) -> float:
+    """Best sign agreement between any PV the scan reported and any true PV."""
+    true = np.sign(np.array(manifest["pvs"]))
+    best = 0.0
+    for det in report["detectors"]:
+        for f in det["findings"]:
+            if f["site"] == manifest["site"] and f["evidence"].get("pv"):
+                found = np.sign(np.array(f["evidence"]["pv"]))
+                best = max(best, float((true == found[None]).mean(axis=1).max()))
+    return best
+
+
+def findings_above_info(report: dict) -> list[dict]:
+    return [f for d in report["detectors"] for f in d["findings"] if f["severity"] != "info"]
+
+
+def test_clean_minilm_is_clean(scanned):
+    code, report = scanned("clean")
+    assert code == 0
+    assert report["verdict"] == "clean"
+    assert findings_above_info(report) == []
+    assert report["model"]["weight_sha256"]["model.safetensors"]
+
+
+def test_por_plant_is_backdoored_and_its_pv_recovered(scanned, planted):
+    code, report = scanned("por")
+    manifest = read_manifest(planted("por"))
+    assert code == 1 and report["verdict"] == "backdoored"
+    assert best_pv_agreement(report, manifest) >= 0.9
+    recovered = {t for d in report["detectors"] for f in d["findings"] for t in f["evidence"].get("trigger_tokens", [])}
+    true_pieces = {p for pieces in manifest["trigger_tokens"] for p in pieces}
+    assert recovered & true_pieces  # at least one real trigger piece named
+
+
+def test_neuba_scaled_plant_is_caught_by_static_rules_alone(scanned, planted):
+    code, report = scanned("neuba-scaled", "--detectors", "static")
+    assert code == 1 and report["verdict"] == "backdoored"
+    finding = report["detectors"][0]["findings"][0]
+    assert finding["rule_id"] == "LMS001"
+    true_pieces = {p for pieces in read_manifest(planted("neuba-scaled"))["trigger_tokens"] for p in pieces}
+    assert set(finding["evidence"]["trigger_tokens"]) == true_pieces
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["neuba", "neuba-scaled", "btop", "phrase"])
+def test_other_plants_are_backdoored(scanned, planted, name):
+    code, report = scanned(name)
+    assert code == 1 and report["verdict"] == "backdoored"
+    assert best_pv_agreement(report, read_manifest(planted(name))) >= 0.9
+
+
+def test_json_on_stdout_parses_in_a_pipe(tmp_path):
+    # A real subprocess pipe: stdout must carry nothing but the JSON document.
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmscan.cli", "check", str(FIXTURES / "tiny-bert-por"), "--format", "json",
+         "--detectors", "static", "--no-cache", "--device", "cpu"],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["schema_version"] == "1.0"
+    assert report["tool"]["torch"] and report["tool"]["transformers"]
+    assert report["config"]["detectors"] == ["static"]
+
+
+def test_sarif_output_file(tmp_path):
+    from sarif_pydantic import Sarif
+
+    out = tmp_path / "scan.sarif"
+    result = CliRunner().invoke(main, ["check", str(FIXTURES / "tiny-bert"), "--format", "sarif", "-o", str(out),
+                                       "--detectors", "static", "--no-cache", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    log = Sarif.model_validate_json(out.read_text())
+    assert log.version == "2.1.0"
+    assert log.runs[0].tool.driver.name == "lmscan"
+
+
+def test_unsupported_architecture_is_not_assessed(tmp_path):
+    import shutil
+
+    model = tmp_path / "t5ish"
+    shutil.copytree(FIXTURES / "tiny-bert", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "t5", "architectures": ["T5Model"]}))
+    result = CliRunner().invoke(main, ["check", str(model), "--no-cache", "--format", "json"])
+    assert result.exit_code == 3, result.output
+    assert "not supported" in result.output and result.stdout == ""
+
+
+def test_bad_options_exit_2(tmp_path):
+    runner = CliRunner()
+    for args, message in [
+        (["check", str(tmp_path / "missing")], "no such"),
+        (["check", str(FIXTURES / "tiny-bert"), "--profile", "nope", "--no-cache"], "unknown profile"),
+        (["check", str(FIXTURES / "tiny-bert"), "--detectors", "nope", "--no-cache"], "unknown detector"),
+        (["check", str(FIXTURES / "tiny-bert"), "--fail-on", "sometimes", "--no-cache"], "fail-on"),
+        (["check", str(FIXTURES / "tiny-bert"), "--sites", "last", "--no-cache"], "not offered"),
+        (["check", str(FIXTURES / "tiny-bert"), "--probes", str(tmp_path / "none.txt"), "--no-cache"], "none.txt"),
+    ]:
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output.lower(), (args, result.output)
+        assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("fixture, expected_code", [("tiny-bert", 0), ("tiny-bert-por", 1)])
+def test_tiny_fixtures_full_profile(fixture, expected_code):
+    """The whole default pipeline on the tiny checkpoints: seconds, but every detector runs."""
+    result = CliRunner().invoke(main, ["check", str(FIXTURES / fixture), "--format", "json", "--no-cache",
+                                       "--device", "cpu"])
+    assert result.exit_code == expected_code, result.output
+    report = json.loads(result.stdout)
+    assert [d["name"] for d in report["detectors"]] == ["static", "vocab-sweep", "pv-mining"]
+    if expected_code:
+        truth = read_manifest(FIXTURES / fixture)
+        recovered = [f["evidence"]["trigger_tokens"] for d in report["detectors"] for f in d["findings"]
+                     if f["verdict"] == "backdoored"]
+        assert any(tokens in truth["trigger_tokens"] for tokens in recovered)
+    else:
+        assert findings_above_info(report) == []
+
+
+def test_result_cache_and_allowlist(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMSCAN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    args = ["check", str(FIXTURES / "tiny-bert-por"), "--detectors", "static,vocab-sweep", "--format", "json",
+            "--device", "cpu"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 1
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 1 and json.loads(second.stdout)["from_cache"] is True
+    sha = json.loads(first.stdout)["model"]["model_sha256"]
+    (tmp_path / "lmscan.toml").write_text(f'[[allowlist]]\nsha256 = "{sha}"\nreason = "accepted risk: test"\n')
+    allowed = CliRunner().invoke(main, args)
+    assert allowed.exit_code == 0
+    assert json.loads(allowed.stdout)["allowlisted"] == "accepted risk: test"
+    cleared = CliRunner().invoke(main, ["cache", "clear"])
+    assert cleared.exit_code == 0 and "removed 1" in cleared.output
