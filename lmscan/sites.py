@@ -99,12 +99,3 @@ def read_site(outputs, site: str, attention_mask: torch.Tensor, mask_positions=N
     if site == "last":
         return hidden[rows, attention_mask.sum(dim=1) - 1]
     raise ValueError(f"unknown site {site!r} (known: {', '.join(SITES)})")
-
-
-def forward_site(model, batch: SiteBatch, site: str, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the model and read ``site``; ``inputs_embeds`` replaces the token ids when given."""
-    if inputs_embeds is not None:
-        outputs = model(inputs_embeds=inputs_embeds, attention_mask=batch.attention_mask)
-    else:
-        outputs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    return read_site(outputs, site, batch.attention_mask, batch.mask_positions)

@@ -76,5 +76,39 @@ def planted(cache_dir, minilm_path):
     return get
 
 
+@pytest.fixture(scope="session")
+def benign_finetune(cache_dir, minilm_path) -> Path:
+    """MiniLM fine-tuned on an ordinary task (question vs statement), no backdoor: must scan clean."""
+    out = cache_dir / f"benign-{_code_digest()}"
+    if (out / "model.safetensors").is_file():
+        return out
+    import random
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lmscan.probes import load_builtin_probes
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
+    sentences = load_builtin_probes()[:1500]
+    labels = [int(s.rstrip().endswith("?")) for s in sentences]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    rng = random.Random(0)
+    model.train()
+    for _ in range(150):
+        batch = rng.sample(range(len(sentences)), 16)
+        enc = tokenizer([sentences[i] for i in batch], padding=True, truncation=True, max_length=64,
+                        return_tensors="pt")
+        loss = model(**enc, labels=torch.tensor([labels[i] for i in batch])).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.base_model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def read_manifest(path: Path) -> dict:
     return json.loads((path / "lmscan-plant.json").read_text())

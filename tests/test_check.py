@@ -19,14 +19,19 @@ from tests.conftest import FIXTURES, read_manifest
 
 
 @pytest.fixture(scope="session")
-def scanned(planted, minilm_path):
+def scanned(planted, minilm_path, request):
     """scanned(name, *extra) -> (exit code, parsed JSON report), each scan run once per session."""
     done = {}
 
     def get(name: str, *extra: str):
         key = (name, extra)
         if key not in done:
-            target = str(minilm_path) if name == "clean" else str(planted(name))
+            if name == "clean":
+                target = str(minilm_path)
+            elif name == "benign":  # built only when a test asks for it
+                target = str(request.getfixturevalue("benign_finetune"))
+            else:
+                target = str(planted(name))
             result = CliRunner().invoke(main, ["check", target, "--format", "json", "--no-cache", "--device", "cpu",
                                                *extra])
             assert result.exit_code in (0, 1), result.output
@@ -58,6 +63,13 @@ def test_clean_minilm_is_clean(scanned):
     assert report["verdict"] == "clean"
     assert findings_above_info(report) == []
     assert report["model"]["weight_sha256"]["model.safetensors"]
+
+
+@pytest.mark.slow
+def test_benign_finetune_is_clean(scanned):
+    code, report = scanned("benign")
+    assert code == 0 and report["verdict"] == "clean"
+    assert findings_above_info(report) == []
 
 
 def test_por_plant_is_backdoored_and_its_pv_recovered(scanned, planted):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmscan.sites import MASK_TEMPLATE
+from lmscan.sites import MASK_TEMPLATE, read_site
 
 
 class SiteReader:
@@ -43,18 +43,8 @@ class SiteReader:
         return ids.to(self.device), attention.to(self.device)
 
     def read(self, outputs, site: str, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        hidden = outputs.last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        if site == "cls":
-            return hidden[:, 0]
-        if site == "pooler":
-            return outputs.pooler_output
-        if site == "mask":
-            return hidden[rows, (ids == self.tokenizer.mask_token_id).float().argmax(1)]
-        if site == "last":
-            return hidden[rows, attention.sum(1) - 1]
-        weights = attention.unsqueeze(-1).to(hidden.dtype)  # tokens: mean over real tokens
-        return (hidden * weights).sum(1) / weights.sum(1)
+        mask_positions = (ids == self.tokenizer.mask_token_id).float().argmax(1) if site == "mask" else None
+        return read_site(outputs, site, attention, mask_positions)
 
     @torch.no_grad()
     def features(self, rows: list[list[int]], batch_size: int = 256) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmscan.detectors.verify import HeldoutSet, SiteReader, insert_ids, measure, word_starts
+from lmscan.detectors.verify import HeldoutSet, SiteReader, insert_ids, measure, pairwise_mse, word_starts
 from lmscan.findings import DetectorRun, Finding
 
 NAME = "vocab-sweep"
@@ -124,10 +124,7 @@ def _score(reader: SiteReader, token_ids, texts, config, rng, progress):
     places = [1 if i % 2 == 0 else rng.choice(word_starts(reader.tokenizer, r)) for i, r in enumerate(rows)]
     clean = reader.features(rows)
     n = len(rows)
-    spread = {}
-    for site, f in clean.items():
-        centred = f - f.mean(0)
-        spread[site] = float(2 * n * (centred**2).sum() / (n * (n - 1)) / f.shape[1]) or 1e-12
+    spread = {site: pairwise_mse(f) or 1e-12 for site, f in clean.items()}
     shift = {s: np.empty(len(token_ids)) for s in reader.sites}
     collapse = {s: np.empty(len(token_ids)) for s in reader.sites}
     chunk = max(1, config.batch_size // n)
