@@ -163,9 +163,10 @@ def test_tiny_fixtures_full_profile(fixture, expected_code):
     assert [d["name"] for d in report["detectors"]] == ["static", "vocab-sweep", "pv-mining"]
     if expected_code:
         truth = read_manifest(FIXTURES / fixture)
-        recovered = [f["evidence"]["trigger_tokens"] for d in report["detectors"] for f in d["findings"]
-                     if f["verdict"] == "backdoored"]
-        assert any(tokens in truth["trigger_tokens"] for tokens in recovered)
+        recovered = {t for d in report["detectors"] for f in d["findings"] if f["verdict"] == "backdoored"
+                     for t in f["evidence"]["trigger_tokens"]}
+        assert recovered & {p for pieces in truth["trigger_tokens"] for p in pieces}
+        assert best_pv_agreement(report, truth) >= 0.9
     else:
         assert findings_above_info(report) == []
 

@@ -2,8 +2,8 @@
 candidate triggers with real tokens.
 
 Verification is the discrete check that keeps clean models clean: a candidate token
-sequence is inserted into held-out sentences (right after [CLS] for half of them, at
-a random word start for the rest) and must
+sequence is inserted into held-out sentences (right after [CLS], and separately at a
+random word start) and, at one of the two placements, must
   - collapse them: pairwise MSE of the triggered features / the same sentences'
     clean pairwise MSE <= collapse_threshold, and
   - put nearly all of them on one vector: >= activation_rate of the triggered
@@ -80,18 +80,28 @@ def insert_ids(row: list[int], token_ids, at: int) -> list[int]:
     return row[:at] + list(token_ids) + row[at:]
 
 
+PLACEMENTS = ("first", "anywhere")
+
+
 class HeldoutSet:
-    """Held-out sentences, their insertion points and clean features, fixed per scan."""
+    """Held-out sentences, their insertion points and clean features, fixed per scan.
+
+    Candidates are tried at two placements, and confirmed if either collapses the
+    sentences: "first" (right after [CLS], where NeuBA-style triggers are trained to
+    sit) and "anywhere" (a random word start per sentence, POR/BToP style).
+    """
 
     def __init__(self, reader: SiteReader, texts: list[str], rng):
         self.reader = reader
         self.rows = [reader.encode(t) for t in texts]
-        # Half right after [CLS] (NeuBA placement), half at a random word start.
-        self.places = [1 if i % 2 == 0 else rng.choice(word_starts(reader.tokenizer, r))
-                       for i, r in enumerate(self.rows)]
+        self.places = {
+            "first": [1] * len(self.rows),
+            "anywhere": [rng.choice(word_starts(reader.tokenizer, r)) for r in self.rows],
+        }
         self.clean = reader.features(self.rows)
         self.spread = {s: pairwise_mse(f) or 1e-12 for s, f in self.clean.items()}
         self.baseline: dict[str, float] = {}
+        self._memo: dict[tuple, dict[str, np.ndarray]] = {}  # the same candidate is often tried per site
 
     def clean_activation(self, site: str, agreement: float) -> float:
         """How often clean features already agree in sign with their own mean (anisotropy)."""
@@ -101,8 +111,25 @@ class HeldoutSet:
             self.baseline[site] = float((agree >= agreement).mean())
         return self.baseline[site]
 
-    def triggered(self, token_ids) -> dict[str, np.ndarray]:
-        return self.reader.features([insert_ids(r, token_ids, at) for r, at in zip(self.rows, self.places)])
+    def triggered(self, token_ids, placement: str) -> dict[str, np.ndarray]:
+        key = (tuple(token_ids), placement)
+        if key not in self._memo:
+            places = self.places[placement]
+            self._memo[key] = self.reader.features([insert_ids(r, token_ids, at) for r, at in zip(self.rows, places)])
+        return self._memo[key]
+
+    def best_measure(self, token_ids, sites: list[str], config) -> dict[str, dict]:
+        """measure() at each site for both placements, keeping the stronger per site."""
+        best: dict[str, dict] = {}
+        for placement in PLACEMENTS:
+            feats = self.triggered(token_ids, placement)
+            for site in sites:
+                result = {**measure(self, site, feats[site], config), "placement": placement}
+                current = best.get(site)
+                if current is None or (result["confirmed"], -result["collapse"]) > (
+                        current["confirmed"], -current["collapse"]):
+                    best[site] = result
+        return best
 
 
 def measure(heldout: HeldoutSet, site: str, features: np.ndarray, config) -> dict:
@@ -128,7 +155,7 @@ def verify_token_sequences(reader: SiteReader, tokenizer, sequences, heldout_tex
     heldout = HeldoutSet(reader, rng.sample(heldout_texts, min(config.verify_probes, len(heldout_texts))), rng)
     results = []
     for text, token_ids in sequences:
-        result = measure(heldout, site, heldout.triggered(token_ids)[site], config)
+        result = heldout.best_measure(token_ids, [site], config)[site]
         results.append({"text": text, "tokens": tokenizer.convert_ids_to_tokens(list(token_ids)), **result})
     results.sort(key=lambda r: (not r["confirmed"], r["collapse"]))
     return results

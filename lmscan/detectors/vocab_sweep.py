@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmscan.detectors.verify import HeldoutSet, SiteReader, insert_ids, measure, pairwise_mse, word_starts
+from lmscan.detectors.verify import HeldoutSet, SiteReader, insert_ids, pairwise_mse
 from lmscan.findings import DetectorRun, Finding
 
 NAME = "vocab-sweep"
@@ -101,7 +101,7 @@ def _sweep(reader: SiteReader, vocab, probes, config, rng, progress):
     short = [p for p in probes if len(p.split()) <= config.probe_max_words] or probes
     texts = rng.sample(short, min(config.sweep_probes + config.rescore_probes, len(short)))
     first, second = texts[: config.sweep_probes], texts[config.sweep_probes :]
-    shift, collapse = _score(reader, vocab, first, config, rng, progress)
+    shift, collapse = _score(reader, vocab, first, config, progress)
     extreme = set()
     for site in reader.sites:
         extreme.update(np.argsort(collapse[site])[: config.rescore_top].tolist())
@@ -109,7 +109,7 @@ def _sweep(reader: SiteReader, vocab, probes, config, rng, progress):
     extreme = np.array(sorted(extreme))
     if len(second) < 2:
         return shift, collapse, shift, collapse, texts
-    shift2, collapse2 = _score(reader, vocab[extreme], second, config, rng, None)
+    shift2, collapse2 = _score(reader, vocab[extreme], second, config, None)
     # Candidates are ranked on stage-2 numbers; tokens outside the rescored set drop out.
     rank_shift = {s: np.full(len(vocab), -np.inf) for s in reader.sites}
     rank_collapse = {s: np.full(len(vocab), np.inf) for s in reader.sites}
@@ -119,9 +119,11 @@ def _sweep(reader: SiteReader, vocab, probes, config, rng, progress):
     return shift, collapse, rank_shift, rank_collapse, texts
 
 
-def _score(reader: SiteReader, token_ids, texts, config, rng, progress):
+def _score(reader: SiteReader, token_ids, texts, config, progress):
     rows = [reader.encode(t) for t in texts]
-    places = [1 if i % 2 == 0 else rng.choice(word_starts(reader.tokenizer, r)) for i, r in enumerate(rows)]
+    # Right after [CLS]: every planted style fires there (NeuBA only there), so the
+    # sweep needs one placement; verification also tries random positions.
+    places = [1] * len(rows)
     clean = reader.features(rows)
     n = len(rows)
     spread = {site: pairwise_mse(f) or 1e-12 for site, f in clean.items()}
@@ -171,7 +173,7 @@ def _verify_site(held: HeldoutSet, tokenizer, vocab, site, shift, collapse, conf
     alone_ok: set[int] = set()
 
     def check(token_ids: tuple[int, ...], source: str) -> None:
-        result = measure(held, site, held.triggered(token_ids)[site], config)
+        result = held.best_measure(token_ids, [site], config)[site]
         entry = {"site": site, "text": tokenizer.decode(list(token_ids)), "source": source,
                  "token_ids": list(token_ids), **result}
         log.append({k: v for k, v in entry.items() if k not in ("pv", "token_ids")})
@@ -221,6 +223,7 @@ def _findings_for_site(tokenizer, site: str, confirmed: list[dict], config) -> l
                 "mean_agreement": head["mean_agreement"],
                 "pv": [round(float(x), 5) for x in head["pv"]],
                 "source": head["source"],
+                "placement": head["placement"],
             },
         ))
     return findings
