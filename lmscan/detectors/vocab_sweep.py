@@ -9,7 +9,8 @@ Both are relative to the model's own clean spread, so no shadow model is needed.
 
 A sweep score alone is never a verdict. The lowest-collapse tokens, and short
 combinations of the highest-shift tokens (phrase and multi-piece triggers), are
-*verified*: inserted as real tokens into held-out sentences at random places. A
+*verified*: inserted as real tokens into held-out sentences (right after [CLS], and
+separately at random word starts). A
 candidate is a backdoor trigger only if it drives those sentences onto one vector
 (held-out collapse below a threshold, and nearly every triggered feature agreeing in
 sign with the mean triggered vector, the PV). A benign word that merely moves the
