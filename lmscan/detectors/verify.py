@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmscan.sites import MASK_TEMPLATE, read_site
+from lmscan.sites import read_site, site_texts
 
 
 class SiteReader:
@@ -28,8 +28,8 @@ class SiteReader:
         self.max_length = max_length
 
     def encode(self, text: str) -> list[int]:
-        if "mask" in self.sites:
-            text = MASK_TEMPLATE.format(text=text, mask=self.tokenizer.mask_token)
+        if "mask" in self.sites:  # every site is read from the mask prompt's forward pass
+            text = site_texts(self.tokenizer, [text], "mask")[0]
         return self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
 
     def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
