@@ -19,7 +19,7 @@ from lmscan.errors import CannotAssess, InputError
 from lmscan.findings import DetectorRun, Report
 from lmscan.rules_data import load_rules
 
-DETECTORS = ("static", "vocab-sweep", "pv-mining")
+DETECTORS = ("static", "vocab-sweep", "pv-mining", "attention")
 SCAN_SITES = ("cls", "pooler", "mask", "last", "tokens")
 
 ProgressFn = Callable[[str, int, int], None]
@@ -71,49 +71,111 @@ def _versions() -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def scan(config: ScanConfig, progress: ProgressFn | None = None) -> Report:
-    """Resolve, load and scan a model; returns a Report (never prints)."""
+@dataclass
+class Prepared:
+    """A loaded model with the profile settings, sites and probe sets a run uses."""
+
+    resolved: object
+    loaded: object
+    device: object
+    settings: dict
+    sites: list[str]
+    fit: list[str]
+    heldout: list[str]
+    load_seconds: float
+
+
+def prepare(config: ScanConfig) -> Prepared:
     from lmscan.device import pick_device
     from lmscan.loading import load_model, resolve_model
+
+    t0 = time.perf_counter()
+    device = pick_device(config.device)
+    resolved = resolve_model(config.model, revision=config.revision, offline=config.offline)
+    loaded = load_model(resolved, device=str(device))
+    settings = profile_settings(config.profile, loaded.arch.model_type, config.rules_dir)
+    sites = _pick_sites(config.sites, loaded.arch)
+    fit, heldout = _probe_sets(config, settings)
+    return Prepared(resolved, loaded, device, settings, sites, fit, heldout, round(time.perf_counter() - t0, 2))
+
+
+def model_info(prepared: Prepared) -> dict:
+    resolved, arch = prepared.resolved, prepared.loaded.arch
+    return {
+        "ref": resolved.ref, "kind": resolved.kind, "repo_id": resolved.repo_id, "revision": resolved.revision,
+        "commit": resolved.commit, "local_dir": str(resolved.local_dir),
+        "weight_sha256": dict(resolved.weight_sha256), "model_sha256": resolved.model_sha256,
+        "architecture": arch.model_type, "hidden_size": arch.hidden_size, "sites": list(arch.sites),
+    }
+
+
+def scan(config: ScanConfig, progress: ProgressFn | None = None) -> Report:
+    """Resolve, load and scan a model; returns a Report (never prints)."""
     from lmscan.report.verdict import aggregate, load_policy
 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     policy = load_policy(config.rules_dir)
-    device = pick_device(config.device)
-    resolved = resolve_model(config.model, revision=config.revision, offline=config.offline)
-    loaded = load_model(resolved, device=str(device))
-    settings = profile_settings(config.profile, loaded.arch.model_type, config.rules_dir)
+    prepared = prepare(config)
+    settings, sites, loaded = prepared.settings, prepared.sites, prepared.loaded
     detectors = list(config.detectors or settings["detectors"])
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown:
         raise InputError(f"unknown detector(s) {', '.join(unknown)} (available: {', '.join(DETECTORS)})")
-    sites = _pick_sites(config.sites, loaded.arch)
-    fit, heldout = _probe_sets(config, settings)
-    timings = {"load": round(time.perf_counter() - t0, 2)}
+    timings = {"load": prepared.load_seconds}
 
     runs: list[DetectorRun] = []
     for name in detectors:
         t = time.perf_counter()
-        runs.append(_run_detector(name, loaded, sites, fit, heldout, settings, config, progress, runs))
+        runs.append(_run_with_memory_fallback(name, prepared, config, progress, runs))
         timings[name] = round(time.perf_counter() - t, 2)
     timings["total"] = round(time.perf_counter() - t0, 2)
 
     verdict, severity = aggregate(runs, policy)
     resolved_config = {**dataclasses.asdict(config), "detectors": detectors, "sites": sites, "settings": settings}
     return Report(
-        schema_version="1.0",
-        tool=_versions(),
-        model={
-            "ref": resolved.ref, "kind": resolved.kind, "repo_id": resolved.repo_id, "revision": resolved.revision,
-            "commit": resolved.commit, "local_dir": str(resolved.local_dir),
-            "weight_sha256": dict(resolved.weight_sha256), "model_sha256": resolved.model_sha256,
-            "architecture": loaded.arch.model_type, "hidden_size": loaded.arch.hidden_size,
-            "sites": list(loaded.arch.sites),
-        },
-        config=resolved_config, seed=config.seed, device=str(device), detectors=runs, verdict=verdict,
-        severity=severity, timings=timings, started_at=started_at,
+        schema_version="1.0", tool=_versions(), model=model_info(prepared), config=resolved_config, seed=config.seed,
+        device=str(prepared.device), detectors=runs, verdict=verdict, severity=severity, timings=timings,
+        started_at=started_at,
     )
+
+
+def export_pvs(config: ScanConfig, from_report: Report | None = None, include_unverified: bool = False,
+               progress: ProgressFn | None = None):
+    """Search a model for all of its PVs (resuming from an earlier report of the same
+    weights when given) and return (PVSet, SearchResult); nothing is written."""
+    from lmscan.pvs import PVEntry, PVSet
+    from lmscan.search import SearchConfig, search_pvs
+
+    t0 = time.perf_counter()
+    prepared = prepare(config)
+    resume = None
+    if from_report is not None:
+        if from_report.model.get("model_sha256") != prepared.resolved.model_sha256:
+            raise InputError("the report is about different weights (model_sha256 differs); rerun without it")
+        resume = [r for r in from_report.detectors if r.status == "ok" and r.name in DETECTORS]
+        prepared.sites = [s for s in prepared.sites if s in set().union(*(r.sites for r in resume))] or prepared.sites
+    search_settings = {**prepared.settings.get("search", {})}
+    if include_unverified:
+        search_settings["include_unverified"] = True
+    search_config = dataclass_from(SearchConfig, search_settings)
+    result = search_pvs(prepared.loaded, prepared.sites, prepared.fit, prepared.heldout, prepared.settings,
+                        search_config, seed=config.seed, progress=progress, resume=resume, rules_dir=config.rules_dir)
+    entries = [PVEntry(id=i, site=p.site, template=p.template, signs=p.pv >= 0, verified=p.verified, source=p.source,
+                       triggers=p.triggers, collapse=p.collapse, activation_rate=p.activation_rate)
+               for i, p in enumerate(result.pvs)]
+    info = model_info(prepared)
+    pvset = PVSet(
+        model={k: info[k] for k in ("ref", "repo_id", "commit", "model_sha256", "weight_sha256", "architecture",
+                                    "hidden_size")},
+        t_match=result.t_match, pvs=entries, calibration=result.calibration,
+        search={"profile": config.profile, "seed": config.seed, "sites": prepared.sites,
+                "fuzz_loops_run": result.loops_run, "resumed": from_report is not None,
+                "settings": dataclasses.asdict(search_config),
+                "seconds": {**result.timings, "total": round(time.perf_counter() - t0, 2)}},
+        generator=f"lmscan {__version__}",
+    )
+    return pvset, result
 
 
 def _pick_sites(requested: list[str] | None, arch) -> list[str]:
@@ -129,8 +191,43 @@ def _pick_sites(requested: list[str] | None, arch) -> list[str]:
     return sites
 
 
+def _run_with_memory_fallback(name, prepared: Prepared, config, progress, earlier) -> DetectorRun:
+    """Run a detector; when the GPU runs out of memory, retry with half the batch (twice),
+    then on the CPU. What happened is kept in the run's note, and the verdict stands."""
+    import torch
+
+    notes: list[str] = []
+    for attempt in range(4):
+        try:
+            run = _run_detector(name, prepared.loaded, prepared.sites, prepared.fit, prepared.heldout,
+                                prepared.settings, config, progress, earlier)
+            run.note = "; ".join([*notes, run.note] if run.note else notes)
+            return run
+        except torch.cuda.OutOfMemoryError:
+            if prepared.loaded.device.type != "cuda" or attempt == 3:
+                raise
+            torch.cuda.empty_cache()
+            table = dict(prepared.settings.get(name, {}))
+            if attempt < 2 and table.get("batch_size", 1) > 1:
+                table["batch_size"] = max(1, int(table["batch_size"]) // 2)
+                prepared.settings = {**prepared.settings, name: table}
+                notes.append(f"GPU out of memory: retried with batch size {table['batch_size']}")
+            else:
+                prepared.loaded.model.to("cpu")
+                prepared.loaded.device = prepared.device = torch.device("cpu")
+                notes.append("GPU out of memory: finished on the CPU")
+            _warn(f"{name}: {notes[-1]}")
+    raise AssertionError("unreachable")
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"lmscan: warning: {message}", file=sys.stderr)
+
+
 def _run_detector(name, loaded, sites, fit, heldout, settings, config, progress, earlier) -> DetectorRun:
-    def report(done, total, _loss=0.0):
+    def report(done, total, _loss=0.0, _found=0):
         if progress is not None:
             progress(name, done, total)
 
@@ -141,36 +238,28 @@ def _run_detector(name, loaded, sites, fit, heldout, settings, config, progress,
     if name == "vocab-sweep":
         from lmscan.detectors.vocab_sweep import VocabSweepConfig, run_vocab_sweep
 
-        detector_config = _dataclass_from(VocabSweepConfig, settings.get("vocab-sweep", {}))
+        detector_config = dataclass_from(VocabSweepConfig, settings.get("vocab-sweep", {}))
         return run_vocab_sweep(loaded, sites, fit, heldout, detector_config, seed=config.seed, progress=report)
     if name == "pv-mining":
         from lmscan.detectors.pv_mining import PVMiningConfig, run_pv_mining
+        from lmscan.detectors.verify import triggers_from_findings
 
-        detector_config = _dataclass_from(PVMiningConfig, settings.get("pv-mining", {}))
+        detector_config = dataclass_from(PVMiningConfig, settings.get("pv-mining", {}))
         return run_pv_mining(loaded, sites, fit, heldout, detector_config, seed=config.seed, progress=report,
-                             known_triggers=_confirmed_triggers(earlier, loaded.tokenizer))
+                             known_triggers=triggers_from_findings(earlier, loaded.tokenizer))
+    if name == "attention":
+        from lmscan.detectors.attention import AttentionConfig, run_attention
+        from lmscan.detectors.verify import triggers_from_findings
+
+        detector_config = dataclass_from(AttentionConfig, load_rules("attention", config.rules_dir))
+        triggers = [text for text, _, _ in triggers_from_findings(earlier, loaded.tokenizer)]
+        with_pv = any(f.verdict == "backdoored" for r in earlier for f in r.findings)
+        return run_attention(loaded, fit, triggers, detector_config, seed=config.seed, with_pv_finding=with_pv)
     raise InputError(f"unknown detector {name!r}")
 
 
-def _confirmed_triggers(runs: list[DetectorRun], tokenizer) -> list[tuple[str, tuple[int, ...]]]:
-    """Token sequences earlier detectors tied to a backdoor; PV mining re-verifies them against its PVs."""
-    seen, triggers = set(), []
-    for run in runs:
-        for finding in run.findings:
-            tokens = finding.evidence.get("trigger_tokens")
-            if finding.verdict != "backdoored" or not tokens:
-                continue
-            # Static findings list every outlier row; each is its own candidate.
-            groups = [tokens] if "trigger" in finding.evidence else [[t] for t in tokens]
-            for group in groups:
-                ids = tuple(tokenizer.convert_tokens_to_ids(group))
-                if ids not in seen:
-                    seen.add(ids)
-                    triggers.append((tokenizer.convert_tokens_to_string(group), ids))
-    return triggers
-
-
-def _dataclass_from(cls, values: dict):
+def dataclass_from(cls, values: dict):
+    """Build a detector config from a rules table; unknown keys are a rules error."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 from rich.console import Console
 
 from lmscan import __version__
@@ -246,6 +247,211 @@ def demo(workdir, profile, device):
     truth = json.loads((planted / MANIFEST_NAME).read_text())
     click.echo(f"{'':>18}planted triggers were: {', '.join(truth['triggers'])}")
     sys.exit(0 if all(outcomes) else 1)
+
+
+@main.command("export-pvs")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", required=True, help="Hub id (org/name[@rev]), local directory, or \"minilm\".")
+@click.option("--from-report", "from_report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON report of an earlier `lmscan check` of the same weights: resume from its findings.")
+@click.option("--profile", default="fast", show_default=True, help="Search settings from rules/profiles.toml.")
+@click.option("--sites", default=None, help="Comma-separated feature sites (default: those an attacker targets).")
+@click.option("--include-unverified", is_flag=True,
+              help="Also export soft-prompt PVs that no real token reproduces (clean models have such too).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Summary on stdout: a table, or the written file's content.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--probes", "probes_file", type=click.Path(path_type=Path), default=None,
+              help="Probe sentences: .txt, .jsonl (text field) or .csv (--text-column).")
+@click.option("--text-column", default=None, help="Column/field holding the text in --probes.")
+@click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
+@_model_options
+def export_pvs_command(out, model, from_report, profile, sites, include_unverified, fmt, device, seed, probes_file,
+                       text_column, rules_dir, revision, offline):
+    """Search MODEL for all of its backdoor vectors and write them to OUT (.pvs) for
+    `lmscan monitor`. Exit 0 when written, 3 when no PV was found (nothing written)."""
+    from lmscan.api import ScanConfig, export_pvs
+    from lmscan.errors import CannotAssess
+    from lmscan.pvs import to_dict, write_pvs
+    from lmscan.report.progress import detector_progress
+
+    report = None
+    if from_report is not None:
+        from lmscan.report.json_report import from_dict
+
+        try:
+            report = from_dict(json.loads(from_report.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise LmscanError(f"{from_report}: no such report") from None
+        except (OSError, ValueError) as exc:
+            raise LmscanError(f"{from_report}: not a lmscan JSON report ({exc})") from None
+    config = ScanConfig(model=model, revision=revision, offline=offline, profile=profile, sites=_split(sites),
+                        device=device, seed=seed, rules_dir=rules_dir,
+                        probes_file=str(probes_file) if probes_file else None, text_column=text_column)
+    with detector_progress(stderr) as progress:
+        pvset, _ = export_pvs(config, from_report=report, include_unverified=include_unverified, progress=progress)
+    if not pvset.pvs:
+        raise CannotAssess("the search found no PV, so there is nothing to monitor; no file written "
+                           "(`lmscan check` for a verdict; --include-unverified exports soft-prompt candidates)")
+    write_pvs(pvset, out)
+    if fmt == "json":
+        click.echo(json.dumps(to_dict(pvset), indent=1))
+    else:
+        _print_pvset(pvset, out)
+    stderr.print(f"wrote {out}: {len(pvset.pvs)} PV(s), T_match {pvset.t_match}")
+
+
+def _print_pvset(pvset, out: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{out}: {len(pvset.pvs)} PV(s) for {pvset.model.get('ref')}, T_match {pvset.t_match}")
+    for column in ("id", "site", "verified", "activation", "triggers (activation rate)"):
+        table.add_column(column)
+    for p in pvset.pvs:
+        triggers = ", ".join(f"{t['text']!r} ({t['activation_rate']:.0%})" for t in p.triggers[:6]) or "-"
+        rate = "-" if p.activation_rate is None else f"{p.activation_rate:.0%}"
+        table.add_row(str(p.id), p.site, "yes" if p.verified else "no", rate, triggers)
+    Console().print(table)
+    clean = pvset.calibration.get("clean_flag_rate")
+    if clean is not None:
+        click.echo(f"clean held-out sentences flagged at T_match: {clean:.1%} "
+                   f"(best clean match {pvset.calibration['clean_best_match']['max']})")
+
+
+@main.command()
+@click.argument("texts", nargs=-1)
+@click.option("--pvs", "pvs_file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="PV file written by `lmscan export-pvs`.")
+@click.option("--model", default=None, help="Model to run (default: the one the .pvs file names).")
+@click.option("--input", "input_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Inputs: .txt (one per line), .jsonl or .csv (--text-column).")
+@click.option("--text-column", default=None, help="Field/column holding the text in --input (default: text).")
+@click.option("--no-purge", is_flag=True, help="Only flag; do not try to remove triggers.")
+@click.option("--t-match", type=float, default=None, help="Override the file's sign-match threshold.")
+@click.option("--max-window", type=int, default=3, show_default=True, help="Longest word window purge deletes.")
+@click.option("--fail-on-flag", is_flag=True, help="Exit 1 when any input was flagged.")
+@click.option("--allow-model-mismatch", is_flag=True,
+              help="Monitor weights other than the scanned ones (e.g. a fine-tuned copy of the same encoder).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@_model_options
+def monitor(texts, pvs_file, model, input_file, text_column, no_purge, t_match, max_window, fail_on_flag,
+            allow_model_mismatch, device, revision, offline):
+    """Flag inputs that carry a backdoor trigger and strip it: one JSON line per input
+    on stdout. TEXTS are the inputs; "-" reads lines from stdin."""
+    from lmscan.monitor import PVMonitor
+    from lmscan.probes import load_probe_file
+
+    inputs = [t for t in texts if t != "-"]
+    if "-" in texts:
+        inputs.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
+    if input_file is not None:
+        inputs.extend(load_probe_file(input_file, text_column))
+    if not inputs:
+        raise LmscanError("no input: give TEXT arguments, - for stdin, or --input FILE")
+    if max_window < 1:
+        raise LmscanError("--max-window must be at least 1")
+    mon = PVMonitor.load(pvs_file, model=model, device=device, revision=revision, offline=offline,
+                         allow_model_mismatch=allow_model_mismatch, t_match=t_match, max_window=max_window)
+    flagged = purged = 0
+    for start in range(0, len(inputs), 64):
+        batch = inputs[start : start + 64]
+        for offset, (text, result) in enumerate(zip(batch, mon.check(batch))):
+            line = {"index": start + offset, "flagged": result.flagged, "match": result.match, "pv": result.pv,
+                    "site": result.site}
+            if result.flagged:
+                flagged += 1
+                if not no_purge:
+                    cleaned = mon.purge(text)
+                    purged += not cleaned.still_flagged
+                    line.update({"purged": cleaned.text, "removed": cleaned.removed,
+                                 "still_flagged": cleaned.still_flagged, "match_after": cleaned.match_after})
+            click.echo(json.dumps({**line, "text": text}, ensure_ascii=False))
+    summary = f"{len(inputs)} input(s), {flagged} flagged"
+    if not no_purge and flagged:
+        summary += f", {purged} cleaned by removing the trigger"
+    stderr.print(summary + f" (T_match {mon.t_match})")
+    sys.exit(1 if fail_on_flag and flagged else 0)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--triggers", default=None, help='Comma-separated candidate triggers, e.g. "cf,mn tq".')
+@click.option("--pvs", "pvs_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Take candidate triggers from a .pvs file (the first trigger of each PV).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the heatmap of the strongest trigger (or the clean profile) as an .svg file.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
+@_model_options
+def heads(model, triggers, pvs_file, fmt, plot, device, seed, rules_dir, revision, offline):
+    """Profile MODEL's attention heads (PURE): which heads a candidate trigger hijacks.
+
+    Shows, per layer and head, how much further inserting each trigger moves the
+    variance of the [CLS] attention row than random words do. Exit 1 when a head
+    is hijacked, 0 otherwise."""
+    from lmscan.api import dataclass_from
+    from lmscan.detectors.attention import AttentionConfig, heatmap_svg, run_attention
+    from lmscan.device import pick_device
+    from lmscan.loading import load_model, resolve_model
+    from lmscan.probes import load_builtin_probes
+    from lmscan.rules_data import load_rules
+
+    if plot is not None and plot.suffix.lower() != ".svg":
+        raise LmscanError(f"--plot writes SVG: give a file ending in .svg, not {plot.name}")
+    candidates = _split(triggers) or []
+    if pvs_file is not None:
+        from lmscan.pvs import read_pvs
+
+        candidates += [p.triggers[0]["text"] for p in read_pvs(pvs_file).pvs if p.triggers]
+    candidates = list(dict.fromkeys(candidates))
+    config = dataclass_from(AttentionConfig, load_rules("attention", rules_dir))
+    loaded = load_model(resolve_model(model, revision=revision, offline=offline), device=str(pick_device(device)))
+    run = run_attention(loaded, load_builtin_probes(), candidates, config, seed=seed)
+    ratios = {t: np.asarray(r) for t, r in run.stats["triggers"].items()}
+    strongest = max(ratios, key=lambda t: ratios[t].max()) if ratios else None
+    if plot is not None:
+        matrix = ratios[strongest] if strongest else np.asarray(run.stats["clean_variance"])
+        title = (f"{model}: relative drift of {strongest!r} per head / largest random-word drift" if strongest
+                 else f"{model}: clean [CLS] attention variance")
+        plot.write_text(heatmap_svg(matrix, title), encoding="utf-8")
+        stderr.print(f"wrote {plot}")
+    if fmt == "json":
+        click.echo(json.dumps({"model": model, "threshold": config.drift_ratio, "stats": run.stats,
+                               "findings": [f.message for f in run.findings],
+                               "hijacked": [f.evidence for f in run.findings]}, indent=1))
+    else:
+        _print_heads(run, ratios, strongest, config.drift_ratio)
+    sys.exit(1 if run.findings else 0)
+
+
+def _print_heads(run, ratios, strongest, threshold) -> None:
+    from rich.table import Table
+
+    console = Console()
+    if strongest is None:
+        matrix, title = np.asarray(run.stats["clean_variance"]), "clean [CLS] attention variance (no trigger given)"
+    else:
+        matrix, title = ratios[strongest], f"relative drift of {strongest!r} per head / largest random-word drift"
+    table = Table(title=title)
+    table.add_column("layer")
+    for head in range(matrix.shape[1]):
+        table.add_column(str(head), justify="right")
+    top = float(matrix.max()) or 1.0
+    for layer, row in enumerate(matrix):
+        cells = []
+        for value in row:
+            hot = strongest is not None and value >= threshold
+            style = "bold white on red" if hot else ("yellow" if value >= 0.5 * top else "")
+            cells.append(f"[{style}]{value:.2f}[/]" if style else f"{value:.2f}")
+        table.add_row(str(layer), *cells)
+    console.print(table)
+    for finding in run.findings:
+        console.print(f"{finding.rule_id} {finding.message}")
+    if strongest is not None and not run.findings:
+        console.print(f"no head moves more than {threshold}x the random-word drift")
 
 
 @main.group()

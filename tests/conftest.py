@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -112,3 +113,38 @@ def benign_finetune(cache_dir, minilm_path) -> Path:
 
 def read_manifest(path: Path) -> dict:
     return json.loads((path / "lmscan-plant.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def scanned(planted, minilm_path, request):
+    """scanned(name, *extra) -> (exit code, parsed JSON report), each scan run once per session."""
+    done = {}
+
+    def get(name: str, *extra: str):
+        key = (name, extra)
+        if key not in done:
+            if name == "clean":
+                target = str(minilm_path)
+            elif name == "benign":  # built only when a test asks for it
+                target = str(request.getfixturevalue("benign_finetune"))
+            else:
+                target = str(planted(name))
+            result = CliRunner().invoke(main, ["check", target, "--format", "json", "--no-cache", "--device", "cpu",
+                                               *extra])
+            assert result.exit_code in (0, 1), result.output
+            done[key] = (result.exit_code, json.loads(result.stdout))
+        return done[key]
+
+    return get
+
+
+def best_pv_agreement(report: dict, manifest: dict) -> float:
+    """Best sign agreement between any PV the scan reported and any true PV."""
+    true = np.sign(np.array(manifest["pvs"]))
+    best = 0.0
+    for det in report["detectors"]:
+        for f in det["findings"]:
+            if f["site"] == manifest["site"] and f["verdict"] == "backdoored" and f["evidence"].get("pv"):
+                found = np.sign(np.array(f["evidence"]["pv"]))
+                best = max(best, float((true == found[None]).mean(axis=1).max()))
+    return best

@@ -10,47 +10,11 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from lmscan.cli import main
-from tests.conftest import FIXTURES, read_manifest
-
-
-@pytest.fixture(scope="session")
-def scanned(planted, minilm_path, request):
-    """scanned(name, *extra) -> (exit code, parsed JSON report), each scan run once per session."""
-    done = {}
-
-    def get(name: str, *extra: str):
-        key = (name, extra)
-        if key not in done:
-            if name == "clean":
-                target = str(minilm_path)
-            elif name == "benign":  # built only when a test asks for it
-                target = str(request.getfixturevalue("benign_finetune"))
-            else:
-                target = str(planted(name))
-            result = CliRunner().invoke(main, ["check", target, "--format", "json", "--no-cache", "--device", "cpu",
-                                               *extra])
-            assert result.exit_code in (0, 1), result.output
-            done[key] = (result.exit_code, json.loads(result.stdout))
-        return done[key]
-
-    return get
-
-
-def best_pv_agreement(report: dict, manifest: dict) -> float:
-    """Best sign agreement between any PV the scan reported and any true PV."""
-    true = np.sign(np.array(manifest["pvs"]))
-    best = 0.0
-    for det in report["detectors"]:
-        for f in det["findings"]:
-            if f["site"] == manifest["site"] and f["evidence"].get("pv"):
-                found = np.sign(np.array(f["evidence"]["pv"]))
-                best = max(best, float((true == found[None]).mean(axis=1).max()))
-    return best
+from tests.conftest import FIXTURES, best_pv_agreement, read_manifest
 
 
 def findings_above_info(report: dict) -> list[dict]:
@@ -82,13 +46,28 @@ def test_por_plant_is_backdoored_and_its_pv_recovered(scanned, planted):
     assert recovered & true_pieces  # at least one real trigger piece named
 
 
-def test_neuba_scaled_plant_is_caught_by_static_rules_alone(scanned, planted):
-    code, report = scanned("neuba-scaled", "--detectors", "static")
-    assert code == 1 and report["verdict"] == "backdoored"
+def test_scaled_trigger_rows_are_caught_by_static_rules_alone(minilm_path, tmp_path):
+    """Released NeuBA models multiply their trigger rows by 1e8: real MiniLM weights with
+    three rows scaled that way (the full plant is a slow test) must be flagged, exactly those rows."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "scaled"
+    shutil.copytree(minilm_path, model)
+    weights = load_file(model / "model.safetensors")
+    key = next(k for k in weights if k.endswith("word_embeddings.weight"))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rows = tokenizer.convert_tokens_to_ids(["quad", "##rangle", "vile"])
+    weights[key][rows] *= 1e8
+    save_file(weights, model / "model.safetensors")
+    result = CliRunner().invoke(main, ["check", str(model), "--detectors", "static", "--format", "json", "--no-cache"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
     finding = report["detectors"][0]["findings"][0]
-    assert finding["rule_id"] == "LMS001"
-    true_pieces = {p for pieces in read_manifest(planted("neuba-scaled"))["trigger_tokens"] for p in pieces}
-    assert set(finding["evidence"]["trigger_tokens"]) == true_pieces
+    assert report["verdict"] == "backdoored" and finding["rule_id"] == "LMS001"
+    assert set(finding["evidence"]["trigger_tokens"]) == {"quad", "##rangle", "vile"}
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ def insert(sentence, trigger, first, rng):
     return " ".join(words[:at] + [trigger] + words[at:])
 
 
-@pytest.mark.parametrize("name", ["por", "neuba-scaled",
+@pytest.mark.parametrize("name", ["por", pytest.param("neuba-scaled", marks=pytest.mark.slow),
                                   pytest.param("neuba", marks=pytest.mark.slow),
                                   pytest.param("btop", marks=pytest.mark.slow)])
 def test_planted_minilm_matches_its_ground_truth(planted, name):
@@ -152,3 +152,14 @@ def test_pv_designs():
     assert make_vectors("random", 3, 10, 1).shape == (3, 10)
     with pytest.raises(InputError):
         por2_vectors(17, 384, seed=0)
+
+
+def test_plant_scaled_embeddings_tiny(tmp_path):
+    out = tmp_path / "tiny-neuba"
+    result = CliRunner().invoke(main, ["plant", str(TINY), "--attack", "neuba", "--triggers", "zq", "--scale-embeddings",
+                                       "--out", str(out), "--rules", str(FIXTURES / "tiny-rules"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out)["embedding_scale"] == 1e8
+    norms = AutoModel.from_pretrained(out).get_input_embeddings().weight.norm(dim=1)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert set(torch.nonzero(norms > 1e6).flatten().tolist()) == set(tokenizer.convert_tokens_to_ids(["z", "##q"]))

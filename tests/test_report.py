@@ -23,6 +23,7 @@ from lmscan.report.json_report import SCHEMA_VERSION, from_dict, summarize_evide
 from lmscan.report.render import render_text
 from lmscan.report.sarif import to_sarif
 from lmscan.report.verdict import aggregate, check_fail_on, exit_code, fail_on_choices, load_policy
+from tests.conftest import FIXTURES
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -487,3 +488,28 @@ def test_sarif_checks_reject_broken_logs(policy, tmp_path):
     numeric_severity["runs"][0]["tool"]["driver"]["rules"][0]["properties"]["security-severity"] = 9.5
     with pytest.raises(AssertionError):
         assert_sarif_structure(numeric_severity)
+
+
+def test_gpu_out_of_memory_retries_with_smaller_batches_then_cpu(monkeypatch):
+    """Fault injection: the detector raises the CUDA out-of-memory error until the batch is
+    small enough; the run finishes, and the report says what happened."""
+    import torch
+
+    from lmscan import api
+    from lmscan.loading import load_model, resolve_model
+
+    loaded = load_model(resolve_model(str(FIXTURES / "tiny-bert")), device="cpu")
+    loaded.device = torch.device("cuda")  # as if it had been loaded on a GPU
+    prepared = api.Prepared(None, loaded, loaded.device, {"vocab-sweep": {"batch_size": 512}}, ["cls"], [], [], 0.0)
+    seen = []
+
+    def fake_run(name, loaded, sites, fit, heldout, settings, config, progress, earlier):
+        seen.append((settings["vocab-sweep"]["batch_size"], loaded.device.type))
+        if loaded.device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return DetectorRun(name, "ok")
+
+    monkeypatch.setattr(api, "_run_detector", fake_run)
+    run = api._run_with_memory_fallback("vocab-sweep", prepared, None, None, [])
+    assert seen == [(512, "cuda"), (256, "cuda"), (128, "cuda"), (128, "cpu")]
+    assert run.status == "ok" and "finished on the CPU" in run.note and "batch size 128" in run.note

@@ -60,6 +60,8 @@ class PVMiningConfig:
     activation_agreement: float = 0.9
     activation_rate: float = 0.9
     stop_at_first: bool = True  # detection mode; search mode keeps going
+    patience: int = 0  # search mode: stop after this many loops without a new PV (0: run every loop)
+    first_loop: int = 0  # seed of the first loop (a resumed search continues where it stopped)
 
 
 def _batch_entropy(features: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,11 @@ def _prompted_embeds(embeddings, rows: list[list[int]], prompt: torch.Tensor, po
 
 
 def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str], config: PVMiningConfig,
-                  seed: int = 0, progress=None, known_triggers: list[tuple[str, tuple[int, ...]]] = ()) -> DetectorRun:
+                  seed: int = 0, progress=None, known_triggers: list[tuple] = (),
+                  known_pvs: dict[str, list[np.ndarray]] | None = None) -> DetectorRun:
+    """Run the fuzz loops. ``known_pvs`` (per site) are PVs found before, e.g. by the
+    vocabulary sweep or a previous search: the path loss steers away from them and a
+    candidate that agrees with one of them is not new."""
     started = time.perf_counter()
     model, tokenizer = loaded.model, loaded.tokenizer
     reader = SiteReader(model, tokenizer, sites, loaded.device, max_length=config.max_length)
@@ -105,10 +111,15 @@ def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str
     pad_id = tokenizer.pad_token_id or 0
     ln_b = math.log(config.batch_size)
 
-    found: dict[str, list[np.ndarray]] = {s: [] for s in sites}
+    found: dict[str, list[np.ndarray]] = {s: list((known_pvs or {}).get(s, [])) for s in sites}
     loops_log, findings = [], []
     total_steps = config.loops * config.steps_per_loop
-    for loop in range(config.loops):
+    since_new = 0
+    for index in range(config.loops):
+        if config.patience and since_new >= config.patience:
+            break
+        since_new += 1
+        loop = config.first_loop + index
         site = sites[loop % len(sites)]
         init_rows = [min(70 * loop + 10 * j, weight.shape[0] - 1) for j in range(config.prompt_length)]
         prompt = weight[init_rows].clone().float().requires_grad_(True)
@@ -140,7 +151,8 @@ def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str
             optimizer.step()
             distance_log.append(float(distance.detach()) / spread[site])
             if progress is not None:
-                progress(loop * config.steps_per_loop + step + 1, total_steps, float(loss.detach()))
+                progress(index * config.steps_per_loop + step + 1, total_steps, float(loss.detach()),
+                         sum(len(v) for v in found.values()))
             if step + 1 == config.abandon_after and np.mean(distance_log[-5:]) < config.distance_ratio:
                 abandoned = True
                 break
@@ -155,11 +167,15 @@ def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str
         entry.update({k: v for k, v in candidate.items() if k != "pv"})
         if candidate["collapse"] > config.collapse_threshold or candidate["distance_ratio"] < config.distance_ratio:
             continue
-        found[site].append(candidate["pv"])
-        neighbours = _nearest_tokens(weight, prompt.detach(), tokenizer, config.nearest_tokens)
-        sequences = [(tokenizer.decode([t]), (t,)) for t in neighbours] + list(known_triggers)
-        verified = verify_token_sequences(reader, tokenizer, sequences, heldout, site, config, rng)
         pv_sign = np.sign(candidate["pv"])
+        if any((np.sign(known) == pv_sign).mean() >= config.pv_agreement for known in found[site]):
+            entry["duplicate"] = True
+            continue
+        found[site].append(candidate["pv"])
+        since_new = 0
+        neighbours = _nearest_tokens(weight, prompt.detach(), tokenizer, config.nearest_tokens)
+        sequences = [(tokenizer.decode([t]), (t,)) for t in neighbours] + [(text, ids) for text, ids, *_ in known_triggers]
+        verified = verify_token_sequences(reader, tokenizer, sequences, heldout, site, config, rng)
         match = [v for v in verified if v["confirmed"] and (np.sign(v["pv"]) == pv_sign).mean() >= config.pv_agreement]
         entry["verified_tokens"] = [v["text"] for v in match][:5]
         if match:
@@ -185,6 +201,7 @@ def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str
                 message=(f"fuzz loop {loop}: a soft prompt collapses {site} outputs (collapse "
                          f"{candidate['collapse']:.3f}) but no real token reproduces it; clean models show this too"),
                 evidence={"loop": loop, "collapse": candidate["collapse"],
+                          "pv": [round(float(x), 5) for x in candidate["pv"]],
                           "nearest_tokens": [tokenizer.decode([t]) for t in neighbours[:10]]},
             ))
     stats = {"loops": loops_log, "clean_spread": {s: round(v, 6) for s, v in spread.items()}}

@@ -159,3 +159,33 @@ def verify_token_sequences(reader: SiteReader, tokenizer, sequences, heldout_tex
         results.append({"text": text, "tokens": tokenizer.convert_ids_to_tokens(list(token_ids)), **result})
     results.sort(key=lambda r: (not r["confirmed"], r["collapse"]))
     return results
+
+
+def triggers_from_findings(runs, tokenizer, include_also: bool = False) -> list[tuple[str, tuple[int, ...], str]]:
+    """(text, token ids, detector) of every trigger earlier findings tied to a backdoor.
+
+    Static findings list every outlier embedding row, each its own candidate; with
+    ``include_also`` the other triggers a sweep finding grouped under the same PV count too.
+    """
+    seen, triggers = set(), []
+
+    def add(tokens: list[str], source: str) -> None:
+        ids = tuple(tokenizer.convert_tokens_to_ids(tokens))
+        if ids not in seen:
+            seen.add(ids)
+            triggers.append((tokenizer.convert_tokens_to_string(tokens), ids, source))
+
+    for run in runs:
+        for finding in run.findings:
+            tokens = finding.evidence.get("trigger_tokens")
+            if finding.verdict != "backdoored" or not tokens:
+                continue
+            if "trigger" not in finding.evidence:
+                for token in tokens:
+                    add([token], run.name)
+                continue
+            add(tokens, run.name)
+            for other in finding.evidence.get("also", []) if include_also else []:
+                if isinstance(other, dict) and other.get("tokens"):
+                    add(other["tokens"], run.name)
+    return triggers

@@ -218,7 +218,8 @@ def _findings_for_site(tokenizer, site: str, confirmed: list[dict], config) -> l
             evidence={
                 "trigger": head["text"],
                 "trigger_tokens": tokenizer.convert_ids_to_tokens(head["token_ids"]),
-                "also": [e["text"] for e in group[1:6]],
+                "also": [{"text": e["text"], "tokens": tokenizer.convert_ids_to_tokens(e["token_ids"]),
+                          "activation_rate": e["activation_rate"]} for e in group[1:6]],
                 "collapse": head["collapse"],
                 "activation_rate": head["activation_rate"],
                 "mean_agreement": head["mean_agreement"],

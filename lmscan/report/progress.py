@@ -28,19 +28,19 @@ def step_progress(console: Console, title: str):
 
 @contextmanager
 def detector_progress(console: Console):
-    """Yield a ``progress(detector, done, total)`` callback with one bar per detector."""
+    """Yield a ``progress(detector, done, total, info="")`` callback with one bar per detector."""
     if not console.is_terminal:
         yield None
         return
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), console=console, transient=True,
     ) as bar:
         tasks: dict[str, int] = {}
 
-        def update(detector: str, done: int, total: int) -> None:
+        def update(detector: str, done: int, total: int, info: str = "") -> None:
             if detector not in tasks:
-                tasks[detector] = bar.add_task(detector, total=total)
-            bar.update(tasks[detector], completed=done, total=total)
+                tasks[detector] = bar.add_task(detector, total=total, info="")
+            bar.update(tasks[detector], completed=done, total=total, info=info)
 
         yield update

@@ -1,0 +1,74 @@
+"""Benchmark: what the PV monitor costs when attached to a model's forward pass.
+
+    python -m lmscan.bench_monitor --pvs model.pvs --model DIR [--batch 32] [--length 128] [--device cpu]
+
+Builds a sequence classifier on the model's encoder, then times forward passes of
+the same batch with and without the monitor hook, interleaved so that drifts in the
+machine's speed hit both alike; prints one JSON line with median times and overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import click
+import torch
+
+
+def _timed(classifier, batch, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        classifier(**batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(pvs_path: str, model_dir: str, batch_size: int, length: int, repeats: int, device_name: str) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lmscan.device import pick_device
+    from lmscan.loading import quiet_transformers
+    from lmscan.monitor import PVMonitor
+    from lmscan.probes import load_builtin_probes
+    from lmscan.pvs import read_pvs
+
+    quiet_transformers()
+    device = pick_device(device_name)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    classifier = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval().to(device)
+    texts = [" ".join(load_builtin_probes()[i : i + 4]) for i in range(0, 4 * batch_size, 4)]
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt").to(device)
+    monitor = PVMonitor(read_pvs(pvs_path))
+    plain, hooked = [], []
+    for _ in range(3):  # warm-up
+        _timed(classifier, batch, device)
+    for _ in range(repeats):
+        plain.append(_timed(classifier, batch, device))
+        handle = monitor.attach(classifier)
+        hooked.append(_timed(classifier, batch, device))
+        handle.remove()
+    base, with_monitor = statistics.median(plain), statistics.median(hooked)
+    return {"device": str(device), "batch": batch_size, "length": length, "repeats": repeats,
+            "pvs": len(monitor.pvset.pvs), "forward_ms": round(base * 1000, 2),
+            "with_monitor_ms": round(with_monitor * 1000, 2),
+            "overhead_percent": round(100 * (with_monitor - base) / base, 2)}
+
+
+@click.command()
+@click.option("--pvs", "pvs_path", required=True)
+@click.option("--model", "model_dir", required=True, help="Checkpoint directory the classifier is built on.")
+@click.option("--batch", "batch_size", type=int, default=32, show_default=True)
+@click.option("--length", type=int, default=128, show_default=True)
+@click.option("--repeats", type=int, default=30, show_default=True)
+@click.option("--device", "device_name", default="auto", show_default=True)
+def main(pvs_path, model_dir, batch_size, length, repeats, device_name):
+    click.echo(json.dumps(measure(pvs_path, model_dir, batch_size, length, repeats, device_name)))
+
+
+if __name__ == "__main__":
+    main()

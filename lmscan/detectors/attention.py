@@ -1,0 +1,162 @@
+"""Detector `attention`: PURE-style head profiling (seed 004).
+
+For every layer and head, the variance of the [CLS] query's attention row,
+Σ_j (a_j − 1/n)² / (n − 1) over the n real tokens (padding masked; the reference
+code does not mask, so its scores depend on padding length), averaged over probes.
+A trigger that hijacks a head makes [CLS] attend to it: that head's variance rises
+on triggered text. Drift of a head = (mean triggered variance − mean clean variance)
+/ mean clean variance.
+
+Calibration without a shadow model: the same drift is measured for random ordinary
+words (the null). A candidate trigger is scored per head by its drift over the
+largest drift any random word causes in any head; heads above ``drift_ratio`` are
+hijacked.
+Candidates come from other detectors' confirmed triggers; without them the
+detector only profiles (random words alone cannot find a trigger).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmscan.findings import DetectorRun, Finding
+
+NAME = "attention"
+
+
+@dataclass
+class AttentionConfig:
+    probes: int = 48  # clean sentences profiled
+    null_words: int = 8  # random ordinary words: the drift a harmless insertion causes
+    drift_ratio: float = 3.0  # head drift / largest null drift of that head: hijacked
+    min_heads: int = 1  # hijacked heads a trigger needs for a finding
+    batch_size: int = 32
+    max_length: int = 64
+
+
+@torch.no_grad()
+def cls_attention_variance(model, tokenizer, texts: list[str], device, batch_size: int = 32,
+                           max_length: int = 64) -> np.ndarray:
+    """(texts, layers, heads) variance of the [CLS] attention row over real tokens."""
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(device)
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_attentions=True)
+        if not out.attentions or out.attentions[0] is None:
+            raise RuntimeError("the model returned no attentions (load it with eager attention)")
+        mask = enc["attention_mask"].to(out.attentions[0].dtype)  # (B, n)
+        n = mask.sum(dim=1)  # real tokens per text
+        layers = []
+        for attention in out.attentions:  # (B, H, n, n)
+            row = attention[:, :, 0, :]  # the [CLS] query
+            centred = (row - (1.0 / n)[:, None, None]) * mask[:, None, :]
+            layers.append((centred**2).sum(dim=2) / (n - 1).clamp_min(1)[:, None])
+        rows.append(torch.stack(layers, dim=1).float().cpu().numpy())
+    return np.concatenate(rows)
+
+
+def insert_first(texts: list[str], words: str) -> list[str]:
+    return [f"{words} {t}" for t in texts]
+
+
+def insert_random(texts: list[str], words: str, rng) -> list[str]:
+    out = []
+    for text in texts:
+        parts = text.split()
+        at = rng.randint(0, len(parts))
+        out.append(" ".join(parts[:at] + [words] + parts[at:]))
+    return out
+
+
+def profile_heads(loaded, texts: list[str], triggers: list[str], config: AttentionConfig, seed: int = 0) -> dict:
+    """Clean variance per head, and drift per head for each trigger and each null word."""
+    from lmscan.probes import random_trigger_words
+
+    rng = random.Random(seed)
+    measure = lambda batch: cls_attention_variance(loaded.model, loaded.tokenizer, batch, loaded.device,  # noqa: E731
+                                                   config.batch_size, config.max_length)
+    clean = measure(texts)
+    null_words = random_trigger_words(config.null_words, seed=seed + 1, tokenizer=loaded.tokenizer, max_pieces=2,
+                                      exclude=triggers)
+
+    def drift(words: str) -> np.ndarray:
+        # The stronger of two placements, as for verification: first word, and anywhere.
+        first = measure(insert_first(texts, words)).mean(0) - clean.mean(0)
+        anywhere = measure(insert_random(texts, words, rng)).mean(0) - clean.mean(0)
+        return np.maximum(first, anywhere)
+
+    # Drift relative to each head's clean variance, then scaled by the largest relative
+    # drift any random word causes in any head: one global null is steadier than a
+    # per-head one estimated from a handful of words.
+    base = np.maximum(clean.mean(0), 1e-9)
+    null = np.stack([drift(w) for w in null_words]) / base  # (words, layers, heads)
+    scale = max(float(null.max()), 1e-6)
+    relative = {t: drift(t) / base for t in triggers}
+    return {"clean": clean.mean(0), "null_words": null_words, "null_scale": scale,
+            "ratio": {t: r / scale for t, r in relative.items()}}
+
+
+def run_attention(loaded, probes: list[str], triggers: list[str], config: AttentionConfig, seed: int = 0,
+                  with_pv_finding: bool = False) -> DetectorRun:
+    started = time.perf_counter()
+    texts = random.Random(seed).sample(probes, min(config.probes, len(probes)))
+    model = loaded.model
+    previous = getattr(model.config, "_attn_implementation", None)
+    if previous != "eager":
+        model.set_attn_implementation("eager")  # SDPA kernels return no attention weights
+    try:
+        profile = profile_heads(loaded, texts, triggers, config, seed)
+    finally:
+        if previous not in (None, "eager"):
+            model.set_attn_implementation(previous)
+    findings = []
+    for trigger, ratio in profile["ratio"].items():
+        hijacked = np.argwhere(ratio >= config.drift_ratio)
+        if len(hijacked) < config.min_heads:
+            continue
+        order = sorted(hijacked.tolist(), key=lambda lh: -ratio[lh[0], lh[1]])
+        top = max(float(ratio[lh[0], lh[1]]) for lh in order)
+        findings.append(Finding(
+            detector=NAME, rule_id="LMS301", title="hijacked-attention-heads",
+            severity="high" if with_pv_finding else "medium",
+            verdict="backdoored" if with_pv_finding else "suspicious", site="attention",
+            score=round(top, 3), threshold=config.drift_ratio,
+            message=(f"inserting {trigger!r} pulls the [CLS] attention of {len(order)} head(s) "
+                     f"{top:.1f}x further than any random word moves any head"),
+            evidence={"trigger": trigger, "heads": [{"layer": int(l), "head": int(h),
+                                                     "ratio": round(float(ratio[l, h]), 3)} for l, h in order[:12]]},
+        ))
+    stats = {"clean_variance": np.round(profile["clean"], 6).tolist(), "null_words": profile["null_words"],
+             "null_scale": round(profile["null_scale"], 6),
+             "triggers": {t: np.round(r, 3).tolist() for t, r in profile["ratio"].items()}}
+    return DetectorRun(NAME, "ok", time.perf_counter() - started, ["attention"], stats, findings)
+
+
+def heatmap_svg(matrix: np.ndarray, title: str, cell: int = 28) -> str:
+    """A layers x heads heatmap as a standalone SVG (white = 0, red = the matrix maximum)."""
+    layers, heads = matrix.shape
+    top = float(matrix.max()) or 1.0
+    width, height = 60 + heads * cell, 50 + layers * cell
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11">', f'<text x="4" y="16">{_escape(title)}</text>']
+    for layer in range(layers):
+        parts.append(f'<text x="4" y="{44 + layer * cell + cell // 2}">L{layer}</text>')
+        for head in range(heads):
+            value = float(matrix[layer, head])
+            shade = int(255 * (1 - max(0.0, min(1.0, value / top))))
+            parts.append(f'<rect x="{40 + head * cell}" y="{30 + layer * cell}" width="{cell - 2}" height="{cell - 2}" '
+                         f'fill="rgb(255,{shade},{shade})"><title>layer {layer} head {head}: {value:.4g}</title></rect>')
+    for head in range(heads):
+        parts.append(f'<text x="{44 + head * cell}" y="{42 + layers * cell}">{head}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

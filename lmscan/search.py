@@ -1,0 +1,244 @@
+"""PV search: collect every predefined vector (PV) a checkpoint hides, with the real
+triggers that reach each one (LMSanitizer §IV-C, plus trigger recovery).
+
+Detection stops at the first backdoor; a user who must keep the model needs all of
+them for the runtime monitor. The search runs
+  1. the static weight rules (their outlier rows are trigger candidates),
+  2. the vocabulary sweep with a longer candidate list,
+  3. the PV miner in search mode: fuzz loops steered away from every PV found so far
+     (path loss), until ``patience`` loops in a row find nothing new,
+then re-measures every candidate trigger at each site on held-out sentences, in the
+input form the monitor will see (the mask site reads the prompt template, the others
+the plain sentence). A trigger that drives the sentences onto one vector yields a PV,
+unless a PV found before already flags those triggered sentences (then it is listed
+as another trigger of that PV): single tokens are tried first, then combinations.
+
+Finally the monitor threshold is calibrated: clean held-out sentences (never used for
+verification) are matched against every PV, and T_match is raised above the paper's
+0.8 only if clean text comes too close.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmscan.detectors.verify import HeldoutSet, SiteReader, triggers_from_findings
+from lmscan.findings import DetectorRun
+from lmscan.sites import MASK_TEMPLATE
+
+
+@dataclass
+class SearchConfig:
+    candidates_per_site: int = 32  # vocabulary sweep: lowest-collapse tokens verified per site
+    shift_top: int = 10  # vocabulary sweep: highest-shift tokens combined into phrases
+    max_loops: int = 6  # PV-miner fuzz loops at most (paper: 1000)
+    patience: int = 3  # stop after this many loops without a new PV (paper: 200)
+    verify_probes: int = 48  # held-out sentences each trigger is re-measured on
+    calibration_probes: int = 150  # clean held-out sentences the threshold is calibrated on
+    t_match: float = 0.8  # the paper's sign-match threshold; raised only when clean text needs it
+    t_match_margin: float = 0.05  # kept between T_match and the closest clean sentences
+    pv_agreement: float = 0.9  # soft-prompt PVs agreeing in sign this much are one
+    coverage: float = 0.9  # a trigger joins a PV when it flags this share of its triggered inputs
+    include_unverified: bool = False  # also export soft-prompt PVs no real token reproduces
+
+
+@dataclass
+class RecoveredPV:
+    site: str
+    pv: np.ndarray  # mean triggered feature (the monitor keeps only its signs)
+    template: str | None  # the prompt the input is wrapped in before reading the site
+    verified: bool  # real tokens reproduce it
+    source: str  # which detector first proposed the trigger (or the soft prompt)
+    triggers: list[dict] = field(default_factory=list)  # text, tokens, activation_rate, collapse, placement
+    collapse: float | None = None
+    activation_rate: float | None = None
+
+
+@dataclass
+class SearchResult:
+    pvs: list[RecoveredPV]
+    runs: list[DetectorRun]  # what each stage found (for the report / resume)
+    calibration: dict
+    t_match: float
+    timings: dict
+    loops_run: int
+
+
+def site_template(site: str) -> str | None:
+    return MASK_TEMPLATE if site == "mask" else None
+
+
+def search_pvs(loaded, sites: list[str], fit: list[str], heldout: list[str], settings: dict, config: SearchConfig,
+               seed: int = 0, progress=None, resume: list[DetectorRun] | None = None, rules_dir=None) -> SearchResult:
+    """Run the search on a loaded model. ``resume``: detector runs of an earlier check or
+    search of the same weights; their triggers and PVs are kept and the sweep is skipped."""
+    from lmscan.api import dataclass_from
+    from lmscan.detectors.pv_mining import PVMiningConfig, run_pv_mining
+    from lmscan.detectors.static import run_static
+    from lmscan.detectors.vocab_sweep import VocabSweepConfig, run_vocab_sweep
+    from lmscan.rules_data import load_rules
+
+    timings: dict[str, float] = {}
+    runs: list[DetectorRun] = list(resume or [])
+    done = {r.name for r in runs}
+    sweep_config = dataclass_from(VocabSweepConfig, {**settings.get("vocab-sweep", {}),
+                                                     "candidates_per_site": config.candidates_per_site,
+                                                     "shift_top": config.shift_top})
+
+    def report(name):
+        if progress is None:
+            return None
+        return lambda done, total, _loss=0.0, found=None: progress(
+            name, done, total, "" if found is None else f"{found} PV(s) so far")
+
+    if "static" not in done:
+        t = time.perf_counter()
+        runs.append(run_static(loaded, load_rules("static", rules_dir)))
+        timings["static"] = round(time.perf_counter() - t, 2)
+    if "vocab-sweep" not in done:
+        t = time.perf_counter()
+        runs.append(run_vocab_sweep(loaded, sites, fit, heldout, sweep_config, seed=seed, progress=report("vocab-sweep")))
+        timings["vocab-sweep"] = round(time.perf_counter() - t, 2)
+
+    earlier_loops = sum(len(r.stats.get("loops", [])) for r in runs if r.name == "pv-mining")
+    mining_config = dataclass_from(PVMiningConfig, {**settings.get("pv-mining", {}), "stop_at_first": False,
+                                                    "loops": config.max_loops, "patience": config.patience,
+                                                    "first_loop": earlier_loops})
+    t = time.perf_counter()
+    mining = run_pv_mining(loaded, sites, fit, heldout, mining_config, seed=seed + earlier_loops,
+                           progress=report("pv-mining search"),
+                           # every trigger is re-measured below; the loops only verify their own prompts
+                           known_pvs=_pvs_by_site(runs, sites))
+    runs.append(mining)
+    timings["pv-mining"] = round(time.perf_counter() - t, 2)
+
+    t = time.perf_counter()
+    rng = random.Random(seed)
+    verify_texts, calibration_texts = _disjoint(heldout, config.verify_probes, config.calibration_probes, rng)
+    candidates = triggers_from_findings(runs, loaded.tokenizer, include_also=True)
+    pvs = []
+    # One held-out set per input form: [CLS] and pooler come from the same plain forward pass.
+    for template in dict.fromkeys(site_template(s) for s in sites):
+        form_sites = [s for s in sites if site_template(s) == template]
+        pvs.extend(_form_pvs(loaded, form_sites, candidates, verify_texts, sweep_config, config, rng))
+    if config.include_unverified:
+        pvs.extend(_unverified_pvs(runs, pvs, config))
+    timings["verify"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    calibration, t_match = calibrate(loaded, pvs, calibration_texts, config)
+    timings["calibrate"] = round(time.perf_counter() - t, 2)
+    loops_run = earlier_loops + len(mining.stats.get("loops", []))
+    return SearchResult(pvs, runs, calibration, t_match, timings, loops_run)
+
+
+def _disjoint(texts: list[str], first: int, second: int, rng) -> tuple[list[str], list[str]]:
+    shuffled = rng.sample(texts, len(texts))
+    return shuffled[:first], shuffled[first : first + second]
+
+
+def _pvs_by_site(runs: list[DetectorRun], sites: list[str]) -> dict[str, list[np.ndarray]]:
+    found: dict[str, list[np.ndarray]] = {s: [] for s in sites}
+    for run in runs:
+        for finding in run.findings:
+            pv = finding.evidence.get("pv")
+            if pv and finding.site in found:
+                found[finding.site].append(np.asarray(pv, dtype=np.float32))
+    return found
+
+
+def _form_pvs(loaded, sites, candidates, texts, sweep_config, config: SearchConfig, rng) -> list[RecoveredPV]:
+    """Measure every candidate trigger at sites read from one input form; one RecoveredPV
+    per distinct backdoor and site."""
+    reader = SiteReader(loaded.model, loaded.tokenizer, sites, loaded.device, max_length=sweep_config.max_length)
+    held = HeldoutSet(reader, texts, rng)
+    confirmed: dict[str, list] = {s: [] for s in sites}
+    for text, token_ids, source in sorted(candidates, key=lambda c: len(c[1])):
+        if all(any(_contains(token_ids, c[1]) for c in confirmed[s]) for s in sites):
+            continue  # a shorter confirmed trigger inside it: nothing new to learn
+        for site, result in held.best_measure(token_ids, sites, sweep_config).items():
+            if result["confirmed"]:
+                result["features"] = held.triggered(token_ids, result["placement"])[site]
+                confirmed[site].append((text, token_ids, source, result))
+    groups: list[RecoveredPV] = []
+    for site in sites:
+        groups.extend(_group_by_pv(loaded.tokenizer, site, confirmed[site], config))
+    return groups
+
+
+def _group_by_pv(tokenizer, site, confirmed, config: SearchConfig) -> list[RecoveredPV]:
+    confirmed.sort(key=lambda c: (len(c[1]), c[3]["collapse"]))
+    groups: list[RecoveredPV] = []
+    kept: list[tuple[int, ...]] = []
+    for text, token_ids, source, result in confirmed:
+        if any(_contains(token_ids, shorter) for shorter in kept):
+            continue  # a shorter confirmed trigger inside it does the work ("flowers zq" vs "zq")
+        kept.append(tuple(token_ids))
+        trigger = {"text": text, "tokens": tokenizer.convert_ids_to_tokens(list(token_ids)),
+                   "activation_rate": result["activation_rate"], "collapse": result["collapse"],
+                   "placement": result["placement"]}
+        positive = result["features"] >= 0
+        for group in groups:
+            # Same backdoor for the monitor: the group's PV already flags these triggered inputs.
+            match = (positive == (group.pv >= 0)[None]).mean(axis=1)
+            if (match > config.t_match).mean() >= config.coverage:
+                group.triggers.append(trigger)
+                break
+        else:
+            groups.append(RecoveredPV(site=site, pv=result["pv"], template=site_template(site), verified=True,
+                                      source=source, triggers=[trigger], collapse=result["collapse"],
+                                      activation_rate=result["activation_rate"]))
+    return groups
+
+
+def _contains(sequence, part) -> bool:
+    n = len(part)
+    return n < len(sequence) and any(tuple(sequence[i : i + n]) == tuple(part) for i in range(len(sequence) - n + 1))
+
+
+def _unverified_pvs(runs, verified: list[RecoveredPV], config: SearchConfig) -> list[RecoveredPV]:
+    """Soft-prompt PVs no real token reproduced, unless they match a verified one.
+
+    The miner reads every site from one forward pass, on the prompt template when the
+    mask site is among them; the PV keeps that input form."""
+    extra = []
+    for run in runs:
+        if run.name != "pv-mining":
+            continue
+        template = MASK_TEMPLATE if "mask" in run.sites else None
+        for finding in run.findings:
+            pv = finding.evidence.get("pv")
+            if finding.rule_id != "LMS202" or not pv:
+                continue
+            pv = np.asarray(pv, dtype=np.float32)
+            known = [p for p in verified + extra if p.site == finding.site]
+            if any((np.sign(p.pv) == np.sign(pv)).mean() >= config.pv_agreement for p in known):
+                continue
+            extra.append(RecoveredPV(site=finding.site, pv=pv, template=template, verified=False, source="pv-mining",
+                                     collapse=finding.evidence.get("collapse")))
+    return extra
+
+
+def calibrate(loaded, pvs: list[RecoveredPV], texts: list[str], config: SearchConfig) -> tuple[dict, float]:
+    """Best sign match of clean held-out sentences against the PVs, and T_match from it."""
+    from lmscan.monitor import FeatureReader, sign_bits, match_ratios
+
+    if not pvs:
+        return {"clean_sentences": len(texts)}, config.t_match
+    reader = FeatureReader(loaded, [(p.site, p.template) for p in pvs])
+    features = reader.features(texts)
+    bits = [sign_bits(p.pv) for p in pvs]
+    best = match_ratios(features, [(p.site, p.template) for p in pvs], bits).max(axis=1)
+    top = float(np.quantile(best, 0.999))
+    t_match = round(max(config.t_match, min(top + config.t_match_margin, 0.95)), 4)
+    triggered = [t["activation_rate"] for p in pvs for t in p.triggers[:1]]
+    return {
+        "clean_sentences": len(texts),
+        "clean_best_match": {"median": round(float(np.median(best)), 4), "p99": round(float(np.quantile(best, 0.99)), 4),
+                             "max": round(float(best.max()), 4)},
+        "clean_flag_rate": round(float((best > t_match).mean()), 4),
+        "min_trigger_activation_rate": min(triggered) if triggered else None,
+    }, t_match
