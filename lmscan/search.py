@@ -4,7 +4,8 @@ triggers that reach each one (LMSanitizer §IV-C, plus trigger recovery).
 Detection stops at the first backdoor; a user who must keep the model needs all of
 them for the runtime monitor. The search runs
   1. the static weight rules (their outlier rows are trigger candidates),
-  2. the vocabulary sweep with a longer candidate list,
+  2. the vocabulary sweep with a longer candidate list (resumed from a report: the
+     report's ranked sweep candidates are verified that deeper, without a new sweep),
   3. the PV miner in search mode: fuzz loops steered away from every PV found so far
      (path loss), until ``patience`` loops in a row find nothing new,
 then re-measures every candidate trigger at each site on held-out sentences, in the
@@ -41,8 +42,8 @@ class SearchConfig:
     calibration_probes: int = 150  # clean held-out sentences the threshold is calibrated on
     t_match: float = 0.8  # the paper's sign-match threshold; raised only when clean text needs it
     t_match_margin: float = 0.05  # kept between T_match and the closest clean sentences
-    pv_agreement: float = 0.9  # soft-prompt PVs agreeing in sign this much are one
-    coverage: float = 0.9  # a trigger joins a PV when it flags this share of its triggered inputs
+    pv_agreement: float = 0.9  # sign agreement that makes two PVs (or an input and a PV) one
+    coverage: float = 0.9  # a trigger joins a PV when this share of its triggered inputs agree with it
     include_unverified: bool = False  # also export soft-prompt PVs no real token reproduces
 
 
@@ -79,7 +80,7 @@ def search_pvs(loaded, sites: list[str], fit: list[str], heldout: list[str], set
     from lmscan.api import dataclass_from
     from lmscan.detectors.pv_mining import PVMiningConfig, run_pv_mining
     from lmscan.detectors.static import run_static
-    from lmscan.detectors.vocab_sweep import VocabSweepConfig, run_vocab_sweep
+    from lmscan.detectors.vocab_sweep import VocabSweepConfig, reverify, run_vocab_sweep
     from lmscan.rules_data import load_rules
 
     timings: dict[str, float] = {}
@@ -99,10 +100,14 @@ def search_pvs(loaded, sites: list[str], fit: list[str], heldout: list[str], set
         t = time.perf_counter()
         runs.append(run_static(loaded, load_rules("static", rules_dir)))
         timings["static"] = round(time.perf_counter() - t, 2)
-    if "vocab-sweep" not in done:
-        t = time.perf_counter()
+    t = time.perf_counter()
+    earlier_sweep = next((r for r in runs if r.name == "vocab-sweep"), None)
+    if earlier_sweep is None:
         runs.append(run_vocab_sweep(loaded, sites, fit, heldout, sweep_config, seed=seed, progress=report("vocab-sweep")))
-        timings["vocab-sweep"] = round(time.perf_counter() - t, 2)
+    elif earlier_sweep.stats.get("ranked"):
+        # Resumed: no new sweep, but the search's longer candidate list is verified.
+        runs.append(reverify(loaded, earlier_sweep, heldout, sweep_config, seed=seed))
+    timings["vocab-sweep"] = round(time.perf_counter() - t, 2)
 
     earlier_loops = sum(len(r.stats.get("loops", [])) for r in runs if r.name == "pv-mining")
     mining_config = dataclass_from(PVMiningConfig, {**settings.get("pv-mining", {}), "stop_at_first": False,
@@ -182,9 +187,10 @@ def _group_by_pv(tokenizer, site, confirmed, config: SearchConfig) -> list[Recov
                    "placement": result["placement"]}
         positive = result["features"] >= 0
         for group in groups:
-            # Same backdoor for the monitor: the group's PV already flags these triggered inputs.
+            # Same backdoor: the group's PV already matches these triggered inputs closely
+            # (at 0.9, not just T_match, so that a raised T_match still flags them).
             match = (positive == (group.pv >= 0)[None]).mean(axis=1)
-            if (match > config.t_match).mean() >= config.coverage:
+            if (match >= config.pv_agreement).mean() >= config.coverage:
                 group.triggers.append(trigger)
                 break
         else:

@@ -46,7 +46,9 @@ class VocabSweepConfig:
     collapse_threshold: float = 0.25  # held-out collapse at or below: trigger confirmed
     activation_agreement: float = 0.9  # sign agreement of a triggered feature with the PV
     activation_rate: float = 0.9  # share of triggered sentences that must reach it
-    shift_outlier_ratio: float = 4.0  # top shift / 99.9th percentile: suspicious
+    shift_outlier_ratio: float = 4.0  # top shift / 99.9th percentile: reported (info)
+    piece_pool: int = 12  # top-ranked word starts (per statistic and site) completed to whole words ...
+    piece_pairs: int = 6  # ... the lowest-collapse completions verified per site
     max_length: int = 64
 
 
@@ -58,6 +60,9 @@ def sweep_vocabulary(tokenizer) -> np.ndarray:
     return np.array(sorted(keep))
 
 
+RANKED_KEEP = 64  # ranked candidates per statistic and site kept in the stats, for a deeper verification later
+
+
 def run_vocab_sweep(loaded, sites: list[str], probes: list[str], heldout: list[str], config: VocabSweepConfig,
                     seed: int = 0, progress=None) -> DetectorRun:
     started = time.perf_counter()
@@ -67,21 +72,48 @@ def run_vocab_sweep(loaded, sites: list[str], probes: list[str], heldout: list[s
     vocab = sweep_vocabulary(tokenizer)
     shift, collapse, rank_shift, rank_collapse, sweep_texts = _sweep(reader, vocab, probes, config, rng, progress)
 
-    stats: dict = {"swept_tokens": int(len(vocab)), "sweep_probes": sweep_texts, "sites": {}}
+    stats: dict = {"swept_tokens": int(len(vocab)), "sweep_probes": sweep_texts, "sites": {}, "ranked": {}}
+    for site in sites:
+        stats["sites"][site] = _site_stats(tokenizer, vocab, shift[site], collapse[site])
+        stats["ranked"][site] = {
+            "collapse": vocab[np.argsort(rank_collapse[site])[:RANKED_KEEP]].tolist(),
+            "shift": vocab[np.argsort(-rank_shift[site])[:RANKED_KEEP]].tolist(),
+        }
+    findings = _verify_ranked(reader, sites, stats, heldout, config, rng)
+    return DetectorRun(NAME, "ok", time.perf_counter() - started, list(sites), stats, findings)
+
+
+def reverify(loaded, earlier: DetectorRun, heldout: list[str], config: VocabSweepConfig, seed: int = 0) -> DetectorRun:
+    """Verify deeper into an earlier sweep's ranked candidates (no new sweep): what a
+    search resumed from a report does with a longer candidate list."""
+    started = time.perf_counter()
+    sites = [s for s in earlier.sites if s in earlier.stats.get("ranked", {})]
+    reader = SiteReader(loaded.model, loaded.tokenizer, sites, loaded.device, max_length=config.max_length)
+    stats = {"reverified_from": "report", "sweep_probes": earlier.stats.get("sweep_probes", []), "sites": {s: earlier.stats["sites"].get(s, {}) for s in sites},
+             "ranked": {s: earlier.stats["ranked"][s] for s in sites}}
+    findings = _verify_ranked(reader, sites, stats, heldout, config, random.Random(seed))
+    return DetectorRun(NAME, "ok", time.perf_counter() - started, sites, stats, findings)
+
+
+def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, rng) -> list[Finding]:
+    tokenizer = reader.tokenizer
     held = HeldoutSet(reader, rng.sample(heldout, min(config.verify_probes, len(heldout))), rng)
     findings: list[Finding] = []
     verified_log: list[dict] = []
+    pairs = _piece_pairs(reader, stats, sites, config)
     for site in sites:
-        site_stats = _site_stats(tokenizer, vocab, shift[site], collapse[site])
+        site_stats = stats["sites"][site]
         site_stats["clean_activation_baseline"] = held.clean_activation(site, config.activation_agreement)
-        stats["sites"][site] = site_stats
-        confirmed = _verify_site(held, tokenizer, vocab, site, rank_shift[site], rank_collapse[site], config,
-                                 verified_log)
+        ranked = stats["ranked"][site]
+        confirmed = _verify_site(held, tokenizer, site, ranked["shift"], ranked["collapse"], pairs.get(site, []),
+                                 config, verified_log)
         findings.extend(_findings_for_site(tokenizer, site, confirmed, config))
-        ratio = site_stats["shift_outlier_ratio"]
+        ratio = site_stats.get("shift_outlier_ratio", 0.0)
         if not confirmed and ratio >= config.shift_outlier_ratio:
             findings.append(Finding(
-                detector=NAME, rule_id="LMS102", title="feature-shift-outlier", severity="medium", verdict="suspicious",
+                # Information only: a fine-tuned classifier's class cues ("does", "?") move its
+                # features hundreds of times more than other words, by design.
+                detector=NAME, rule_id="LMS102", title="feature-shift-outlier", severity="info", verdict="info",
                 site=site, score=round(ratio, 3), threshold=config.shift_outlier_ratio,
                 message=(f"some tokens move the {site} feature {ratio:.1f}x more than the 99.9th percentile of the "
                          "vocabulary, but no combination tried collapsed held-out sentences"),
@@ -89,7 +121,7 @@ def run_vocab_sweep(loaded, sites: list[str], probes: list[str], heldout: list[s
             ))
     verified_log.sort(key=lambda d: d["collapse"])
     stats["verified_candidates"] = verified_log[:15]
-    return DetectorRun(NAME, "ok", time.perf_counter() - started, list(sites), stats, findings)
+    return findings
 
 
 def _sweep(reader: SiteReader, vocab, probes, config, rng, progress):
@@ -120,7 +152,12 @@ def _sweep(reader: SiteReader, vocab, probes, config, rng, progress):
     return shift, collapse, rank_shift, rank_collapse, texts
 
 
+def _as_sequence(token) -> tuple[int, ...]:
+    return tuple(int(t) for t in token) if isinstance(token, (tuple, list)) else (int(token),)
+
+
 def _score(reader: SiteReader, token_ids, texts, config, progress):
+    """Shift and collapse of each token (or token sequence) inserted after [CLS] in ``texts``."""
     rows = [reader.encode(t) for t in texts]
     # Right after [CLS]: every planted style fires there (NeuBA only there), so the
     # sweep needs one placement; verification also tries random positions.
@@ -133,7 +170,7 @@ def _score(reader: SiteReader, token_ids, texts, config, progress):
     chunk = max(1, config.batch_size // n)
     for start in range(0, len(token_ids), chunk):
         ids = token_ids[start : start + chunk]
-        feats = reader.features([insert_ids(r, (int(t),), at) for t in ids for r, at in zip(rows, places)],
+        feats = reader.features([insert_ids(r, _as_sequence(t), at) for t in ids for r, at in zip(rows, places)],
                                 batch_size=config.batch_size)
         for site in reader.sites:
             f = feats[site].reshape(len(ids), n, -1)
@@ -167,9 +204,74 @@ def _site_stats(tokenizer, vocab, shift, collapse) -> dict:
     }
 
 
-def _verify_site(held: HeldoutSet, tokenizer, vocab, site, shift, collapse, config, log) -> list[dict]:
+def _piece_pairs(reader: SiteReader, stats, sites, config) -> dict[str, list[tuple[int, ...]]]:
+    """Whole words completing ranked word pieces, best first per site.
+
+    A multi-piece trigger word ("quad" + "##rangle") may fire only whole, so one of its
+    pieces may never rank. Each top-ranked word start is completed with the English
+    words the tokenizer spells starting with it, and each ranked continuation piece
+    with the words ending in it (at most 3 pieces). The completions are scored like the
+    sweep (on its first-stage sentences); the best completion of each piece, lowest
+    collapse first, goes on to verification. A trigger that is no dictionary word is
+    still found through its pieces when they fire alone."""
+    from lmscan.probes import word_list
+
+    texts = stats.get("sweep_probes") or []
+    if config.piece_pairs <= 0 or len(texts) < 2:
+        return {}
+    tokenizer = reader.tokenizer
+    words = word_list()
+    candidates: dict[tuple[int, ...], int] = {}  # whole word -> the ranked piece it completes
+
+    def complete(token: int, matches) -> None:
+        found = [w for w in words if matches(w)][:COMPLETIONS_PER_START]
+        if not found:
+            return
+        for ids in tokenizer(found, add_special_tokens=False)["input_ids"]:
+            if token in (ids[0], ids[-1]) and 2 <= len(ids) <= 3:
+                candidates.setdefault(tuple(ids), token)
+
+    # Word starts from the top of the lists; continuation pieces ("##mark") from anywhere
+    # in them: they are rarer, and a piece that ranks at all is worth its few words.
+    for token, name in _ranked_pieces(tokenizer, stats, sites, config.piece_pool, start=True):
+        complete(token, lambda w, n=name.lower(): w.startswith(n) and len(w) > len(n))
+    for token, name in _ranked_pieces(tokenizer, stats, sites, RANKED_KEEP, start=False):
+        complete(token, lambda w, n=name[2:].lower(): w.endswith(n) and len(w) > len(n))
+    if not candidates:
+        return {}
+    anchors = list(candidates.values())
+    candidates = list(candidates)
+    _, collapse = _score(reader, candidates, texts[: max(2, config.sweep_probes)], config, None)
+    best: dict[str, list[tuple[int, ...]]] = {}
+    for site in sites:
+        seen, ordered = set(), []
+        for i in np.argsort(collapse[site]):  # the best completion of each ranked piece, best first
+            if anchors[i] not in seen:
+                seen.add(anchors[i])
+                ordered.append(candidates[i])
+        best[site] = ordered
+    return best
+
+
+COMPLETIONS_PER_START = 200
+
+
+def _ranked_pieces(tokenizer, stats, sites, depth: int, start: bool) -> list[tuple[int, str]]:
+    """Alphabetic word-start (or continuation) tokens among the top ``depth`` of the ranked lists."""
+    pool = list(dict.fromkeys(t for s in sites for key in ("shift", "collapse") for t in stats["ranked"][s][key][:depth]))
+    pieces = []
+    for token, name in zip(pool, tokenizer.convert_ids_to_tokens(pool)):
+        body = name if start else name[2:]
+        if name.startswith("##") != start and body.isascii() and body.isalpha() and len(body) >= 3:
+            pieces.append((token, name))
+    return pieces
+
+
+def _verify_site(held: HeldoutSet, tokenizer, site, by_shift: list[int], by_collapse: list[int], pairs, config,
+                 log) -> list[dict]:
     """Verify the lowest-collapse tokens, then combinations of the highest-shift tokens
-    that are not already confirmed alone (phrase and multi-piece triggers)."""
+    that are not already confirmed alone (phrase and multi-piece triggers), then the
+    best completions of top-ranked word starts. The lists hold token ids, best first."""
     confirmed: list[dict] = []
     alone_ok: set[int] = set()
 
@@ -183,9 +285,9 @@ def _verify_site(held: HeldoutSet, tokenizer, vocab, site, shift, collapse, conf
             if len(token_ids) == 1:
                 alone_ok.add(token_ids[0])
 
-    for index in np.argsort(collapse)[: config.candidates_per_site]:
-        check((int(vocab[index]),), "collapse")
-    top = [int(vocab[i]) for i in np.argsort(-shift)[: config.shift_top]]
+    for token in by_collapse[: config.candidates_per_site]:
+        check((int(token),), "collapse")
+    top = [int(t) for t in by_shift[: config.shift_top]]
     for token in top:
         if token not in alone_ok:
             check((token,), "shift")
@@ -194,6 +296,9 @@ def _verify_site(held: HeldoutSet, tokenizer, vocab, site, shift, collapse, conf
         for combo in itertools.permutations(pool[: config.shift_top if length == 2 else max(3, config.shift_top // 2)],
                                             length):
             check(combo, "shift-combo")
+    # Completions of pieces that already fire alone add nothing; verify the best others.
+    for word in [w for w in pairs if not alone_ok.intersection(w)][: config.piece_pairs]:
+        check(tuple(word), "word-completion")
     return confirmed
 
 
