@@ -106,7 +106,7 @@ def search_pvs(loaded, sites: list[str], fit: list[str], heldout: list[str], set
         runs.append(run_vocab_sweep(loaded, sites, fit, heldout, sweep_config, seed=seed, progress=report("vocab-sweep")))
     elif earlier_sweep.stats.get("ranked"):
         # Resumed: no new sweep, but the search's longer candidate list is verified.
-        runs.append(reverify(loaded, earlier_sweep, heldout, sweep_config, seed=seed))
+        runs.append(reverify(loaded, earlier_sweep, sites, heldout, sweep_config, seed=seed))
     timings["vocab-sweep"] = round(time.perf_counter() - t, 2)
 
     earlier_loops = sum(len(r.stats.get("loops", [])) for r in runs if r.name == "pv-mining")

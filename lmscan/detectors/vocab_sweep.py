@@ -83,11 +83,12 @@ def run_vocab_sweep(loaded, sites: list[str], probes: list[str], heldout: list[s
     return DetectorRun(NAME, "ok", time.perf_counter() - started, list(sites), stats, findings)
 
 
-def reverify(loaded, earlier: DetectorRun, heldout: list[str], config: VocabSweepConfig, seed: int = 0) -> DetectorRun:
-    """Verify deeper into an earlier sweep's ranked candidates (no new sweep): what a
-    search resumed from a report does with a longer candidate list."""
+def reverify(loaded, earlier: DetectorRun, sites: list[str], heldout: list[str], config: VocabSweepConfig,
+             seed: int = 0) -> DetectorRun:
+    """Verify deeper into an earlier sweep's ranked candidates at ``sites`` (no new
+    sweep): what a search resumed from a report does with a longer candidate list."""
     started = time.perf_counter()
-    sites = [s for s in earlier.sites if s in earlier.stats.get("ranked", {})]
+    sites = [s for s in sites if s in earlier.stats.get("ranked", {})]
     reader = SiteReader(loaded.model, loaded.tokenizer, sites, loaded.device, max_length=config.max_length)
     stats = {"reverified_from": "report", "sweep_probes": earlier.stats.get("sweep_probes", []), "sites": {s: earlier.stats["sites"].get(s, {}) for s in sites},
              "ranked": {s: earlier.stats["ranked"][s] for s in sites}}
