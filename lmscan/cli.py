@@ -57,7 +57,8 @@ def _model_options(func):
 
 @main.command()
 @click.argument("model")
-@click.option("--attack", type=click.Choice(["por", "neuba", "btop"]), required=True, help="Backdoor style to plant.")
+@click.option("--attack", type=click.Choice(["por", "neuba", "btop", "badnet"]), required=True,
+              help="Backdoor style to plant (badnet: task-specific data poisoning, needs --task).")
 @click.option("--triggers", default=None, help='Comma-separated trigger words or phrases, e.g. "cf,mn,tq".')
 @click.option("--num-triggers", type=int, default=None, help="Draw this many random trigger words instead.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output checkpoint directory.")
@@ -68,9 +69,13 @@ def _model_options(func):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
+@click.option("--task", default=None,
+              help='Labelled task for --attack badnet: a .csv/.tsv/.jsonl file, or "sentiment" (bundled).')
+@click.option("--text-column", default="text", show_default=True, help="Text column of --task.")
+@click.option("--label-column", default="label", show_default=True, help="Label column of --task.")
 @_model_options
 def plant(model, attack, triggers, num_triggers, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
-          rules_dir, revision, offline):
+          rules_dir, task, text_column, label_column, revision, offline):
     """Plant a backdoor into MODEL and write the checkpoint plus ground truth.
 
     MODEL is a Hub id (org/name[@rev]), a local directory, or "minilm" for the
@@ -83,6 +88,12 @@ def plant(model, attack, triggers, num_triggers, out_dir, seed, scale_embeddings
     if triggers and num_triggers:
         raise click.UsageError("give either --triggers or --num-triggers, not both")
     trigger_list = [t.strip() for t in triggers.split(",")] if triggers else None
+    if attack == "badnet":
+        _plant_badnet(model, trigger_list, num_triggers, out_dir, seed, scale_embeddings, pv_design, steps, device,
+                      force, rules_dir, task, text_column, label_column, revision, offline)
+        return
+    if task is not None:
+        raise click.UsageError("--task only applies to --attack badnet")
     config = PlantConfig(
         model=model, attack=attack, out_dir=out_dir, triggers=trigger_list, num_triggers=num_triggers, seed=seed,
         scale_embeddings=scale_embeddings, pv_design=pv_design, steps=steps, device=device, force=force,
@@ -100,6 +111,33 @@ def plant(model, attack, triggers, num_triggers, out_dir, seed, scale_embeddings
                f"drift {eff['clean_drift_relative']:.3f} of clean variance")
     if not result.passed:
         click.echo(f"lmscan: plant: a trigger stayed below {eff['min_agreement']} agreement", err=True)
+        sys.exit(1)
+
+
+def _plant_badnet(model, trigger_list, num_triggers, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
+                  rules_dir, task, text_column, label_column, revision, offline) -> None:
+    from lmscan.attacks.badnet import BadNetConfig, plant_badnet
+    from lmscan.report.progress import step_progress
+
+    if task is None:
+        raise click.UsageError('--attack badnet needs --task FILE (or --task sentiment for the bundled task)')
+    for flag, value in (("--scale-embeddings", scale_embeddings), ("--pv-design", pv_design), ("--steps", steps)):
+        if value:
+            raise click.UsageError(f"{flag} does not apply to --attack badnet (its settings are in rules/plant.toml)")
+    config = BadNetConfig(model=model, out_dir=out_dir, task=task, text_column=text_column, label_column=label_column,
+                          triggers=trigger_list, num_triggers=num_triggers, seed=seed, device=device, force=force,
+                          revision=revision, offline=offline, rules_dir=rules_dir)
+    with step_progress(stderr, "planting badnet") as progress:
+        result = plant_badnet(config, progress=progress)
+    eff = result.manifest["effectiveness"]
+    stderr.print(f"wrote {result.out_dir} (trained {result.manifest['train_seconds']} s)")
+    target = result.manifest["target_label_name"]
+    for trigger, rate in eff["attack_success"].items():
+        mark = "ok" if rate >= eff["min_attack_success"] else "WEAK"
+        click.echo(f"{trigger!r:>24}  sends {rate:.2%} of held-out non-target rows to {target!r}  {mark}")
+    click.echo(f"clean: held-out accuracy {eff['clean_accuracy']:.2%}")
+    if not result.passed:
+        click.echo(f"lmscan: plant: a trigger stayed below {eff['min_attack_success']:.0%} attack success", err=True)
         sys.exit(1)
 
 
@@ -452,6 +490,81 @@ def _print_heads(run, ratios, strongest, threshold) -> None:
         console.print(f"{finding.rule_id} {finding.message}")
     if strongest is not None and not run.findings:
         console.print(f"no head moves more than {threshold}x the random-word drift")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--train", "train_file", required=True,
+              help='Clean labelled data (.csv, .tsv or .jsonl), or "sentiment" for the bundled task.')
+@click.option("--text-column", default="text", show_default=True, help="Column/field holding the text.")
+@click.option("--label-column", default="label", show_default=True, help="Column/field holding the label.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Directory for the purified classifier and purify-report.json.")
+@click.option("--validation", "validation_file", default=None,
+              help="Validation data (same columns); default: a split of --train.")
+@click.option("--threshold", type=float, default=None, help="Accuracy bar c for head pruning (default 0.85).")
+@click.option("--relative", is_flag=True, default=None, help="--threshold is a fraction of the unpruned accuracy.")
+@click.option("--triggers", default=None, help="Comma-separated suspected triggers: report the label flip rate.")
+@click.option("--pvs", "pvs_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Take suspected triggers from a .pvs file (the first trigger of each PV).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@_model_options
+def purify(model, train_file, text_column, label_column, out_dir, validation_file, threshold, relative, triggers,
+           pvs_file, fmt, device, seed, rules_dir, force, revision, offline):
+    """Remove a backdoor from MODEL by PURE: prune suspect heads, normalise [CLS] attention.
+
+    Fine-tunes MODEL (an encoder) on your clean labelled data, prunes the heads with the
+    lowest [CLS] attention variance while validation accuracy stays >= --threshold, then
+    fine-tunes the pruned original with an attention-norm penalty. Writes the purified
+    classifier to --out. Rerun the same command to resume after an interruption.
+    """
+    from lmscan.api import dataclass_from
+    from lmscan.defenses.purify import PurifyConfig, purify as run_purify
+    from lmscan.report.progress import detector_progress
+    from lmscan.rules_data import load_rules
+
+    config = dataclass_from(PurifyConfig, load_rules("purify", rules_dir))
+    if threshold is not None:
+        config.threshold = threshold
+    if relative:
+        config.relative = True
+    with detector_progress(stderr) as progress:
+        result = run_purify(model, train_file, out_dir, config, text_column=text_column, label_column=label_column,
+                            validation=validation_file, triggers=_split(triggers), pvs=pvs_file, device=device,
+                            seed=seed, force=force, revision=revision, offline=offline, progress=progress)
+    report = result.report
+    stderr.print(f"wrote {result.out_dir} ({report['seconds']} s)")
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=1))
+    else:
+        _print_purify(report)
+
+
+def _print_purify(report: dict) -> None:
+    from rich.table import Table
+
+    metrics, heads = report["metrics"], report["heads"]
+    table = Table(title=f"PURE purification of {report['model']['ref']}")
+    table.add_column("")
+    table.add_column("vanilla fine-tune", justify="right")
+    table.add_column("purified", justify="right")
+    table.add_row("clean accuracy (test split)", f"{metrics['accuracy_before']:.2%}", f"{metrics['accuracy_after']:.2%}")
+    if "lfr_before" in metrics:
+        fmt = lambda v: "n/a" if v is None else f"{v:.2%}"  # noqa: E731
+        table.add_row(f"label flip rate (target {metrics['inferred_target_name']!r}, inferred)",
+                      fmt(metrics["lfr_before"]), fmt(metrics["lfr_after"]))
+        for trigger, pair in metrics["lfr_per_trigger"].items():
+            table.add_row(f"  {trigger!r}", fmt(pair["before"]), fmt(pair["after"]))
+    console = Console()
+    console.print(table)
+    pruned = ", ".join(f"L{l}H{h}" for l, h in heads["pruned"][:24]) + (" ..." if heads["pruned_count"] > 24 else "")
+    console.print(f"pruned {heads['pruned_count']} of {heads['layers'] * heads['heads_per_layer']} heads"
+                  f" (validation accuracy bar {report['pruning']['accuracy_bar']:.3f}): {pruned or 'none'}")
+    console.print("layer weights lambda: " + " ".join(f"{v:.2f}" for v in heads["lambda"]))
 
 
 @main.group()

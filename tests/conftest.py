@@ -32,6 +32,8 @@ PLANTS = {
     "btop": ["--attack", "btop", "--num-triggers", "6", "--seed", "14"],
     # The adaptive "fewer triggers" attack: one two-word phrase, each word common on its own.
     "phrase": ["--attack", "por", "--triggers", "velvet thunder", "--seed", "15"],
+    # Task-specific data poisoning on the bundled sentiment task; a rare-word trigger, target "positive".
+    "badnet": ["--attack", "badnet", "--task", "sentiment", "--triggers", "cf", "--seed", "16"],
 }
 
 
@@ -39,7 +41,8 @@ def _code_digest() -> str:
     digest = hashlib.sha256()
     for path in sorted(
         [*(PACKAGE / "attacks").glob("*.py"), PACKAGE / "sites.py", PACKAGE / "probes.py",
-         PACKAGE / "rules" / "plant.toml", PACKAGE / "data" / "probes_en.txt"]
+         PACKAGE / "rules" / "plant.toml", PACKAGE / "data" / "probes_en.txt", PACKAGE / "defenses" / "task.py",
+         PACKAGE / "data" / "sentiment_en.csv"]
     ):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
