@@ -75,7 +75,7 @@ class PurifyConfig:
     threshold: float = 0.85  # c: keep pruning while validation accuracy >= c
     relative: bool = False  # c is a fraction of the unpruned model's validation accuracy
     mu: float = 0.15  # weight of the attention-norm term
-    finetune_epochs: int = 2  # step 1 (vanilla fine-tune)
+    finetune_epochs: int = 1  # step 1 (vanilla fine-tune)
     purify_epochs: int = 2  # step 2 (attention normalisation)
     batch_size: int = 32
     learning_rate: float = 5e-5

@@ -288,7 +288,8 @@ def train_classifier(model, tokenizer, train: LabelledData, settings: TrainSetti
             entry["validation_accuracy"] = round(accuracy(model, tokenizer, validation, device, settings.max_length,
                                                           settings.eval_batch_size), 5)
             model.train()
-            if entry["validation_accuracy"] > best_accuracy:
+            # Ties go to the later epoch: it has trained longer on the same evidence.
+            if entry["validation_accuracy"] >= best_accuracy:
                 best_accuracy, result.best_epoch = entry["validation_accuracy"], epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         result.history.append(entry)
