@@ -26,7 +26,7 @@ import torch
 
 from lmscan.errors import InputError
 from lmscan.pvs import PVSet, read_pvs
-from lmscan.sites import prepare_tokenizer, read_site
+from lmscan.sites import mask_positions, prepare_tokenizer, read_site
 
 Text = str | tuple[str, str]
 WORD = re.compile(r"\S+")
@@ -85,14 +85,10 @@ class FeatureReader:
                                      max_length=self.max_length, return_tensors="pt").to(self.device)
                 outputs = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
                 for site in sites:
-                    out[(site, template)].append(read_site(outputs, site, enc["attention_mask"],
-                                                           self._mask_positions(enc) if site == "mask" else None))
+                    positions = (mask_positions(enc["input_ids"], enc["attention_mask"], self.tokenizer.mask_token_id)
+                                 if site == "mask" else None)
+                    out[(site, template)].append(read_site(outputs, site, enc["attention_mask"], positions))
         return {k: torch.cat(v) if v else torch.empty(0) for k, v in out.items()}
-
-    def _mask_positions(self, enc) -> torch.Tensor:
-        is_mask = enc["input_ids"] == self.tokenizer.mask_token_id
-        last_real = enc["attention_mask"].sum(dim=1) - 1  # template cut off by truncation
-        return torch.where(is_mask.any(dim=1), is_mask.float().argmax(dim=1), last_real)
 
 
 def match_ratios(features: dict[tuple, torch.Tensor], keys: list[tuple], bits: list) -> np.ndarray:

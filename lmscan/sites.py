@@ -67,15 +67,17 @@ def encode(tokenizer, texts: list[str], site: str, max_length: int = 128) -> Sit
         max_length=max_length,
         return_tensors="pt",
     )
-    mask_positions = None
-    if site == "mask":
-        is_mask = enc["input_ids"] == tokenizer.mask_token_id
-        # Truncation can cut the template off a very long sentence: fall back to the
-        # last real token so the batch stays usable, rather than failing the scan.
-        has_mask = is_mask.any(dim=1)
-        last_real = enc["attention_mask"].sum(dim=1) - 1
-        mask_positions = torch.where(has_mask, is_mask.float().argmax(dim=1), last_real)
-    return SiteBatch(enc["input_ids"], enc["attention_mask"], mask_positions)
+    positions = mask_positions(enc["input_ids"], enc["attention_mask"], tokenizer.mask_token_id) if site == "mask" else None
+    return SiteBatch(enc["input_ids"], enc["attention_mask"], positions)
+
+
+def mask_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """Index of the mask token in each row."""
+    is_mask = input_ids == mask_token_id
+    # Truncation can cut the template off a very long sentence: fall back to the
+    # last real token so the batch stays usable, rather than failing the scan.
+    last_real = attention_mask.sum(dim=1) - 1
+    return torch.where(is_mask.any(dim=1), is_mask.float().argmax(dim=1), last_real)
 
 
 def read_site(outputs, site: str, attention_mask: torch.Tensor, mask_positions=None) -> torch.Tensor:
