@@ -59,6 +59,7 @@ class PVMiningConfig:
     pv_agreement: float = 0.9
     activation_agreement: float = 0.9
     activation_rate: float = 0.9
+    disagreement_ratio: float = 0.25  # used where clean features already reach activation_rate (see verify.py)
     stop_at_first: bool = True  # detection mode; search mode keeps going
     patience: int = 0  # search mode: stop after this many loops without a new PV (0: run every loop)
     first_loop: int = 0  # seed of the first loop (a resumed search continues where it stopped)

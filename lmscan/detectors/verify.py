@@ -8,7 +8,11 @@ random word start) and, at one of the two placements, must
     clean pairwise MSE <= collapse_threshold, and
   - put nearly all of them on one vector: >= activation_rate of the triggered
     features agree in sign >= activation_agreement with their mean (the PV), more
-    often than the clean features agree with their own mean.
+    often than the clean features agree with their own mean. Where clean features
+    already all pass that bar (the [MASK] of one fixed template: every sentence's
+    feature shares most signs), the rate says nothing; the triggered features must
+    then disagree with their PV in at most ``disagreement_ratio`` times the share of
+    signs the clean features disagree with their own mean.
 """
 
 from __future__ import annotations
@@ -100,15 +104,22 @@ class HeldoutSet:
         }
         self.clean = reader.features(self.rows)
         self.spread = {s: pairwise_mse(f) or 1e-12 for s, f in self.clean.items()}
-        self.baseline: dict[str, float] = {}
+        self.baseline: dict[str, tuple[float, float]] = {}
         self._memo: dict[tuple, dict[str, np.ndarray]] = {}  # the same candidate is often tried per site
 
     def clean_activation(self, site: str, agreement: float) -> float:
         """How often clean features already agree in sign with their own mean (anisotropy)."""
+        return self._clean_agreement(site, agreement)[0]
+
+    def clean_disagreement(self, site: str, agreement: float) -> float:
+        """Mean share of signs in which clean features differ from their own mean."""
+        return self._clean_agreement(site, agreement)[1]
+
+    def _clean_agreement(self, site: str, agreement: float) -> tuple[float, float]:
         if site not in self.baseline:
             f = self.clean[site]
             agree = (np.sign(f) == np.sign(f.mean(0))[None]).mean(1)
-            self.baseline[site] = float((agree >= agreement).mean())
+            self.baseline[site] = (float((agree >= agreement).mean()), float(1.0 - agree.mean()))
         return self.baseline[site]
 
     def triggered(self, token_ids, placement: str) -> dict[str, np.ndarray]:
@@ -142,10 +153,16 @@ def measure(heldout: HeldoutSet, site: str, features: np.ndarray, config) -> dic
         "mean_agreement": round(float(agree.mean()), 4),
         "pv": pv,
     }
+    clean_rate = heldout.clean_activation(site, config.activation_agreement)
+    if clean_rate >= config.activation_rate:  # clean features pass the rate bar too: compare disagreement
+        beats_clean = 1.0 - result["mean_agreement"] <= (
+            config.disagreement_ratio * heldout.clean_disagreement(site, config.activation_agreement))
+    else:
+        beats_clean = result["activation_rate"] > clean_rate
     result["confirmed"] = bool(
         result["collapse"] <= config.collapse_threshold
         and result["activation_rate"] >= config.activation_rate
-        and result["activation_rate"] > heldout.clean_activation(site, config.activation_agreement)
+        and beats_clean
     )
     return result
 

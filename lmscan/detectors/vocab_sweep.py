@@ -46,6 +46,7 @@ class VocabSweepConfig:
     collapse_threshold: float = 0.25  # held-out collapse at or below: trigger confirmed
     activation_agreement: float = 0.9  # sign agreement of a triggered feature with the PV
     activation_rate: float = 0.9  # share of triggered sentences that must reach it
+    disagreement_ratio: float = 0.25  # used where clean features already reach activation_rate (see verify.py)
     shift_outlier_ratio: float = 4.0  # top shift / 99.9th percentile: reported (info)
     piece_pool: int = 12  # top-ranked word starts (per statistic and site) completed to whole words ...
     piece_pairs: int = 6  # ... the lowest-collapse completions verified per site
@@ -105,6 +106,7 @@ def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, rng) -> li
     for site in sites:
         site_stats = stats["sites"][site]
         site_stats["clean_activation_baseline"] = held.clean_activation(site, config.activation_agreement)
+        site_stats["clean_sign_disagreement"] = round(held.clean_disagreement(site, config.activation_agreement), 5)
         ranked = stats["ranked"][site]
         confirmed = _verify_site(held, tokenizer, site, ranked["shift"], ranked["collapse"], pairs.get(site, []),
                                  config, verified_log)

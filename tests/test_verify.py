@@ -1,0 +1,53 @@
+"""The verification rule on its own: when is a collapse a confirmed trigger."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lmscan.detectors.verify import HeldoutSet, measure, pairwise_mse
+from lmscan.detectors.vocab_sweep import VocabSweepConfig
+
+
+def heldout_with(clean: np.ndarray) -> HeldoutSet:
+    """A HeldoutSet holding given clean features (the statistics measure() reads)."""
+    held = HeldoutSet.__new__(HeldoutSet)
+    held.clean = {"mask": clean}
+    held.spread = {"mask": pairwise_mse(clean)}
+    held.baseline = {}
+    return held
+
+
+def sign_pattern(rng, rows: int, dims: int, flip: float) -> np.ndarray:
+    """Rows sharing one sign pattern, each sign flipped with probability ``flip``."""
+    base = np.where(rng.random(dims) < 0.5, -1.0, 1.0)
+    flips = np.where(rng.random((rows, dims)) < flip, -1.0, 1.0)
+    return base[None] * flips * rng.uniform(0.5, 1.5, (rows, dims))
+
+
+def test_saturated_clean_baseline_compares_disagreement():
+    """[MASK] in one template: every clean sentence already agrees >= 0.9 with the clean
+    mean, so 'more often than clean' can never hold. A trigger that leaves almost no sign
+    in disagreement must still be confirmed; a token as scattered as clean text must not."""
+    rng = np.random.default_rng(0)
+    config = VocabSweepConfig()
+    held = heldout_with(sign_pattern(rng, 24, 384, flip=0.04))
+    assert held.clean_activation("mask", config.activation_agreement) >= config.activation_rate
+
+    pv = sign_pattern(rng, 1, 384, flip=0.0)[0]
+    triggered = pv[None] + 0.01 * rng.standard_normal((24, 384))
+    assert measure(held, "mask", triggered, config)["confirmed"]
+
+    # Collapsed (scaled down) but with the clean model's own sign noise: not a PV.
+    ordinary = 0.3 * sign_pattern(rng, 24, 384, flip=0.04)
+    result = measure(held, "mask", ordinary, config)
+    assert result["collapse"] <= config.collapse_threshold and not result["confirmed"]
+
+
+def test_unsaturated_baseline_keeps_the_rate_rule():
+    rng = np.random.default_rng(1)
+    config = VocabSweepConfig()
+    held = heldout_with(rng.standard_normal((24, 384)))  # clean features scattered: rate 0
+    assert held.clean_activation("mask", config.activation_agreement) == 0.0
+    pv = sign_pattern(rng, 1, 384, flip=0.0)[0]
+    assert measure(held, "mask", pv[None] + 0.01 * rng.standard_normal((24, 384)), config)["confirmed"]
+    assert not measure(held, "mask", 0.3 * rng.standard_normal((24, 384)), config)["confirmed"]
