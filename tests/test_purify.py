@@ -38,14 +38,30 @@ eval_batch_size = 64
 """
 
 
+def _rows(start, stop):
+    data = load_labelled("sentiment")
+    return data.texts[start:stop], data.labels[start:stop]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Train with one thread: on a busy 2-core machine OpenMP's second thread waits on a core another job holds,
+    which made the tiny-model runs here 18x slower (71 s instead of 4 s) and MiniLM several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def small_task(tmp_path):
-    data = load_labelled("sentiment")
     path = tmp_path / "small.csv"
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["review", "sentiment"])
-        for text, label in list(zip(data.texts, data.labels))[:240]:
+        for text, label in zip(*_rows(0, 240)):
             writer.writerow([text, ["neg", "pos"][label]])
     return path
 
@@ -112,10 +128,19 @@ def test_purify_cli_on_tiny_bert(small_task, tiny_rules, tmp_path):
         assert not weights[f"bert.encoder.layer.{layer}.attention.output.dense.weight"][:, cut].any()
     load_model(resolve_model(str(out)), device="cpu")
 
-    # Text report on stdout.
-    text = CliRunner().invoke(main, _purify_args(small_task, out, tiny_rules, "--triggers", "zq", "--force"))
+    # Text report on stdout; a validation file of its own; triggers taken from a .pvs file.
+    validation = tmp_path / "val.jsonl"
+    validation.write_text("".join(json.dumps({"review": t, "sentiment": ["neg", "pos"][lab]}) + "\n"
+                                  for t, lab in zip(*_rows(240, 300))))
+    pvs = _write(tmp_path / "t.pvs", json.dumps({
+        "format": "lmscan-pvs", "version": 1, "model": {"hidden_size": 64}, "t_match": 0.8,
+        "pvs": [{"id": 0, "site": "cls", "template": None, "signs": "+-" * 32, "triggers": [{"text": "vx"}]}]}))
+    text = CliRunner().invoke(main, _purify_args(small_task, out, tiny_rules, "--force", "--validation",
+                                                 str(validation), "--pvs", str(pvs)))
     assert text.exit_code == 0, text.output
     assert "label flip rate" in text.stdout and "pruned" in text.stdout
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["triggers"] == ["vx"] and report["data"]["rows"]["validation"] == 60
 
 
 def test_purify_resumes_after_an_interruption(small_task, tiny_rules, tmp_path):
@@ -165,6 +190,14 @@ def test_purify_bad_input_is_one_line(content, columns, message, tmp_path):
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("lmscan: error:") and message in result.stderr, result.stderr
     assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_purify_validation_labels_must_occur_in_train(small_task, tmp_path):
+    validation = _write(tmp_path / "val.csv", "review,sentiment\nfine,pos\nmeh,neutral\n")
+    result = CliRunner().invoke(main, ["purify", TINY, "--train", str(small_task), "--validation", str(validation),
+                                       "--text-column", "review", "--label-column", "sentiment",
+                                       "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "'neutral' does not occur in the training data" in result.stderr, result.output
 
 
 def test_purify_refuses_a_non_empty_out_without_force(tmp_path):
