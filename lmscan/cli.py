@@ -552,7 +552,8 @@ def _print_purify(report: dict) -> None:
     table.add_column("")
     table.add_column("vanilla fine-tune", justify="right")
     table.add_column("purified", justify="right")
-    table.add_row("clean accuracy (test split)", f"{metrics['accuracy_before']:.2%}", f"{metrics['accuracy_after']:.2%}")
+    table.add_row("clean accuracy (test split)", f"{metrics['accuracy_before']:.2%}",
+                  f"{metrics['accuracy_after']:.2%}")
     if "lfr_before" in metrics:
         fmt = lambda v: "n/a" if v is None else f"{v:.2%}"  # noqa: E731
         table.add_row(f"label flip rate (target {metrics['inferred_target_name']!r}, inferred)",

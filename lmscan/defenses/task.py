@@ -136,11 +136,14 @@ def _rows_jsonl(text: str, path: Path, text_column: str, label_column: str):
             raise InputError(f"{path}: line {lineno} is not a JSON object")
         for column in (text_column, label_column):
             if column not in record:
-                raise InputError(f"{path}: line {lineno} has no field '{column}' (fields: {', '.join(record) or 'none'})")
+                fields = ", ".join(record) or "none"
+                raise InputError(f"{path}: line {lineno} has no field '{column}' (fields: {fields})")
         value, label = record[text_column], record[label_column]
         if not isinstance(value, str):
-            raise InputError(f"{path}: line {lineno}: field '{text_column}' is {type(value).__name__}, not a string")
-        if isinstance(label, bool) or not isinstance(label, (int, str)) or (isinstance(label, str) and not label.strip()):
+            kind = type(value).__name__
+            raise InputError(f"{path}: line {lineno}: field '{text_column}' is {kind}, not a string")
+        if isinstance(label, bool) or not isinstance(label, (int, str)) or (isinstance(label, str)
+                                                                           and not label.strip()):
             raise InputError(f"{path}: line {lineno}: label {label!r} is neither an integer nor a class name")
         rows.append((value.strip(), str(label).strip()))
     return rows
