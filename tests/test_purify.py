@@ -206,6 +206,10 @@ def test_purify_refuses_a_non_empty_out_without_force(tmp_path):
     (out / "keep.txt").write_text("x")
     result = CliRunner().invoke(main, ["purify", TINY, "--train", "sentiment", "--out", str(out)])
     assert result.exit_code == 2 and "not empty" in result.stderr and (out / "keep.txt").exists()
+    # --force with bad input leaves OUT alone too.
+    result = CliRunner().invoke(main, ["purify", TINY, "--train", str(tmp_path / "missing.csv"), "--out", str(out),
+                                       "--force"])
+    assert result.exit_code == 2 and "not found" in result.stderr and (out / "keep.txt").exists()
 
 
 def test_purify_pvs_without_trigger_words_is_refused(tmp_path):

@@ -204,17 +204,16 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _prepare_out(out_dir: Path, force: bool) -> None:
-    """OUT may hold only our resumable work folder unless --force; --force clears everything else."""
+def _other_contents(out_dir: Path, force: bool) -> list[Path]:
+    """What OUT holds besides our resumable work folder; refused unless --force."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir}: exists and is not a directory")
     if not out_dir.is_dir():
-        return
+        return []
     others = [p for p in out_dir.iterdir() if p.name != WORK_NAME]
     if others and not force:
         raise InputError(f"--out {out_dir}: directory exists and is not empty (use --force to replace it)")
-    for path in others:
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return others
 
 
 def _save_state(model, path: Path) -> None:
@@ -255,7 +254,7 @@ def purify(model: str, train: str | Path, out_dir: str | Path, config: PurifyCon
     if config.mu < 0:
         raise InputError(f"mu must be >= 0, got {config.mu}")
     out_dir = Path(out_dir).expanduser()
-    _prepare_out(out_dir, force)
+    replaced = _other_contents(out_dir, force)  # checked now, removed only once the inputs have loaded
     triggers = list(dict.fromkeys([t.strip() for t in (triggers or []) if t.strip()]))
     if pvs is not None:
         triggers = list(dict.fromkeys(triggers + _triggers_from_pvs(pvs)))
@@ -293,6 +292,8 @@ def purify(model: str, train: str | Path, out_dir: str | Path, config: PurifyCon
         "columns": [text_column, label_column], "config": dataclasses.asdict(config), "seed": seed,
     }
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:20]
+    for path in replaced:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     work = out_dir / WORK_NAME
     if (work / "key").is_file() and (work / "key").read_text().strip() != key:
         shutil.rmtree(work)
