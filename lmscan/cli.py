@@ -427,9 +427,9 @@ def monitor(texts, pvs_file, model, input_file, text_column, no_purge, t_match, 
 def heads(model, triggers, pvs_file, fmt, plot, device, seed, rules_dir, revision, offline):
     """Profile MODEL's attention heads (PURE): which heads a candidate trigger hijacks.
 
-    Shows, per layer and head, how much further inserting each trigger moves the
-    variance of the [CLS] attention row than random words do. Exit 1 when a head
-    is hijacked, 0 otherwise."""
+    Shows, per layer and head, how far inserting each trigger moves the variance of
+    the [CLS] attention row, as a z-score against random words inserted the same
+    way. Exit 1 when a head is hijacked, 0 otherwise."""
     from lmscan.api import dataclass_from
     from lmscan.detectors.attention import AttentionConfig, heatmap_svg, run_attention
     from lmscan.device import pick_device
@@ -448,31 +448,31 @@ def heads(model, triggers, pvs_file, fmt, plot, device, seed, rules_dir, revisio
     config = dataclass_from(AttentionConfig, load_rules("attention", rules_dir))
     loaded = load_model(resolve_model(model, revision=revision, offline=offline), device=str(pick_device(device)))
     run = run_attention(loaded, load_builtin_probes(), candidates, config, seed=seed)
-    ratios = {t: np.asarray(r) for t, r in run.stats["triggers"].items()}
-    strongest = max(ratios, key=lambda t: ratios[t].max()) if ratios else None
+    scores = {t: np.asarray(r) for t, r in run.stats["triggers"].items()}
+    strongest = max(scores, key=lambda t: scores[t].max()) if scores else None
     if plot is not None:
-        matrix = ratios[strongest] if strongest else np.asarray(run.stats["clean_variance"])
-        title = (f"{model}: relative drift of {strongest!r} per head / largest random-word drift" if strongest
+        matrix = scores[strongest] if strongest else np.asarray(run.stats["clean_variance"])
+        title = (f"{model}: drift of {strongest!r} per head, z-score against random words" if strongest
                  else f"{model}: clean [CLS] attention variance")
         plot.write_text(heatmap_svg(matrix, title), encoding="utf-8")
         stderr.print(f"wrote {plot}")
     if fmt == "json":
-        click.echo(json.dumps({"model": model, "threshold": config.drift_ratio, "stats": run.stats,
+        click.echo(json.dumps({"model": model, "threshold": config.z_threshold, "stats": run.stats,
                                "findings": [f.message for f in run.findings],
                                "hijacked": [f.evidence for f in run.findings]}, indent=1))
     else:
-        _print_heads(run, ratios, strongest, config.drift_ratio)
+        _print_heads(run, scores, strongest, config.z_threshold)
     sys.exit(1 if run.findings else 0)
 
 
-def _print_heads(run, ratios, strongest, threshold) -> None:
+def _print_heads(run, scores, strongest, threshold) -> None:
     from rich.table import Table
 
     console = Console()
     if strongest is None:
         matrix, title = np.asarray(run.stats["clean_variance"]), "clean [CLS] attention variance (no trigger given)"
     else:
-        matrix, title = ratios[strongest], f"relative drift of {strongest!r} per head / largest random-word drift"
+        matrix, title = scores[strongest], f"drift of {strongest!r} per head, z-score against random words"
     table = Table(title=title)
     table.add_column("layer")
     for head in range(matrix.shape[1]):
@@ -489,7 +489,7 @@ def _print_heads(run, ratios, strongest, threshold) -> None:
     for finding in run.findings:
         console.print(f"{finding.rule_id} {finding.message}")
     if strongest is not None and not run.findings:
-        console.print(f"no head moves more than {threshold}x the random-word drift")
+        console.print(f"no head reaches z = {threshold} against the random-word drift")
 
 
 @main.command()

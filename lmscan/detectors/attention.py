@@ -8,9 +8,10 @@ on triggered text. Drift of a head = (mean triggered variance − mean clean var
 / mean clean variance.
 
 Calibration without a shadow model: the same drift is measured for random ordinary
-words (the null). A candidate trigger is scored per head by its drift over the
-largest drift any random word causes in any head; heads above ``drift_ratio`` are
-hijacked.
+words (the null). A candidate trigger is scored per head as a z-score against that
+head's null drifts; heads at or above ``z_threshold`` are hijacked. Per head, because
+a model tuned as a whole (POR) lets ordinary words move some heads a lot and others
+not at all: one global scale, set by the most movable head, hid real hijacks.
 Candidates come from other detectors' confirmed triggers; without them the
 detector only profiles (random words alone cannot find a trigger).
 """
@@ -32,8 +33,9 @@ NAME = "attention"
 @dataclass
 class AttentionConfig:
     probes: int = 48  # clean sentences profiled
-    null_words: int = 8  # random ordinary words: the drift a harmless insertion causes
-    drift_ratio: float = 3.0  # head drift / largest null drift of that head: hijacked
+    null_words: int = 16  # random ordinary words: the drift a harmless insertion causes
+    z_threshold: float = 5.0  # (head drift - null mean) / null spread of that head: hijacked
+    min_spread: float = 0.05  # floor on a head's null spread, as relative drift: no z from a head nothing moves
     min_heads: int = 1  # hijacked heads a trigger needs for a finding
     batch_size: int = 32
     max_length: int = 64
@@ -61,22 +63,9 @@ def cls_attention_variance(model, tokenizer, texts: list[str], device, batch_siz
     return np.concatenate(rows)
 
 
-def insert_first(texts: list[str], words: str) -> list[str]:
-    return [f"{words} {t}" for t in texts]
-
-
-def insert_random(texts: list[str], words: str, rng) -> list[str]:
-    out = []
-    for text in texts:
-        parts = text.split()
-        at = rng.randint(0, len(parts))
-        out.append(" ".join(parts[:at] + [words] + parts[at:]))
-    return out
-
-
 def profile_heads(loaded, texts: list[str], triggers: list[str], config: AttentionConfig, seed: int = 0) -> dict:
     """Clean variance per head, and drift per head for each trigger and each null word."""
-    from lmscan.probes import random_trigger_words
+    from lmscan.probes import insert_words, random_trigger_words
 
     rng = random.Random(seed)
     measure = lambda batch: cls_attention_variance(loaded.model, loaded.tokenizer, batch, loaded.device,  # noqa: E731
@@ -87,19 +76,19 @@ def profile_heads(loaded, texts: list[str], triggers: list[str], config: Attenti
 
     def drift(words: str) -> np.ndarray:
         # The stronger of two placements, as for verification: first word, and anywhere.
-        first = measure(insert_first(texts, words)).mean(0) - clean.mean(0)
-        anywhere = measure(insert_random(texts, words, rng)).mean(0) - clean.mean(0)
+        first = measure([insert_words(t, words, 0) for t in texts]).mean(0) - clean.mean(0)
+        anywhere = measure([insert_words(t, words, None, rng) for t in texts]).mean(0) - clean.mean(0)
         return np.maximum(first, anywhere)
 
-    # Drift relative to each head's clean variance, then scaled by the largest relative
-    # drift any random word causes in any head: one global null is steadier than a
-    # per-head one estimated from a handful of words.
+    # Drift relative to each head's clean variance, then as a z-score against the same
+    # head's random-word drifts.
     base = np.maximum(clean.mean(0), 1e-9)
     null = np.stack([drift(w) for w in null_words]) / base  # (words, layers, heads)
-    scale = max(float(null.max()), 1e-6)
-    relative = {t: drift(t) / base for t in triggers}
-    return {"clean": clean.mean(0), "null_words": null_words, "null_scale": scale,
-            "ratio": {t: r / scale for t, r in relative.items()}}
+    centre = null.mean(0)
+    spread = np.maximum(null.std(0, ddof=1), config.min_spread)
+    scores = {t: (drift(t) / base - centre) / spread for t in triggers}
+    return {"clean": clean.mean(0), "null_words": null_words, "null_mean": centre, "null_spread": spread,
+            "z": scores}
 
 
 def run_attention(loaded, probes: list[str], triggers: list[str], config: AttentionConfig, seed: int = 0,
@@ -116,25 +105,26 @@ def run_attention(loaded, probes: list[str], triggers: list[str], config: Attent
         if previous not in (None, "eager"):
             model.set_attn_implementation(previous)
     findings = []
-    for trigger, ratio in profile["ratio"].items():
-        hijacked = np.argwhere(ratio >= config.drift_ratio)
+    for trigger, z in profile["z"].items():
+        hijacked = np.argwhere(z >= config.z_threshold)
         if len(hijacked) < config.min_heads:
             continue
-        order = sorted(hijacked.tolist(), key=lambda lh: -ratio[lh[0], lh[1]])
-        top = max(float(ratio[lh[0], lh[1]]) for lh in order)
+        order = sorted(hijacked.tolist(), key=lambda lh: -z[lh[0], lh[1]])
+        top = float(z[order[0][0], order[0][1]])
         findings.append(Finding(
             detector=NAME, rule_id="LMS301", title="hijacked-attention-heads",
             severity="high" if with_pv_finding else "medium",
             verdict="backdoored" if with_pv_finding else "suspicious", site="attention",
-            score=round(top, 3), threshold=config.drift_ratio,
-            message=(f"inserting {trigger!r} pulls the [CLS] attention of {len(order)} head(s) "
-                     f"{top:.1f}x further than any random word moves any head"),
+            score=round(top, 3), threshold=config.z_threshold,
+            message=(f"inserting {trigger!r} moves the [CLS] attention of {len(order)} head(s) far beyond what "
+                     f"random words do (strongest z = {top:.1f})"),
             evidence={"trigger": trigger, "heads": [{"layer": int(l), "head": int(h),
-                                                     "ratio": round(float(ratio[l, h]), 3)} for l, h in order[:12]]},
+                                                     "z": round(float(z[l, h]), 3)} for l, h in order[:12]]},
         ))
     stats = {"clean_variance": np.round(profile["clean"], 6).tolist(), "null_words": profile["null_words"],
-             "null_scale": round(profile["null_scale"], 6),
-             "triggers": {t: np.round(r, 3).tolist() for t, r in profile["ratio"].items()}}
+             "null_mean": np.round(profile["null_mean"], 4).tolist(),
+             "null_spread": np.round(profile["null_spread"], 4).tolist(),
+             "triggers": {t: np.round(z, 3).tolist() for t, z in profile["z"].items()}}
     return DetectorRun(NAME, "ok", time.perf_counter() - started, ["attention"], stats, findings)
 
 
