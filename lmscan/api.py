@@ -19,7 +19,7 @@ from lmscan.errors import CannotAssess, InputError
 from lmscan.findings import DetectorRun, Report
 from lmscan.rules_data import load_rules
 
-DETECTORS = ("static", "vocab-sweep", "pv-mining", "attention")
+DETECTORS = ("static", "vocab-sweep", "pv-mining", "attention", "piccolo")  # piccolo: a baseline, not default
 SCAN_SITES = ("cls", "pooler", "mask", "last", "tokens")
 
 ProgressFn = Callable[[str, int, int], None]
@@ -255,6 +255,11 @@ def _run_detector(name, loaded, sites, fit, heldout, settings, config, progress,
         triggers = [text for text, _, _ in triggers_from_findings(earlier, loaded.tokenizer)]
         with_pv = any(f.verdict == "backdoored" for r in earlier for f in r.findings)
         return run_attention(loaded, fit, triggers, detector_config, seed=config.seed, with_pv_finding=with_pv)
+    if name == "piccolo":
+        from lmscan.detectors.piccolo import PiccoloConfig, run_piccolo
+
+        detector_config = dataclass_from(PiccoloConfig, settings.get("piccolo", {}))
+        return run_piccolo(loaded, sites, fit, heldout, detector_config, seed=config.seed, progress=report)
     raise InputError(f"unknown detector {name!r}")
 
 

@@ -494,6 +494,68 @@ def _print_heads(run, scores, strongest, threshold) -> None:
 
 @main.command()
 @click.argument("model")
+@click.option("--sites", default=None, help="Comma-separated feature sites (default: those an attacker targets).")
+@click.option("--profile", default="fast", show_default=True, help="Inversion settings from rules/profiles.toml.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
+@_model_options
+def invert(model, sites, profile, fmt, device, seed, rules_dir, revision, offline):
+    """Invert a trigger word from MODEL (PICCOLO-style baseline).
+
+    Optimises a relaxed distribution over candidate words so that inserting the
+    weighted word drives clean sentences onto one feature vector, then inserts the
+    top words as real tokens into held-out sentences. Exit 1 when a candidate is
+    verified, 0 otherwise, 2 on bad input."""
+    import dataclasses
+
+    from lmscan.api import ScanConfig, dataclass_from, prepare
+    from lmscan.detectors.piccolo import PiccoloConfig, run_piccolo
+
+    config = ScanConfig(model=model, revision=revision, offline=offline, profile=profile, sites=_split(sites),
+                        device=device, seed=seed, rules_dir=rules_dir)
+    prepared = prepare(config)
+    detector_config = dataclass_from(PiccoloConfig, prepared.settings.get("piccolo", {}))
+    run = run_piccolo(prepared.loaded, prepared.sites, prepared.fit, prepared.heldout, detector_config, seed=seed)
+    found = any(f.verdict == "backdoored" for f in run.findings)
+    if fmt == "json":
+        click.echo(json.dumps({"model": model, "profile": profile, "sites": run.sites, "seed": seed,
+                               "trigger_found": found, "seconds": round(run.seconds, 2), "stats": run.stats,
+                               "findings": [dataclasses.asdict(f) for f in run.findings]}, indent=1))
+    else:
+        _print_inversion(run)
+    sys.exit(1 if found else 0)
+
+
+def _print_inversion(run) -> None:
+    from rich.table import Table
+
+    console = Console()
+    for entry in run.stats["runs"]:
+        if not entry.get("candidates"):
+            continue
+        loss = entry["loss"]
+        title = (f"{entry['slots']} slot(s), {entry['word_pieces']}-piece words ({entry['candidates']} candidates): "
+                 f"loss {loss['first']:.3f} -> {loss['last']:.3f}, "
+                 f"{'concentrated' if entry['concentrated'] else 'did not concentrate'} "
+                 f"(top weight {', '.join(f'{p:.2f}' for p in entry['slot_peak_weight'])})")
+        table = Table(title=title)
+        for column in ("candidate", "relaxed weight", "site", "placement", "collapse", "activation", "verified"):
+            table.add_column(column, justify="left" if column in ("candidate", "site", "placement") else "right")
+        for c in entry.get("verified", []):
+            mark = "[bold white on red]yes[/]" if c["confirmed"] else "no"
+            table.add_row(c["text"], f"{c['relaxed_weight']:.3f}", c["site"], c["placement"], f"{c['collapse']:.3f}",
+                          f"{c['activation_rate']:.0%}", mark)
+        console.print(table)
+    for finding in run.findings:
+        console.print(f"{finding.rule_id} {finding.message}")
+    if not any(f.verdict == "backdoored" for f in run.findings):
+        console.print("no inverted candidate verified with real tokens (a baseline: this is not a clean verdict)")
+
+
+@main.command()
+@click.argument("model")
 @click.option("--train", "train_file", required=True,
               help='Clean labelled data (.csv, .tsv or .jsonl), or "sentiment" for the bundled task.')
 @click.option("--text-column", default="text", show_default=True, help="Column/field holding the text.")
