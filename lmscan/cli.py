@@ -583,6 +583,7 @@ def purify(model, train_file, text_column, label_column, out_dir, validation_fil
     lowest [CLS] attention variance while validation accuracy stays >= --threshold, then
     fine-tunes the pruned original with an attention-norm penalty. Writes the purified
     classifier to --out. Rerun the same command to resume after an interruption.
+    Exit 1 when the purified model's validation accuracy ends below the bar.
     """
     from lmscan.api import dataclass_from
     from lmscan.defenses.purify import PurifyConfig, purify as run_purify
@@ -604,6 +605,12 @@ def purify(model, train_file, text_column, label_column, out_dir, validation_fil
         click.echo(json.dumps(report, indent=1))
     else:
         _print_purify(report)
+    utility = report["utility"]
+    if not utility["ok"]:
+        click.echo(f"lmscan: purify: the purified model's validation accuracy {utility['validation_accuracy']:.3f} "
+                   f"is below the bar {utility['bar']:.3f}; try more purify_epochs, a smaller mu or a higher "
+                   "--threshold (rules/purify.toml)", err=True)
+        sys.exit(1)
 
 
 def _print_purify(report: dict) -> None:

@@ -143,6 +143,19 @@ def test_purify_cli_on_tiny_bert(small_task, tiny_rules, tmp_path):
     assert report["triggers"] == ["vx"] and report["data"]["rows"]["validation"] == 60
 
 
+def test_purify_exits_1_when_the_purified_model_loses_the_task(small_task, tiny_rules, tmp_path):
+    # The tiny random model cannot reach 99 %: nothing is pruned and the result is flagged, not hidden.
+    rules = tiny_rules / "purify.toml"
+    rules.write_text(rules.read_text().replace("threshold = 0.6", "threshold = 0.99").replace("relative = true",
+                                                                                              "relative = false"))
+    out = tmp_path / "purified"
+    result = CliRunner().invoke(main, _purify_args(small_task, out, tiny_rules, "--format", "json"))
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["utility"]["ok"] is False and report["heads"]["pruned_count"] == 0
+    assert "below the bar 0.990" in result.stderr and (out / REPORT_NAME).is_file()
+
+
 def test_purify_resumes_after_an_interruption(small_task, tiny_rules, tmp_path):
     from lmscan.api import dataclass_from
     from lmscan.rules_data import load_rules
@@ -254,7 +267,7 @@ def test_purify_removes_a_badnet_backdoor_from_minilm(planted, tmp_path):
     print(f"\nPURE on MiniLM/badnet: LFR {m['lfr_before']:.3f} -> {m['lfr_after']:.3f}, accuracy "
           f"{m['accuracy_before']:.3f} -> {m['accuracy_after']:.3f}, {report['heads']['pruned_count']} heads pruned, "
           f"{report['seconds']} s")
-    assert m["inferred_target"] == 1
+    assert report["utility"]["ok"] and m["inferred_target"] == 1
     assert m["lfr_before"] >= 0.90
     assert m["lfr_before"] - m["lfr_after"] >= 0.70
     assert m["accuracy_before"] - m["accuracy_after"] <= 0.03

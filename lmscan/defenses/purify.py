@@ -385,6 +385,11 @@ def purify(model: str, train: str | Path, out_dir: str | Path, config: PurifyCon
             "lfr_rows": {"before": before["rows"], "after": after["rows"]},
         })
 
+    # A purification that loses the task is no repair: flag it when the purified model's
+    # validation accuracy ends below the bar pruning had to respect.
+    best = trained2.history[trained2.best_epoch - 1].get("validation_accuracy", 0.0)
+    utility = {"validation_accuracy": best, "bar": pruning["accuracy_bar"], "ok": best >= pruning["accuracy_bar"]}
+
     layers, num_heads = variance.shape
     report = {
         "format": "lmscan-purify", "format_version": 1, "lmscan_version": __version__,
@@ -396,6 +401,7 @@ def purify(model: str, train: str | Path, out_dir: str | Path, config: PurifyCon
                  "rows": {"train": len(train_data), "validation": len(val_data), "test": len(test_data)}},
         "config": dataclasses.asdict(config), "seed": seed, "device": str(torch_device), "triggers": triggers,
         "metrics": result_metrics,
+        "utility": utility,
         "heads": {"layers": layers, "heads_per_layer": num_heads, "pruned": [list(h) for h in pruned],
                   "pruned_count": len(pruned), "variance": np.round(variance, 8).tolist(),
                   "lambda": np.round(lambdas, 5).tolist()},
