@@ -635,6 +635,10 @@ def _print_purify(report: dict) -> None:
     console.print(f"pruned {heads['pruned_count']} of {heads['layers'] * heads['heads_per_layer']} heads"
                   f" (validation accuracy bar {report['pruning']['accuracy_bar']:.3f}): {pruned or 'none'}")
     console.print("layer weights lambda: " + " ".join(f"{v:.2f}" for v in heads["lambda"]))
+    attempts = report["step2"]["attempts"]
+    if len(attempts) > 1:
+        console.print("step 2 retried with a smaller mu: " + ", ".join(
+            f"mu {a['mu']:g} -> validation accuracy {a['validation_accuracy']:.3f}" for a in attempts))
 
 
 @main.group()

@@ -153,6 +153,7 @@ def test_purify_exits_1_when_the_purified_model_loses_the_task(small_task, tiny_
     assert result.exit_code == 1, result.output
     report = json.loads(result.stdout)
     assert report["utility"]["ok"] is False and report["heads"]["pruned_count"] == 0
+    assert [a["mu"] for a in report["step2"]["attempts"]] == [0.15, 0.0375, 0.0]  # backed off, then gave up
     assert "below the bar 0.990" in result.stderr and (out / REPORT_NAME).is_file()
 
 

@@ -10,7 +10,10 @@ Step 1  fine-tune the (possibly backdoored) encoder θ_p with a new head on the 
 Step 2  prune the same heads from the ORIGINAL θ_p, add a new head and fine-tune with
         CE + μ·Σ_l λ_l·Σ_{h remaining} ‖A_h^l[CLS]‖₂ (batch mean), where
         λ_l = −log2(mean variance of layer l's remaining heads), min-max scaled to [0, 1];
-        keep the epoch with the best validation accuracy → f_c.
+        keep the epoch with the best validation accuracy → f_c. If even that epoch is below
+        the accuracy bar, step 2 is rerun with the smaller μ values of ``mu_fallbacks`` (the
+        last, 0, is the paper's prune-only ablation): the paper chose μ by clean validation
+        accuracy too.
 
 Pruning without `prune_heads` (gone in transformers 5): a head's slice of the value
 projection (weight rows and bias) and the matching input columns of the attention
@@ -75,6 +78,7 @@ class PurifyConfig:
     threshold: float = 0.85  # c: keep pruning while validation accuracy >= c
     relative: bool = False  # c is a fraction of the unpruned model's validation accuracy
     mu: float = 0.15  # weight of the attention-norm term
+    mu_fallbacks: tuple[float, ...] = (0.0375, 0.0)  # step 2 ended below the accuracy bar: retry with these
     finetune_epochs: int = 1  # step 1 (vanilla fine-tune)
     purify_epochs: int = 2  # step 2 (attention normalisation)
     batch_size: int = 32
@@ -350,15 +354,27 @@ def purify(model: str, train: str | Path, out_dir: str | Path, config: PurifyCon
     # Step 2: pruned θ_p + new head, fine-tuned with the attention-norm term.
     keep = remaining_mask(variance.shape, pruned)
     lambdas = layer_coefficients(variance, keep)
-    torch.manual_seed(seed + 2)
-    f_c = build_classifier(loaded, num_labels, data.label_names)
-    heads = HeadPruning(f_c, pruned)
-    heads.apply()
+    # The paper picks mu by clean validation accuracy; lmscan does the same downward: when the
+    # norm term keeps the pruned model from learning the task (validation accuracy below the
+    # bar), step 2 is rerun with the next, smaller mu.
     settings2 = dataclasses.replace(settings, epochs=config.purify_epochs)
-    trained2 = train_classifier(f_c, tokenizer, train_data, settings2, torch_device, seed + 2, validation=val_data,
-                                extra_loss=attention_norm_loss(lambdas, keep, config.mu) if config.mu > 0 else None,
-                                after_step=heads.apply, progress=bar("step 2: attention normalisation"))
-    heads.apply()
+    attempts = []
+    for attempt, mu in enumerate([config.mu, *config.mu_fallbacks]):
+        torch.manual_seed(seed + 2)
+        f_c = build_classifier(loaded, num_labels, data.label_names)
+        heads = HeadPruning(f_c, pruned)
+        heads.apply()
+        phase = "step 2: attention normalisation" + (f" (retry, mu {mu:.3g})" if attempt else "")
+        trained2 = train_classifier(f_c, tokenizer, train_data, settings2, torch_device, seed + 2,
+                                    validation=val_data,
+                                    extra_loss=attention_norm_loss(lambdas, keep, mu) if mu > 0 else None,
+                                    after_step=heads.apply, progress=bar(phase))
+        heads.apply()
+        best = trained2.history[trained2.best_epoch - 1].get("validation_accuracy", 0.0)
+        attempts.append({"mu": round(mu, 6), "validation_accuracy": best, "best_epoch": trained2.best_epoch,
+                         "history": trained2.history, "seconds": trained2.seconds})
+        if best >= pruning["accuracy_bar"]:
+            break
 
     # Before / after on the test split.
     measure = dict(device=torch_device, max_length=config.max_length)
@@ -387,8 +403,8 @@ def purify(model: str, train: str | Path, out_dir: str | Path, config: PurifyCon
 
     # A purification that loses the task is no repair: flag it when the purified model's
     # validation accuracy ends below the bar pruning had to respect.
-    best = trained2.history[trained2.best_epoch - 1].get("validation_accuracy", 0.0)
-    utility = {"validation_accuracy": best, "bar": pruning["accuracy_bar"], "ok": best >= pruning["accuracy_bar"]}
+    utility = {"validation_accuracy": best, "bar": pruning["accuracy_bar"], "ok": best >= pruning["accuracy_bar"],
+               "mu": round(mu, 6)}
 
     layers, num_heads = variance.shape
     report = {
@@ -407,7 +423,8 @@ def purify(model: str, train: str | Path, out_dir: str | Path, config: PurifyCon
                   "lambda": np.round(lambdas, 5).tolist()},
         "pruning": pruning,
         "step1": step1,
-        "step2": {"history": trained2.history, "best_epoch": trained2.best_epoch, "seconds": trained2.seconds},
+        "step2": {"mu": round(mu, 6), "history": trained2.history, "best_epoch": trained2.best_epoch,
+                  "seconds": round(sum(a["seconds"] for a in attempts), 2), "attempts": attempts},
         "resumed": resumed,
         "seconds": round(time.perf_counter() - started, 2),
     }
