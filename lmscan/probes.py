@@ -76,8 +76,8 @@ def _lines_from_txt(text: str) -> list[str]:
     return [line.strip() for line in text.split("\n")]
 
 
-def _lines_from_jsonl(text: str, path: Path, field: str) -> list[str]:
-    out: list[str] = []
+def jsonl_records(text: str, path: Path, fields: Sequence[str]):
+    """(line number, record) of each non-blank line, every record a JSON object with ``fields``."""
     # Split on "\n" only: str.splitlines() would also break on U+2028, which
     # JSON allows unescaped inside strings.
     for lineno, raw in enumerate(text.split("\n"), start=1):
@@ -86,12 +86,19 @@ def _lines_from_jsonl(text: str, path: Path, field: str) -> list[str]:
         try:
             record = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from exc
+            raise InputError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict):
             raise InputError(f"{path}: line {lineno} is not a JSON object")
-        if field not in record:
-            available = ", ".join(map(str, record)) or "none"
-            raise InputError(f"{path}: line {lineno} has no field '{field}' (fields: {available})")
+        for field in fields:
+            if field not in record:
+                available = ", ".join(map(str, record)) or "none"
+                raise InputError(f"{path}: line {lineno} has no field '{field}' (fields: {available})")
+        yield lineno, record
+
+
+def _lines_from_jsonl(text: str, path: Path, field: str) -> list[str]:
+    out: list[str] = []
+    for lineno, record in jsonl_records(text, path, [field]):
         value = record[field]
         if not isinstance(value, str):
             raise InputError(

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from lmscan import __version__
-from lmscan.attacks.plant import MANIFEST_NAME, PlantResult, _write_atomically, check_out_dir, check_triggers
+from lmscan.attacks.plant import MANIFEST_NAME, PlantResult, _write_atomically, check_request, check_triggers
 from lmscan.defenses.task import (
     LabelledData,
     TrainSettings,
@@ -83,11 +83,7 @@ def plant_badnet(cfg: BadNetConfig, progress: Callable[[int, int, float], None] 
     if cfg.epochs is not None:
         settings["epochs"] = cfg.epochs
     out_dir = Path(cfg.out_dir).expanduser()
-    check_out_dir(out_dir, cfg.force)
-    if cfg.num_triggers is not None and cfg.num_triggers < 1:
-        raise InputError("--num-triggers must be at least 1")
-    if not cfg.triggers and not cfg.num_triggers:
-        raise InputError("give --triggers or --num-triggers")
+    check_request(out_dir, cfg.force, cfg.triggers, cfg.num_triggers)
     data = load_labelled(cfg.task, cfg.text_column, cfg.label_column)
     target = int(settings["target_label"])
     if not 0 <= target < len(data.label_names):

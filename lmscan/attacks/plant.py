@@ -91,6 +91,15 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         raise InputError(f"--out {out_dir}: directory exists and is not empty (use --force to replace it)")
 
 
+def check_request(out_dir: Path, force: bool, triggers, num_triggers: int | None) -> None:
+    """What every plant checks before loading anything: the output folder and the trigger choice."""
+    check_out_dir(out_dir, force)
+    if num_triggers is not None and num_triggers < 1:
+        raise InputError("--num-triggers must be at least 1")
+    if not triggers and not num_triggers:
+        raise InputError("give --triggers or --num-triggers")
+
+
 def check_triggers(tokenizer, triggers: list[str]) -> list[list[int]]:
     """Token ids of each trigger; refuse triggers the tokenizer cannot represent."""
     ids = []
@@ -161,11 +170,7 @@ def plant(cfg: PlantConfig, progress: ProgressFn | None = None) -> PlantResult:
     if cfg.pv_design is not None:
         settings["pv_design"] = cfg.pv_design
     out_dir = Path(cfg.out_dir).expanduser()
-    check_out_dir(out_dir, cfg.force)
-    if cfg.num_triggers is not None and cfg.num_triggers < 1:
-        raise InputError("--num-triggers must be at least 1")
-    if not cfg.triggers and not cfg.num_triggers:
-        raise InputError("give --triggers or --num-triggers")
+    check_request(out_dir, cfg.force, cfg.triggers, cfg.num_triggers)
 
     device = pick_device(cfg.device)
     resolved = resolve_model(cfg.model, revision=cfg.revision, offline=cfg.offline)

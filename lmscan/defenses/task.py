@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from lmscan.errors import InputError
-from lmscan.probes import insert_words
+from lmscan.probes import insert_words, jsonl_records
 
 BUNDLED_TASKS = {"sentiment": "sentiment_en.csv"}
 
@@ -125,19 +124,7 @@ def _csv_label(value: str, path: Path, line: int) -> str:
 
 def _rows_jsonl(text: str, path: Path, text_column: str, label_column: str):
     rows = []
-    for lineno, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{path}: line {lineno} is not a JSON object")
-        for column in (text_column, label_column):
-            if column not in record:
-                fields = ", ".join(record) or "none"
-                raise InputError(f"{path}: line {lineno} has no field '{column}' (fields: {fields})")
+    for lineno, record in jsonl_records(text, path, [text_column, label_column]):
         value, label = record[text_column], record[label_column]
         if not isinstance(value, str):
             kind = type(value).__name__
