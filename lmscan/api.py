@@ -117,7 +117,7 @@ def scan(config: ScanConfig, progress: ProgressFn | None = None) -> Report:
     t0 = time.perf_counter()
     policy = load_policy(config.rules_dir)
     prepared = prepare(config)
-    settings, sites, loaded = prepared.settings, prepared.sites, prepared.loaded
+    settings, sites = prepared.settings, prepared.sites
     detectors = list(config.detectors or settings["detectors"])
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown:
