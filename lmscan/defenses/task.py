@@ -199,15 +199,20 @@ def _encode(tokenizer, texts, max_length: int, device):
 
 
 @torch.no_grad()
-def predict(model, tokenizer, texts: Sequence[str], device, max_length: int, batch_size: int = 64) -> np.ndarray:
+def predict_logits(model, tokenizer, texts: Sequence[str], device, max_length: int, batch_size: int = 64) -> np.ndarray:
+    """Classifier logits, one row per text (float32, shape (n, num_labels))."""
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(texts), batch_size):
         enc = _encode(tokenizer, texts[start : start + batch_size], max_length, device)
-        out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.argmax(-1).cpu())
+        out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().cpu())
     model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+    return torch.cat(out).numpy() if out else np.zeros((0, model.config.num_labels), dtype=np.float32)
+
+
+def predict(model, tokenizer, texts: Sequence[str], device, max_length: int, batch_size: int = 64) -> np.ndarray:
+    return predict_logits(model, tokenizer, texts, device, max_length, batch_size).argmax(-1).astype(np.int64)
 
 
 def accuracy(model, tokenizer, data: LabelledData, device, max_length: int, batch_size: int = 64) -> float:
@@ -237,16 +242,24 @@ ExtraLoss = Callable[[object, torch.Tensor], torch.Tensor]  # (model outputs, at
 def train_classifier(model, tokenizer, train: LabelledData, settings: TrainSettings, device, seed: int,
                      validation: LabelledData | None = None, extra_loss: ExtraLoss | None = None,
                      after_step: Callable[[], None] | None = None,
-                     progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
-    """Fine-tune the whole model with Adam; with ``validation``, keep the epoch with the best accuracy."""
+                     progress: Callable[[int, int, float], None] | None = None,
+                     parameters: Sequence[torch.nn.Parameter] | None = None,
+                     before_step: Callable[[int, int], None] | None = None) -> TrainResult:
+    """Fine-tune with Adam; with ``validation``, keep the epoch with the best accuracy.
+
+    By default the whole model trains. ``parameters`` restricts training to those (a PEFT
+    adapter: the rest keeps its ``requires_grad`` as it is). ``before_step(done, total)`` runs
+    between ``backward`` and the optimiser step, where it may rewrite the gradients."""
     import time  # noqa: PLC0415
 
     started = time.perf_counter()
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model.train()
-    model.requires_grad_(True)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate)
+    if parameters is None:
+        model.requires_grad_(True)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(list(parameters), lr=settings.learning_rate)
     per_epoch = (len(train) + settings.batch_size - 1) // settings.batch_size
     total, done = per_epoch * settings.epochs, 0
     result = TrainResult()
@@ -266,6 +279,8 @@ def train_classifier(model, tokenizer, train: LabelledData, settings: TrainSetti
                 loss = loss + extra_loss(outputs, enc["attention_mask"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if before_step is not None:
+                before_step(done, total)
             optimizer.step()
             if after_step is not None:
                 after_step()
