@@ -656,5 +656,12 @@ def cache_clear():
     click.echo(f"removed {removed} cached result(s)")
 
 
+# Training-time defences (Obliviate, MuScleLoRA, PSIM): their commands live in lmscan/defenses/commands.py.
+from lmscan.defenses.commands import finetune as _finetune_command, psim as _psim_group  # noqa: E402
+
+main.add_command(_finetune_command)
+main.add_command(_psim_group)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,203 @@
+"""PSIM (seed 001): a Poisoned Sample Identification Module for inference time.
+
+Train: a PEFT classifier (LoRA, frozen suspect encoder, new head) on the defender's clean
+data with every label *randomly reset* (uniform over the classes, seeded). It cannot learn
+the task from shuffled labels, so on clean text its confidence stays near chance; a
+backdoor trigger, which the frozen weights still tie to one output, pushes the confidence up.
+
+Filter: an input whose highest class probability exceeds the threshold is flagged as
+poisoned. The paper's γ = 0.7 is for two classes; for K classes the same share of the
+distance between chance and certainty is used: threshold = 1/K + (1 − 1/K)·(γ − ½)/½.
+
+``psim train`` writes the adapter (peft format), the tokenizer and ``psim.json`` (base model,
+classes, threshold, settings, and the flag rate on held-out clean rows); ``psim filter`` and
+``PsimFilter`` read them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lmscan import __version__
+from lmscan.errors import InputError
+
+MANIFEST_NAME = "psim.json"
+
+
+@dataclass
+class PsimConfig:
+    gamma: float = 0.7  # confidence threshold for two classes (paper: 0.7)
+    kind: str = "lora"
+    r: int = 16
+    alpha: int = 16
+    targets: tuple[str, ...] = ("query", "value")
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    max_length: int = 48
+    heldout_fraction: float = 0.15  # clean rows kept out of training to report the clean flag rate
+    eval_batch_size: int = 64
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if not 0.5 <= self.gamma < 1.0:
+            raise InputError(f"psim gamma must be in [0.5, 1), got {self.gamma}")
+
+    def peft_settings(self):
+        from lmscan.defenses.peft_train import PeftSettings  # noqa: PLC0415
+
+        return PeftSettings(kind=self.kind, r=self.r, alpha=self.alpha, targets=self.targets, epochs=self.epochs,
+                            batch_size=self.batch_size, learning_rate=self.learning_rate, max_length=self.max_length,
+                            eval_batch_size=self.eval_batch_size)
+
+
+def scaled_threshold(gamma: float, num_labels: int) -> float:
+    """γ is for two classes; keep the same fraction of the way from chance (1/K) to certainty."""
+    chance = 1.0 / num_labels
+    return chance + (1.0 - chance) * (gamma - 0.5) / 0.5
+
+
+def reset_labels(labels: Sequence[int], num_labels: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(num_labels) for _ in labels]
+
+
+def confidences(model, tokenizer, texts: Sequence[str], device, max_length: int,
+                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(highest class probability, its class) per text."""
+    from lmscan.defenses.task import predict_logits  # noqa: PLC0415
+
+    logits = predict_logits(model, tokenizer, texts, device, max_length, batch_size)
+    probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+    return probs.max(axis=1), probs.argmax(axis=1)
+
+
+@dataclass
+class PsimResult:
+    out_dir: Path
+    manifest: dict
+
+
+def train_psim(model: str, train: str | Path, out_dir: str | Path, config: PsimConfig | None = None, *,
+               text_column: str = "text", label_column: str = "label", triggers: Sequence[str] | None = None,
+               device: str = "auto", seed: int = 0, force: bool = False, revision: str | None = None,
+               offline: bool | None = None, rules_dir: str | Path | None = None, progress=None) -> PsimResult:
+    """Train a PSIM for ``model`` on clean labelled ``train`` data; write it to ``out_dir``."""
+    from lmscan.attacks.plant import check_triggers  # noqa: PLC0415
+    from lmscan.defenses.peft_train import (  # noqa: PLC0415
+        attach_peft,
+        check_out_dir,
+        load_base,
+        settings_from_rules,
+        train_peft,
+        write_adapter,
+    )
+    from lmscan.defenses.task import LabelledData, load_labelled, split_indices  # noqa: PLC0415
+    from lmscan.probes import insert_words  # noqa: PLC0415
+
+    started = time.perf_counter()
+    config = config or settings_from_rules(PsimConfig, "psim", rules_dir)
+    settings = config.peft_settings()
+    out_dir = Path(out_dir).expanduser()
+    check_out_dir(out_dir, force)
+    data = load_labelled(train, text_column, label_column)
+    num_labels = len(data.label_names)
+    fit_idx, heldout_idx = split_indices(len(data), [1.0 - config.heldout_fraction], seed)
+    if len(fit_idx) < 2 or len(heldout_idx) < 2:
+        raise InputError(f"too few rows ({len(data)}) to train a PSIM and hold some out; give more data")
+    fit = data.subset(fit_idx)
+    heldout = data.subset(heldout_idx)
+    reset = LabelledData(fit.texts, reset_labels(fit.labels, num_labels, seed + 5), fit.label_names, fit.source)
+    trigger_list = list(dict.fromkeys(t.strip() for t in (triggers or []) if t.strip()))
+
+    base = load_base(model, device, seed, revision, offline, what="psim")
+    if trigger_list:
+        check_triggers(base.tokenizer, trigger_list)
+    psim = attach_peft(base.classifier(num_labels, data.label_names, seed), settings)
+    trained = train_peft(psim, base, reset, settings, seed, progress=progress, phase="psim (reset labels)")
+
+    threshold = scaled_threshold(config.gamma, num_labels)
+    conf, _ = confidences(psim, base.tokenizer, heldout.texts, base.device, config.max_length, config.eval_batch_size)
+    calibration = {"heldout_rows": len(heldout), "clean_flag_rate": round(float((conf > threshold).mean()), 5),
+                   "clean_confidence": _summary(conf)}
+    if trigger_list:
+        calibration["triggered"] = {}
+        for k, trigger in enumerate(trigger_list):
+            rng = random.Random(seed * 1000 + k)
+            texts = [insert_words(t, trigger, None, rng) for t in heldout.texts]
+            hit, _ = confidences(psim, base.tokenizer, texts, base.device, config.max_length, config.eval_batch_size)
+            calibration["triggered"][trigger] = {"flag_rate": round(float((hit > threshold).mean()), 5),
+                                                 "confidence": _summary(hit)}
+    manifest = {
+        "format": "lmscan-psim", "format_version": 1, "lmscan_version": __version__,
+        "method": "PSIM (PEFT classifier on randomly reset labels; flag confidence > threshold)",
+        "model": base.identity(), "labels": data.label_names, "num_labels": num_labels,
+        "gamma": config.gamma, "threshold": round(threshold, 6), "max_length": config.max_length, "seed": seed,
+        "data": {"train": str(train), "text_column": text_column, "label_column": label_column,
+                 "rows": {"train": len(fit), "heldout": len(heldout)}},
+        "config": dataclasses.asdict(config), "calibration": calibration, "history": trained.history,
+        "train_seconds": trained.seconds, "device": str(base.device), "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_adapter(psim, base, out_dir, MANIFEST_NAME, manifest)
+    return PsimResult(out_dir=out_dir, manifest=manifest)
+
+
+def _summary(values: np.ndarray) -> dict:
+    return {"mean": round(float(values.mean()), 5), "p50": round(float(np.median(values)), 5),
+            "p95": round(float(np.quantile(values, 0.95)), 5), "max": round(float(values.max()), 5)}
+
+
+@dataclass
+class PsimVerdict:
+    flagged: bool
+    confidence: float
+    label: str
+
+
+class PsimFilter:
+    """A trained PSIM: ``PsimFilter.load(DIR).check(texts)`` flags the inputs a backdoor fires on."""
+
+    def __init__(self, model, tokenizer, manifest: dict, device, threshold: float):
+        self.model, self.tokenizer, self.manifest = model, tokenizer, manifest
+        self.device, self.threshold = device, threshold
+
+    @classmethod
+    def load(cls, psim_dir: str | Path, device: str = "auto", gamma: float | None = None,
+             model: str | None = None) -> PsimFilter:
+        from lmscan.defenses.peft_train import load_adapter, load_base  # noqa: PLC0415
+
+        psim_dir = Path(psim_dir).expanduser()
+        path = psim_dir / MANIFEST_NAME
+        if not path.is_file():
+            raise InputError(f"--psim {psim_dir}: no {MANIFEST_NAME} here (train one with `lmscan psim train`)")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: not a PSIM manifest ({exc})") from None
+        if manifest.get("format") != "lmscan-psim":
+            raise InputError(f"{path}: not a PSIM manifest (format {manifest.get('format')!r})")
+        if gamma is not None and not 0.5 <= gamma < 1.0:
+            raise InputError(f"--gamma must be in [0.5, 1), got {gamma}")
+        base = load_base(model or manifest["model"]["ref"], device, int(manifest.get("seed", 0)), what="psim")
+        if base.resolved.model_sha256 != manifest["model"]["model_sha256"]:
+            raise InputError(f"--psim {psim_dir} was trained on other weights than {base.ref} "
+                             f"(sha256 {manifest['model']['model_sha256'][:12]}, not "
+                             f"{base.resolved.model_sha256[:12]})")
+        net = load_adapter(base, psim_dir, int(manifest["num_labels"]), manifest["labels"], int(manifest["seed"]))
+        threshold = manifest["threshold"] if gamma is None else scaled_threshold(gamma, int(manifest["num_labels"]))
+        return cls(net, base.tokenizer, manifest, base.device, float(threshold))
+
+    def check(self, texts: Sequence[str], batch_size: int = 64) -> list[PsimVerdict]:
+        conf, label = confidences(self.model, self.tokenizer, list(texts), self.device,
+                                  int(self.manifest["max_length"]), batch_size)
+        names = self.manifest["labels"]
+        return [PsimVerdict(bool(c > self.threshold), round(float(c), 5), names[int(k)]) for c, k in zip(conf, label)]
