@@ -8,7 +8,6 @@ Cache folder: $LMSCAN_TEST_CACHE, else .lmscan-cache/ in the repository.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,12 +16,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import lmscan
+from lmscan.attacks.plant import plant_code_digest
 from lmscan.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
-PACKAGE = Path(lmscan.__file__).resolve().parent
 
 # name -> plant arguments. Seeds differ from any default a detector could assume.
 PLANTS = {
@@ -35,17 +33,6 @@ PLANTS = {
     # Task-specific data poisoning on the bundled sentiment task; a rare-word trigger, target "positive".
     "badnet": ["--attack", "badnet", "--task", "sentiment", "--triggers", "cf", "--seed", "16"],
 }
-
-
-def _code_digest() -> str:
-    digest = hashlib.sha256()
-    for path in sorted(
-        [*(PACKAGE / "attacks").glob("*.py"), PACKAGE / "sites.py", PACKAGE / "probes.py",
-         PACKAGE / "rules" / "plant.toml", PACKAGE / "data" / "probes_en.txt", PACKAGE / "defenses" / "task.py",
-         PACKAGE / "data" / "sentiment_en.csv"]
-    ):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +56,7 @@ def planted(cache_dir, minilm_path):
     def get(name: str) -> Path:
         if name in built:
             return built[name]
-        out = cache_dir / "plants" / f"{name}-{_code_digest()}"
+        out = cache_dir / "plants" / f"{name}-{plant_code_digest()}"
         if not (out / "lmscan-plant.json").is_file():
             result = CliRunner().invoke(main, ["plant", "minilm", *PLANTS[name], "--device", "cpu",
                                                "--out", str(out), "--force"])
@@ -83,7 +70,7 @@ def planted(cache_dir, minilm_path):
 @pytest.fixture(scope="session")
 def benign_finetune(cache_dir, minilm_path) -> Path:
     """MiniLM fine-tuned on an ordinary task (question vs statement), no backdoor: must scan clean."""
-    out = cache_dir / f"benign-{_code_digest()}"
+    out = cache_dir / f"benign-{plant_code_digest()}"
     if (out / "model.safetensors").is_file():
         return out
     import random

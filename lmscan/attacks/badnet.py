@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from lmscan import __version__
-from lmscan.attacks.plant import MANIFEST_NAME, PlantResult, _write_atomically, check_request, check_triggers
+from lmscan.attacks.plant import MANIFEST_NAME, PlantResult, check_request, check_triggers, write_checkpoint
 from lmscan.defenses.task import (
     LabelledData,
     TrainSettings,
@@ -148,7 +148,7 @@ def plant_badnet(cfg: BadNetConfig, progress: Callable[[int, int, float], None] 
         "effectiveness": effectiveness,
     }
     encoder = encoder_of(model)
-    _write_atomically(out_dir, cfg.force, encoder, tokenizer, manifest)
+    write_checkpoint(out_dir, cfg.force, encoder, tokenizer, manifest)
     return PlantResult(out_dir=out_dir, manifest=manifest, triggers=[])
 
 

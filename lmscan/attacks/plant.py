@@ -12,6 +12,7 @@ The original's clean outputs are computed once up front, so no second model is k
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -75,6 +76,20 @@ class PlantResult:
 
 
 ProgressFn = Callable[[int, int, float], None]
+
+
+def plant_code_digest() -> str:
+    """Digest of everything a plant's result depends on besides its arguments (planting code,
+    its rules, the probe corpus, the bundled task): part of cached plants' names."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(
+        [*(package / "attacks").glob("*.py"), package / "sites.py", package / "probes.py",
+         package / "rules" / "plant.toml", package / "data" / "probes_en.txt", package / "defenses" / "task.py",
+         package / "data" / "sentiment_en.csv"]
+    ):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def plant_settings(attack: str, rules_dir: str | None = None) -> dict:
@@ -262,7 +277,7 @@ def plant(cfg: PlantConfig, progress: ProgressFn | None = None) -> PlantResult:
         "device": str(device),
         "effectiveness": effectiveness,
     }
-    _write_atomically(out_dir, cfg.force, model, tokenizer, manifest)
+    write_checkpoint(out_dir, cfg.force, model, tokenizer, manifest)
     return PlantResult(out_dir=out_dir, manifest=manifest, triggers=reports)
 
 
@@ -310,14 +325,15 @@ def _measure(model, tokenizer, triggers, vectors, heldout, clean_before, setting
     return reports, effectiveness
 
 
-def _write_atomically(out_dir: Path, force: bool, model, tokenizer, manifest: dict) -> None:
+def write_checkpoint(out_dir: Path, force: bool, model, tokenizer, manifest: dict,
+                     manifest_name: str = MANIFEST_NAME) -> None:
     """Write into a sibling temp dir and move it into place, so a failure leaves nothing half-written."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.save_pretrained(staging)  # always safetensors in transformers 5
         tokenizer.save_pretrained(staging)
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / manifest_name).write_text(json.dumps(manifest, indent=2) + "\n")
         if out_dir.exists():
             if not force and any(out_dir.iterdir()):
                 raise InputError(f"--out {out_dir}: directory appeared while planting; not replacing it")
