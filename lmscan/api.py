@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,6 +32,7 @@ class ScanConfig:
     revision: str | None = None
     offline: bool | None = None
     profile: str = "fast"
+    engine: str = "fast"  # how PV mining is scheduled (rules/engines.toml); "reference" = the paper's schedule
     detectors: list[str] | None = None  # None: the profile's list
     sites: list[str] | None = None  # None: the sites the architecture offers an attacker
     device: str = "auto"
@@ -41,26 +43,38 @@ class ScanConfig:
     settings: dict = field(default_factory=dict)  # resolved profile settings (filled by scan)
 
 
-def profile_settings(profile: str, model_type: str | None, rules_dir: str | None = None) -> dict:
-    """The profile's table with its per-architecture override applied."""
+def profile_settings(profile: str, model_type: str | None, rules_dir: str | None = None,
+                     engine: str = "fast") -> dict:
+    """The profile's table with its per-architecture override and the engine's table applied."""
     profiles = load_rules("profiles", rules_dir)
     if profile not in profiles:
         raise InputError(f"unknown profile {profile!r} (available: {', '.join(profiles)})")
+    engines = load_rules("engines", rules_dir)
+    if engine not in engines:
+        raise InputError(f"unknown engine {engine!r} (available: {', '.join(engines)})")
     settings = {k: v for k, v in profiles[profile].items() if k != "arch"}
-    override = profiles[profile].get("arch", {}).get(model_type or "", {})
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(settings.get(key), dict):
-            settings[key] = {**settings[key], **value}
-        else:
-            settings[key] = value
+    overrides = [profiles[profile].get("arch", {}).get(model_type or "", {}),
+                 {k: v for k, v in engines[engine].items() if k != "description"}]
+    for override in overrides:
+        for key, value in override.items():
+            if isinstance(value, dict) and isinstance(settings.get(key), dict):
+                settings[key] = {**settings[key], **value}
+            else:
+                settings[key] = value
     return settings
 
 
-def _probe_sets(config: ScanConfig, settings: dict) -> tuple[list[str], list[str]]:
+def _probe_sets(config: ScanConfig, settings: dict) -> tuple[list[str], list[str], list[str]]:
+    """Fit and held-out sentences, and the unused rest (spares a longer schedule may train on)."""
     from lmscan.probes import load_builtin_probes, load_probe_file, split_probes
 
     sentences = load_probe_file(config.probes_file, config.text_column) if config.probes_file else load_builtin_probes()
-    return split_probes(sentences, int(settings["probe_fit"]), int(settings["probe_heldout"]), seed=config.seed)
+    fit, heldout = split_probes(sentences, int(settings["probe_fit"]), int(settings["probe_heldout"]),
+                                seed=config.seed)
+    used = set(fit) | set(heldout)
+    spare = [s for s in dict.fromkeys(sentences) if s not in used]
+    random.Random(config.seed).shuffle(spare)
+    return fit, heldout, spare
 
 
 def _versions() -> dict:
@@ -83,6 +97,7 @@ class Prepared:
     fit: list[str]
     heldout: list[str]
     load_seconds: float
+    spare: list[str] = field(default_factory=list)  # probes in neither set
 
 
 def prepare(config: ScanConfig) -> Prepared:
@@ -93,10 +108,11 @@ def prepare(config: ScanConfig) -> Prepared:
     device = pick_device(config.device)
     resolved = resolve_model(config.model, revision=config.revision, offline=config.offline)
     loaded = load_model(resolved, device=str(device))
-    settings = profile_settings(config.profile, loaded.arch.model_type, config.rules_dir)
+    settings = profile_settings(config.profile, loaded.arch.model_type, config.rules_dir, config.engine)
     sites = _pick_sites(config.sites, loaded.arch)
-    fit, heldout = _probe_sets(config, settings)
-    return Prepared(resolved, loaded, device, settings, sites, fit, heldout, round(time.perf_counter() - t0, 2))
+    fit, heldout, spare = _probe_sets(config, settings)
+    return Prepared(resolved, loaded, device, settings, sites, fit, heldout, round(time.perf_counter() - t0, 2),
+                    spare)
 
 
 def model_info(prepared: Prepared) -> dict:
@@ -199,8 +215,7 @@ def _run_with_memory_fallback(name, prepared: Prepared, config, progress, earlie
     notes: list[str] = []
     for attempt in range(4):
         try:
-            run = _run_detector(name, prepared.loaded, prepared.sites, prepared.fit, prepared.heldout,
-                                prepared.settings, config, progress, earlier)
+            run = _run_detector(name, prepared, config, progress, earlier)
             run.note = "; ".join([*notes, run.note] if run.note else notes)
             return run
         except torch.cuda.OutOfMemoryError:
@@ -226,7 +241,10 @@ def _warn(message: str) -> None:
     print(f"lmscan: warning: {message}", file=sys.stderr)
 
 
-def _run_detector(name, loaded, sites, fit, heldout, settings, config, progress, earlier) -> DetectorRun:
+def _run_detector(name, prepared: Prepared, config, progress, earlier) -> DetectorRun:
+    loaded, sites, fit, heldout, settings = (prepared.loaded, prepared.sites, prepared.fit, prepared.heldout,
+                                             prepared.settings)
+
     def report(done, total, _loss=0.0, _found=0):
         if progress is not None:
             progress(name, done, total)
@@ -245,6 +263,12 @@ def _run_detector(name, loaded, sites, fit, heldout, settings, config, progress,
         from lmscan.detectors.verify import triggers_from_findings
 
         detector_config = dataclass_from(PVMiningConfig, settings.get("pv-mining", {}))
+        wanted = detector_config.fit_sentences
+        if wanted > len(fit) + len(prepared.spare):
+            raise InputError(f"pv-mining wants {wanted} fit sentences but only {len(fit) + len(prepared.spare)} "
+                             "probe sentences are left after the held-out set")
+        if wanted:
+            fit = (fit + prepared.spare)[:wanted]
         return run_pv_mining(loaded, sites, fit, heldout, detector_config, seed=config.seed, progress=report,
                              known_triggers=triggers_from_findings(earlier, loaded.tokenizer))
     if name == "attention":

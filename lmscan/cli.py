@@ -145,6 +145,8 @@ def _plant_badnet(model, trigger_list, num_triggers, out_dir, seed, scale_embedd
 @main.command()
 @click.argument("model")
 @click.option("--profile", default=None, help="Scan profile from rules/profiles.toml: fast, standard, thorough.")
+@click.option("--engine", default=None,
+              help="How PV mining is scheduled (rules/engines.toml): fast (default) or reference (the paper's).")
 @click.option("--detectors", default=None, help="Comma-separated detectors (default: the profile's).")
 @click.option("--sites", default=None, help="Comma-separated feature sites (default: those an attacker targets).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "sarif"]), default="text", show_default=True)
@@ -161,7 +163,7 @@ def _plant_badnet(model, trigger_list, num_triggers, out_dir, seed, scale_embedd
               help="Config file (default: [tool.lmscan] in pyproject.toml or lmscan.toml, searched upwards).")
 @click.option("--no-cache", is_flag=True, help="Ignore and do not write the result cache.")
 @_model_options
-def check(model, profile, detectors, sites, fmt, output, fail_on, device, seed, probes_file, text_column, rules_dir,
+def check(model, profile, engine, detectors, sites, fmt, output, fail_on, device, seed, probes_file, text_column, rules_dir,
           config_file, no_cache, revision, offline):
     """Scan MODEL for a task-agnostic backdoor; exit 1 when one is found.
 
@@ -181,7 +183,7 @@ def check(model, profile, detectors, sites, fmt, output, fail_on, device, seed, 
     fail_on = check_fail_on(fail_on or project.get("fail_on") or policy["fail_on"]["default"], policy)
     config = ScanConfig(
         model=model, revision=revision, offline=offline, profile=profile or project.get("profile", "fast"),
-        detectors=_split(detectors) or project.get("detectors"), sites=_split(sites),
+        engine=engine or project.get("engine", "fast"), detectors=_split(detectors) or project.get("detectors"), sites=_split(sites),
         device=device or project.get("device", "auto"), seed=seed, rules_dir=str(rules_dir) if rules_dir else None,
         probes_file=str(probes_file) if probes_file else None, text_column=text_column,
     )
@@ -639,6 +641,61 @@ def _print_purify(report: dict) -> None:
     if len(attempts) > 1:
         console.print("step 2 retried with a smaller mu: " + ", ".join(
             f"mu {a['mu']:g} -> validation accuracy {a['validation_accuracy']:.3f}" for a in attempts))
+
+
+@main.command()
+@click.argument("zoo", default="tiny")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for bench.json, bench.md and every scan's report (default: bench-ZOO).")
+@click.option("--engines", default=None, help="Comma-separated engines to run (default: the zoo's).")
+@click.option("--models", "model_names", default=None, help="Comma-separated zoo models to run (default: all).")
+@click.option("--time-limit", type=float, default=None, help="Seconds per scan (default: the zoo's).")
+@click.option("--threads", type=int, default=None, help="CPU threads per scan (default: torch's, all cores).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where planted zoo models are kept (default: the result cache directory).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
+def bench(zoo, out_dir, engines, model_names, time_limit, threads, cache_dir, fmt, device, rules_dir):
+    """Plant a zoo of models, scan each with every engine, and score the verdicts.
+
+    ZOO is a zoo TOML file or a bundled zoo: tiny (fixture models, about a minute) or
+    minilm (real weights; hours on a CPU). Prints a markdown table (or the JSON) and
+    writes both to --out. Exit 1 when a model was misjudged, a scan did not finish,
+    or two engines disagreed.
+    """
+    from lmscan.bench import bench_failed, load_zoo, run_bench, to_markdown
+    from lmscan.cache import default_cache_dir
+    from lmscan.errors import InputError
+
+    spec = load_zoo(zoo)
+    if engines:
+        spec.engines = _split(engines)
+        unknown = [e for e in spec.engines if e not in spec.engine_variants and e not in _engine_names(rules_dir)]
+        if unknown:
+            raise InputError(f"unknown engine(s) {', '.join(unknown)}")
+    if model_names:
+        wanted = _split(model_names)
+        missing = [m for m in wanted if m not in {z.name for z in spec.models}]
+        if missing:
+            raise InputError(f"zoo {spec.name} has no model(s) {', '.join(missing)}")
+        spec.models = [m for m in spec.models if m.name in wanted]
+    if time_limit is not None:
+        spec.time_limit = time_limit
+    out_dir = out_dir or Path(f"bench-{spec.name}")
+    summary = run_bench(spec, out_dir, cache_dir or default_cache_dir(), device=device, threads=threads,
+                        rules_dir=rules_dir, log=lambda message: stderr.print(message, highlight=False))
+    markdown = to_markdown(summary)
+    (out_dir / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "bench.md").write_text(markdown)
+    click.echo(json.dumps(summary, indent=2) if fmt == "json" else markdown)
+    sys.exit(1 if bench_failed(summary) else 0)
+
+
+def _engine_names(rules_dir) -> list[str]:
+    from lmscan.rules_data import load_rules
+
+    return list(load_rules("engines", rules_dir))
 
 
 @main.group()

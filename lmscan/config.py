@@ -36,7 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-KNOWN_KEYS = ("profile", "fail_on", "device", "detectors", "rules", "cache_dir", "allowlist")
+KNOWN_KEYS = ("profile", "engine", "fail_on", "device", "detectors", "rules", "cache_dir", "allowlist")
 ALLOWLIST_KEYS = ("sha256", "reason", "model")
 PROJECT_FILES = ("lmscan.toml", "pyproject.toml")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -123,8 +123,9 @@ def validate_config(table: dict, path: Path | None = None) -> dict:
     if unknown:
         raise InputError(f"{where}: unknown lmscan setting(s) {', '.join(unknown)}; known: {', '.join(KNOWN_KEYS)}")
     config: dict = {}
-    if "profile" in table:
-        config["profile"] = _nonempty_str(table["profile"], f"{where}: profile")
+    for key in ("profile", "engine"):  # names checked against rules/ when a scan starts
+        if key in table:
+            config[key] = _nonempty_str(table[key], f"{where}: {key}")
     if "device" in table:
         device = _nonempty_str(table["device"], f"{where}: device").lower()
         if not _DEVICE_RE.match(device):

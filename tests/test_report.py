@@ -503,9 +503,9 @@ def test_gpu_out_of_memory_retries_with_smaller_batches_then_cpu(monkeypatch):
     prepared = api.Prepared(None, loaded, loaded.device, {"vocab-sweep": {"batch_size": 512}}, ["cls"], [], [], 0.0)
     seen = []
 
-    def fake_run(name, loaded, sites, fit, heldout, settings, config, progress, earlier):
-        seen.append((settings["vocab-sweep"]["batch_size"], loaded.device.type))
-        if loaded.device.type == "cuda":
+    def fake_run(name, prepared, config, progress, earlier):
+        seen.append((prepared.settings["vocab-sweep"]["batch_size"], prepared.loaded.device.type))
+        if prepared.loaded.device.type == "cuda":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return DetectorRun(name, "ok")
 

@@ -63,6 +63,10 @@ class PVMiningConfig:
     stop_at_first: bool = True  # detection mode; search mode keeps going
     patience: int = 0  # search mode: stop after this many loops without a new PV (0: run every loop)
     first_loop: int = 0  # seed of the first loop (a resumed search continues where it stopped)
+    # Schedule knobs the `reference` engine (rules/engines.toml) sets to the paper's values:
+    epochs: int = 0  # >0: each loop is this many shuffled passes over the fit sentences (steps_per_loop ignored)
+    fit_sentences: int = 0  # >0: train on this many sentences (the profile's fit set, topped up from spares)
+    pad_to_max_length: bool = False  # pad every batch to max_length instead of its longest row
 
 
 def _batch_entropy(features: torch.Tensor) -> torch.Tensor:
@@ -71,9 +75,11 @@ def _batch_entropy(features: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=0).mean()
 
 
-def _prompted_embeds(embeddings, rows: list[list[int]], prompt: torch.Tensor, positions: list[int], pad_id: int):
-    """Word embeddings of each row with the soft prompt written in at its position."""
-    length = max(len(r) for r in rows) + prompt.shape[0]
+def _prompted_embeds(embeddings, rows: list[list[int]], prompt: torch.Tensor, positions: list[int], pad_id: int,
+                     pad_to: int = 0):
+    """Word embeddings of each row with the soft prompt written in at its position,
+    padded to the longest row (or to ``pad_to`` tokens, the reference schedule)."""
+    length = max(max(len(r) for r in rows) + prompt.shape[0], pad_to)
     hidden = prompt.shape[1]
     device = prompt.device
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
@@ -110,11 +116,12 @@ def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str
     clean = reader.features(rows)
     spread = {s: pairwise_mse(clean[s]) or 1e-12 for s in sites}
     pad_id = tokenizer.pad_token_id or 0
-    ln_b = math.log(config.batch_size)
 
     found: dict[str, list[np.ndarray]] = {s: list((known_pvs or {}).get(s, [])) for s in sites}
     loops_log, findings = [], []
-    total_steps = config.loops * config.steps_per_loop
+    steps_per_loop = config.epochs * math.ceil(len(rows) / config.batch_size) if config.epochs else config.steps_per_loop
+    total_steps = config.loops * steps_per_loop
+    pad_to = config.max_length if config.pad_to_max_length else 0
     since_new = 0
     for index in range(config.loops):
         if config.patience and since_new >= config.patience:
@@ -126,17 +133,23 @@ def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str
         prompt = weight[init_rows].clone().float().requires_grad_(True)
         optimizer = torch.optim.Adam([prompt], lr=config.learning_rate * config.lr_boost)
         boosted, distance_log, abandoned = True, [], False
-        for step in range(config.steps_per_loop):
-            batch = rng.sample(range(len(rows)), min(config.batch_size, len(rows)))
+        order: list[int] = []
+        for step in range(steps_per_loop):
+            if config.epochs:  # full passes in shuffled order, the last batch of a pass may be short
+                if not order:
+                    order = rng.sample(range(len(rows)), len(rows))
+                batch, order = order[: config.batch_size], order[config.batch_size :]
+            else:
+                batch = rng.sample(range(len(rows)), min(config.batch_size, len(rows)))
             batch_rows = [rows[i] for i in batch]
             positions = [rng.choice([p for p in word_starts(tokenizer, r) if p <= config.max_insert_position] or [1])
                          for r in batch_rows]
-            embeds, attention, ids = _prompted_embeds(embeddings, batch_rows, prompt, positions, pad_id)
+            embeds, attention, ids = _prompted_embeds(embeddings, batch_rows, prompt, positions, pad_id, pad_to)
             out = model(inputs_embeds=embeds, attention_mask=attention)
             feature = reader.read(out, site, ids, attention)
             target = torch.as_tensor(clean[site][batch], device=feature.device)
             distance = torch.nn.functional.mse_loss(feature, target)
-            diversity = _batch_entropy(feature)
+            diversity = _batch_entropy(feature)  # max ln(len(batch)): a short last batch has a lower ceiling
             loss = -config.lambda_distance * distance - config.lambda_diversity * diversity
             if found[site]:
                 stacked = torch.as_tensor(np.stack(found[site]), device=feature.device)
@@ -152,14 +165,14 @@ def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str
             optimizer.step()
             distance_log.append(float(distance.detach()) / spread[site])
             if progress is not None:
-                progress(index * config.steps_per_loop + step + 1, total_steps, float(loss.detach()),
+                progress(index * steps_per_loop + step + 1, total_steps, float(loss.detach()),
                          sum(len(v) for v in found.values()))
             if step + 1 == config.abandon_after and np.mean(distance_log[-5:]) < config.distance_ratio:
                 abandoned = True
                 break
         in_range = bool(((prompt.detach() >= low) & (prompt.detach() <= high)).float().mean() >= 0.9)
         entry = {"loop": loop, "site": site, "steps": step + 1, "abandoned": abandoned,
-                 "distance_ratio": round(distance_log[-1], 4), "diversity_gap": round(ln_b - float(diversity.detach()), 4),
+                 "distance_ratio": round(distance_log[-1], 4), "diversity_gap": round(math.log(len(batch)) - float(diversity.detach()), 4),
                  "prompt_in_range": in_range}
         loops_log.append(entry)
         if abandoned:
@@ -205,7 +218,9 @@ def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str
                           "pv": [round(float(x), 5) for x in candidate["pv"]],
                           "nearest_tokens": [tokenizer.decode([t]) for t in neighbours[:10]]},
             ))
-    stats = {"loops": loops_log, "clean_spread": {s: round(v, 6) for s, v in spread.items()}}
+    stats = {"loops": loops_log, "clean_spread": {s: round(v, 6) for s, v in spread.items()},
+             "fit_sentences": len(rows), "steps_per_loop": steps_per_loop,
+             "steps_run": sum(entry["steps"] for entry in loops_log)}
     return DetectorRun(NAME, "ok", time.perf_counter() - started, list(sites), stats, findings)
 
 
