@@ -649,6 +649,7 @@ def _print_purify(report: dict) -> None:
               help="Directory for bench.json, bench.md and every scan's report (default: bench-ZOO).")
 @click.option("--engines", default=None, help="Comma-separated engines to run (default: the zoo's).")
 @click.option("--models", "model_names", default=None, help="Comma-separated zoo models to run (default: all).")
+@click.option("--detectors", default=None, help="Comma-separated detectors (default: the zoo's, else the profile's).")
 @click.option("--time-limit", type=float, default=None, help="Seconds per scan (default: the zoo's).")
 @click.option("--threads", type=int, default=None, help="CPU threads per scan (default: torch's, all cores).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -656,7 +657,7 @@ def _print_purify(report: dict) -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
-def bench(zoo, out_dir, engines, model_names, time_limit, threads, cache_dir, fmt, device, rules_dir):
+def bench(zoo, out_dir, engines, model_names, detectors, time_limit, threads, cache_dir, fmt, device, rules_dir):
     """Plant a zoo of models, scan each with every engine, and score the verdicts.
 
     ZOO is a zoo TOML file or a bundled zoo: tiny (fixture models, about a minute) or
@@ -680,6 +681,8 @@ def bench(zoo, out_dir, engines, model_names, time_limit, threads, cache_dir, fm
         if missing:
             raise InputError(f"zoo {spec.name} has no model(s) {', '.join(missing)}")
         spec.models = [m for m in spec.models if m.name in wanted]
+    if detectors:
+        spec.detectors = _split(detectors)
     if time_limit is not None:
         spec.time_limit = time_limit
     out_dir = out_dir or Path(f"bench-{spec.name}")
