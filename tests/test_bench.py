@@ -1,0 +1,115 @@
+"""`lmscan bench` and the engines: the tiny zoo end to end through the real CLI, the
+reference schedule's mechanics, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lmscan.api import ScanConfig, profile_settings, scan
+from lmscan.cli import main
+from lmscan.rules_data import load_rules
+from tests.conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """The bundled tiny zoo, run once: 3 models (one planted by the harness) x 2 engines."""
+    out = tmp_path_factory.mktemp("bench")
+    result = CliRunner().invoke(main, ["bench", "tiny", "--out", str(out / "run"), "--cache-dir", str(out / "cache"),
+                                       "--threads", "1", "--format", "json"])
+    return result, out
+
+
+def test_tiny_zoo_verdicts_match_the_plants(tiny_bench):
+    result, out = tiny_bench
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "run" / "bench.json").read_text())
+    verdicts = {(r["model"], r["engine"]): r["verdict"] for r in summary["results"]}
+    assert verdicts == {("clean", "fast"): "clean", ("por-fixture", "fast"): "backdoored",
+                        ("btop", "fast"): "backdoored", ("clean", "reference-short"): "clean",
+                        ("por-fixture", "reference-short"): "backdoored", ("btop", "reference-short"): "backdoored"}
+    for engine in ("fast", "reference-short"):
+        overall = summary["summary"][engine]["overall"]
+        assert overall["accuracy"] == 1.0 and overall["false_positives"] == overall["false_negatives"] == 0
+    assert all(c["same_verdict"] for c in summary["comparison"])
+    # Ground truth comes from the plant manifests: the sweep recovers the planted PVs.
+    por = next(r for r in summary["results"] if r["model"] == "por-fixture" and r["engine"] == "fast")
+    sweep = por["detectors"]["vocab-sweep"]
+    assert sweep["true_pvs"] == 2 and sweep["pvs_recovered"] >= 1 and sweep["flagged"]
+    # Every scan left its report; the markdown names every model.
+    assert len(list((out / "run" / "reports").glob("*.json"))) == 6
+    markdown = (out / "run" / "bench.md").read_text()
+    assert all(name in markdown for name in ("clean", "por-fixture", "btop", "reference-short"))
+    # The reference schedule really ran: one epoch over 2000 sentences per fuzz loop.
+    ref = next(r for r in summary["results"] if r["model"] == "clean" and r["engine"] == "reference-short")
+    report = json.loads((out / "run" / "reports" / "clean.reference-short.json").read_text())
+    mining = next(d for d in report["detectors"] if d["name"] == "pv-mining")
+    assert mining["stats"]["fit_sentences"] == 2000 and mining["stats"]["steps_per_loop"] == math.ceil(2000 / 32)
+    assert ref["detectors"]["pv-mining"]["optimisations"] == 2
+
+
+def test_plants_are_cached_by_recipe(tiny_bench):
+    _, out = tiny_bench
+    planted = list((out / "cache" / "zoo-models").iterdir())
+    assert len(planted) == 1 and planted[0].name.startswith("btop-")
+    manifest = json.loads((planted[0] / "lmscan-plant.json").read_text())
+    assert manifest["attack"] == "btop" and manifest["triggers"] == ["zq"]
+
+
+def test_scan_over_the_time_limit_is_not_judged(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "tiny", "--models", "clean", "--engines", "fast", "--time-limit", "0.5",
+                                       "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 1
+    summary = json.loads((tmp_path / "run" / "bench.json").read_text())
+    assert summary["results"][0]["status"] == "time limit" and summary["results"][0]["verdict"] is None
+    assert summary["summary"]["fast"]["overall"]["not_judged"] == 1
+    assert summary["summary"]["fast"]["overall"]["accuracy"] is None
+
+
+def test_reference_engine_settings_and_spare_probes(tmp_path):
+    reference = profile_settings("fast", "bert", engine="reference")["pv-mining"]
+    assert (reference["loops"], reference["epochs"], reference["fit_sentences"], reference["batch_size"],
+            reference["max_length"], reference["pad_to_max_length"]) == (30, 4, 2000, 32, 128, True)
+    # An engine changes the schedule only: acceptance and verification stay the profile's.
+    schedule = set(load_rules("engines")["reference"]["pv-mining"])
+    assert not schedule & {"collapse_threshold", "distance_ratio", "pv_agreement", "activation_agreement",
+                           "activation_rate", "disagreement_ratio", "verify_probes", "nearest_tokens"}
+    # A shortened reference on the tiny model: 600 fit sentences (400 from the profile, 200 spares).
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "engines.toml").write_text(
+        '[fast]\n[short]\n[short.pv-mining]\nloops = 1\nepochs = 1\nfit_sentences = 600\npad_to_max_length = true\n'
+        'max_length = 64\nabandon_after = 1000\n')
+    report = scan(ScanConfig(model=str(FIXTURES / "tiny-bert"), engine="short", detectors=["pv-mining"],
+                             device="cpu", rules_dir=str(rules)))
+    stats = report.detectors[0].stats
+    assert stats["fit_sentences"] == 600 and stats["steps_per_loop"] == math.ceil(600 / 32)
+    assert stats["steps_run"] == stats["steps_per_loop"] and report.config["engine"] == "short"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["check", str(FIXTURES / "tiny-bert"), "--engine", "warp"], "unknown engine 'warp'"),
+    (["bench", "no-such-zoo.toml"], "not a bundled zoo"),
+    (["bench", "tiny", "--models", "nope"], "has no model(s) nope"),
+    (["bench", "tiny", "--engines", "warp"], "unknown engine(s) warp"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    result = CliRunner().invoke(main, [*args, *(["--out", str(tmp_path)] if args[0] == "bench" else [])])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_bad_zoo_file(tmp_path):
+    zoo = tmp_path / "zoo.toml"
+    zoo.write_text('[zoo]\nbase = "minilm"\n[[models]]\nname = "x"\nattack = "por"\n')
+    result = CliRunner().invoke(main, ["bench", str(zoo), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "needs triggers or num_triggers" in result.output
+    zoo.write_text('[zoo]\nbase = "minilm"\n[[models]]\nname = "x"\ncolour = "red"\n')
+    result = CliRunner().invoke(main, ["bench", str(zoo), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "colour" in result.output
+    assert not Path(tmp_path / "o" / "bench.json").exists()
