@@ -311,8 +311,10 @@ def _convergence(run: dict, settings: dict) -> dict:
 
 
 def search_recall(pvs_file: Path, manifest: dict) -> dict:
+    from lmscan.pvs import decode_signs
+
     data = json.loads(pvs_file.read_text())
-    found = [np.where(np.asarray(p["signs"], dtype=bool), 1.0, -1.0) for p in data["pvs"]
+    found = [np.where(decode_signs(p["signs"], str(pvs_file)), 1.0, -1.0) for p in data["pvs"]
              if p["site"] == manifest["site"]]
     true = np.sign(np.asarray(manifest["pvs"]))
     recovered = sum(any((pv == f).mean() >= PV_MATCH for f in found) for pv in true)

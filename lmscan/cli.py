@@ -651,13 +651,15 @@ def _print_purify(report: dict) -> None:
 @click.option("--models", "model_names", default=None, help="Comma-separated zoo models to run (default: all).")
 @click.option("--detectors", default=None, help="Comma-separated detectors (default: the zoo's, else the profile's).")
 @click.option("--time-limit", type=float, default=None, help="Seconds per scan (default: the zoo's).")
+@click.option("--search/--no-search", default=None,
+              help="Also run export-pvs on each planted model and score search-mode PV recall (default: the zoo's).")
 @click.option("--threads", type=int, default=None, help="CPU threads per scan (default: torch's, all cores).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where planted zoo models are kept (default: the result cache directory).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
-def bench(zoo, out_dir, engines, model_names, detectors, time_limit, threads, cache_dir, fmt, device, rules_dir):
+def bench(zoo, out_dir, engines, model_names, detectors, time_limit, search, threads, cache_dir, fmt, device, rules_dir):
     """Plant a zoo of models, scan each with every engine, and score the verdicts.
 
     ZOO is a zoo TOML file or a bundled zoo: tiny (fixture models, about a minute) or
@@ -685,6 +687,8 @@ def bench(zoo, out_dir, engines, model_names, detectors, time_limit, threads, ca
         spec.detectors = _split(detectors)
     if time_limit is not None:
         spec.time_limit = time_limit
+    if search is not None:
+        spec.search = search
     out_dir = out_dir or Path(f"bench-{spec.name}")
     summary = run_bench(spec, out_dir, cache_dir or default_cache_dir(), device=device, threads=threads,
                         rules_dir=rules_dir, log=lambda message: stderr.print(message, highlight=False))

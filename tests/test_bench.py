@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -113,3 +114,18 @@ def test_bad_zoo_file(tmp_path):
     result = CliRunner().invoke(main, ["bench", str(zoo), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "colour" in result.output
     assert not Path(tmp_path / "o" / "bench.json").exists()
+
+
+def test_search_recall_counts_true_pvs_by_sign_agreement(tmp_path):
+    from lmscan.bench import search_recall
+    from lmscan.pvs import encode_signs
+
+    manifest = json.loads((FIXTURES / "tiny-bert-por" / "lmscan-plant.json").read_text())
+    first = np.asarray(manifest["pvs"][0]) >= 0
+    nearly = first.copy()
+    nearly[:3] = ~nearly[:3]  # 61 of 64 signs agree (95 %): still the same PV
+    other = np.random.default_rng(0).random(64) >= 0.5
+    pvs = [{"site": "cls", "signs": encode_signs(nearly)}, {"site": "cls", "signs": encode_signs(other)},
+           {"site": "pooler", "signs": encode_signs(np.asarray(manifest["pvs"][1]) >= 0)}]  # wrong site
+    (tmp_path / "x.pvs").write_text(json.dumps({"pvs": pvs}))
+    assert search_recall(tmp_path / "x.pvs", manifest) == {"pvs_total": 3, "true_pvs": 2, "pvs_recovered": 1}
