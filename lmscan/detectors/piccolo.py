@@ -12,12 +12,12 @@ model's own clean pairwise spread) onto an input-independent vector.
 
 What is implemented, and what is simplified:
   - Candidate words are whole-word vocabulary tokens (alphabetic, not special, not
-    "##" pieces), plus two-piece words made of a short word start (at most
+    "##" pieces); two-piece words made of a short word start (at most
     ``pair_start_chars`` letters) and one alphabetic continuation piece, capped at
-    ``max_pair_words``. Longer multi-piece words (real English words the tokenizer
-    splits into 3+ pieces, or pairs with longer starts) are not candidates yet.
-    One- and two-piece words are optimised in separate runs (a relaxed slot has one
-    fixed length).
+    ``max_pair_words``; and, with ``dictionary``, the English words (lmscan.probes'
+    word list, as PICCOLO uses a dictionary) the tokenizer spells in exactly that
+    many pieces — the only source of 3+-piece candidates. Each length is optimised
+    in a separate run (a relaxed slot has one fixed length).
   - For K trigger slots (``slots``, e.g. [1, 2]) each slot holds softmax(logits / T)
     over the candidates. PICCOLO's tanh weights with periodic renormalisation are
     approximated by a softmax whose temperature T is annealed geometrically from
@@ -53,7 +53,8 @@ NAME = "piccolo"
 @dataclass
 class PiccoloConfig:
     slots: list[int] = field(default_factory=lambda: [1, 2])  # trigger lengths in words, one run each
-    word_lengths: list[int] = field(default_factory=lambda: [1, 2])  # pieces per candidate word (1 or 2)
+    word_lengths: list[int] = field(default_factory=lambda: [1, 2])  # pieces per candidate word
+    dictionary: bool = True  # add English words spelled in exactly that many pieces (lengths >= 2)
     pair_start_chars: int = 1  # two-piece words: starts of at most this many letters ...
     max_pair_words: int = 200000  # ... and at most this many such words
     steps: int = 60
@@ -74,18 +75,31 @@ class PiccoloConfig:
     disagreement_ratio: float = 0.25
 
 
-def candidate_words(tokenizer, length: int, config: PiccoloConfig) -> list[tuple[int, ...]]:
-    """Fixed token sequences of the candidate words with ``length`` pieces (1 or 2)."""
+def dictionary_spellings(tokenizer) -> list[tuple[int, ...]]:
+    """Token sequences of the English word list's words (those without an unknown piece)."""
+    from lmscan.probes import word_list
+
+    unknown = tokenizer.unk_token_id
+    return [tuple(ids) for ids in tokenizer(word_list(), add_special_tokens=False)["input_ids"] if unknown not in ids]
+
+
+def candidate_words(tokenizer, length: int, config: PiccoloConfig,
+                    dictionary: list[tuple[int, ...]] = ()) -> list[tuple[int, ...]]:
+    """Fixed token sequences of the candidate words with ``length`` pieces; ``dictionary``:
+    the spellings of dictionary_spellings()."""
     special = set(tokenizer.all_special_ids)
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     starts = [(tok, i) for tok, i in vocab if i not in special and tok.isalpha() and tok.isascii()]
     if length == 1:
         return [(i,) for _, i in starts]
-    if length != 2:
-        raise ValueError("piccolo: candidate words have 1 or 2 pieces")
-    pieces = [i for tok, i in vocab if tok.startswith("##") and tok[2:].isalpha() and tok[2:].isascii()]
-    short = [i for tok, i in starts if len(tok) <= config.pair_start_chars]
-    return list(itertools.islice(((s, p) for s in short for p in pieces), config.max_pair_words))
+    words: dict[tuple[int, ...], None] = {}
+    if length == 2:
+        pieces = [i for tok, i in vocab if tok.startswith("##") and tok[2:].isalpha() and tok[2:].isascii()]
+        short = [i for tok, i in starts if len(tok) <= config.pair_start_chars]
+        words.update((w, None) for w in itertools.islice(((s, p) for s in short for p in pieces),
+                                                         config.max_pair_words))
+    words.update((ids, None) for ids in dictionary if len(ids) == length)
+    return list(itertools.islice(words, config.max_pair_words))
 
 
 def run_piccolo(loaded, sites: list[str], probes: list[str], heldout: list[str], config: PiccoloConfig,
@@ -104,7 +118,9 @@ def run_piccolo(loaded, sites: list[str], probes: list[str], heldout: list[str],
     held = HeldoutSet(reader, rng.sample(heldout, min(config.verify_probes, len(heldout))), rng)
 
     plan = [(length, k) for length in config.word_lengths for k in config.slots]
-    words_by_length = {length: candidate_words(tokenizer, length, config) for length in config.word_lengths}
+    dictionary = dictionary_spellings(tokenizer) if config.dictionary and max(config.word_lengths) > 1 else []
+    words_by_length = {length: candidate_words(tokenizer, length, config, dictionary)
+                       for length in config.word_lengths}
     total = len(plan) * config.steps
     runs_log, findings, seen = [], [], set()
     for index, (length, k) in enumerate(plan):
