@@ -76,11 +76,19 @@ class PiccoloConfig:
 
 
 def dictionary_spellings(tokenizer) -> list[tuple[int, ...]]:
-    """Token sequences of the English word list's words (those without an unknown piece)."""
-    from lmscan.probes import word_list
+    """Token sequences of the English word list's words (those without an unknown piece).
+    Tokenising 234k words takes seconds: kept per vocabulary for the process."""
+    key = (tokenizer.name_or_path, len(tokenizer), type(tokenizer).__name__)
+    if key not in _SPELLINGS:
+        from lmscan.probes import word_list
 
-    unknown = tokenizer.unk_token_id
-    return [tuple(ids) for ids in tokenizer(word_list(), add_special_tokens=False)["input_ids"] if unknown not in ids]
+        unknown = tokenizer.unk_token_id
+        _SPELLINGS[key] = [tuple(ids) for ids in tokenizer(word_list(), add_special_tokens=False)["input_ids"]
+                           if unknown not in ids]
+    return _SPELLINGS[key]
+
+
+_SPELLINGS: dict[tuple, list[tuple[int, ...]]] = {}
 
 
 def candidate_words(tokenizer, length: int, config: PiccoloConfig,
