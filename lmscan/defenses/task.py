@@ -244,12 +244,14 @@ def train_classifier(model, tokenizer, train: LabelledData, settings: TrainSetti
                      after_step: Callable[[], None] | None = None,
                      progress: Callable[[int, int, float], None] | None = None,
                      parameters: Sequence[torch.nn.Parameter] | None = None,
-                     before_step: Callable[[int, int], None] | None = None) -> TrainResult:
+                     before_step: Callable[[int, int], None] | None = None,
+                     stop: Callable[[int, int], bool] | None = None) -> TrainResult:
     """Fine-tune with Adam; with ``validation``, keep the epoch with the best accuracy.
 
     By default the whole model trains. ``parameters`` restricts training to those (a PEFT
     adapter: the rest keeps its ``requires_grad`` as it is). ``before_step(done, total)`` runs
-    between ``backward`` and the optimiser step, where it may rewrite the gradients."""
+    between ``backward`` and the optimiser step, where it may rewrite the gradients.
+    ``stop(done, total)`` runs after each step; True ends training there."""
     import time  # noqa: PLC0415
 
     started = time.perf_counter()
@@ -265,6 +267,7 @@ def train_classifier(model, tokenizer, train: LabelledData, settings: TrainSetti
     result = TrainResult()
     best_accuracy, best_state = -1.0, None
     labels = torch.tensor(train.labels)
+    stopped = False
     for epoch in range(settings.epochs):
         order = list(range(len(train)))
         rng.shuffle(order)
@@ -288,7 +291,12 @@ def train_classifier(model, tokenizer, train: LabelledData, settings: TrainSetti
             done += 1
             if progress is not None:
                 progress(done, total, losses[-1])
+            if stop is not None and stop(done, total):
+                stopped = True
+                break
         entry = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 5)}
+        if stopped:
+            entry["stopped_at_step"] = done
         if validation is not None:
             entry["validation_accuracy"] = round(accuracy(model, tokenizer, validation, device, settings.max_length,
                                                           settings.eval_batch_size), 5)
@@ -298,10 +306,12 @@ def train_classifier(model, tokenizer, train: LabelledData, settings: TrainSetti
                 best_accuracy, result.best_epoch = entry["validation_accuracy"], epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         result.history.append(entry)
-    if best_state is not None and result.best_epoch != settings.epochs:
+        if stopped:
+            break
+    if best_state is not None and result.best_epoch != len(result.history):
         model.load_state_dict(best_state)
     if validation is None:
-        result.best_epoch = settings.epochs
+        result.best_epoch = len(result.history)
     model.eval()
     model.requires_grad_(False)
     result.seconds = round(time.perf_counter() - started, 2)
