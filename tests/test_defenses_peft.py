@@ -116,7 +116,7 @@ def test_finetune_obliviate_reports_attack_success_against_plain_lora(small_task
         assert 0.0 <= m[key] <= 1.0, key
     assert set(m["per_trigger"]) == {"zq", "vx"} and m["per_trigger"]["zq"]["target"] in ("neg", "pos")
     info = report["defense_settings"]
-    assert (info["lambda_amp"], info["lambda_reg"]) == (5e-3, 5e-2) and info["tried"][0]["peft_weight_norm"] > 0
+    assert (info["lambda_amp"], info["lambda_reg"]) == (5e-3, 1e-3) and info["tried"][0]["peft_weight_norm"] > 0
     # The text table on stdout.
     text = _finetune(small_task, out, tiny_rules, "--defense", "obliviate", "--triggers", "zq", "--force")
     assert text.exit_code == 0 and "attack success" in text.stdout and "lambda_amp 0.005" in text.stdout
@@ -130,8 +130,8 @@ def test_obliviate_select_walks_the_lambda_grid_down(small_task, tiny_rules, tmp
     report = _report(_finetune(small_task, out, tiny_rules, "--defense", "obliviate", "--select-lambdas",
                                "--format", "json"), out)
     info = report["defense_settings"]
-    assert [(t["lambda_amp"], t["lambda_reg"]) for t in info["tried"]] == [(5e-3, 5e-2), (1e-3, 1e-2)]
-    assert info["within_bar"] is False and info["lambda_amp"] == 1e-3
+    assert [(t["lambda_amp"], t["lambda_reg"]) for t in info["tried"]] == [(5e-3, 5e-2), (1e-3, 1e-2), (5e-3, 1e-3)]
+    assert info["within_bar"] is False and (info["lambda_amp"], info["lambda_reg"]) == (5e-3, 1e-3)
 
 
 def test_amplification_loss_is_finite_at_zero_and_grows_the_norm():
@@ -280,3 +280,87 @@ def test_folding_the_radial_scalings_keeps_the_outputs():
     assert len(downs) == 4 and all(d.out_features == 6 for d in downs)  # 4 targets in layer 0, rank 3 x 2
     fold_scales(model)
     assert np.allclose(predict_logits(model, base.tokenizer, texts, "cpu", 32), before, atol=1e-5)
+
+
+# --- real MiniLM weights (slow) --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_obliviate_cuts_por_attack_success_on_minilm(planted, tmp_path):
+    """Obliviate + LoRA on a POR-planted MiniLM against plain LoRA with the same seed (bundled task)."""
+    plant = planted("por")
+    triggers = read_manifest(plant)["triggers"]
+    out = tmp_path / "obliviate"
+    result = CliRunner().invoke(main, ["finetune", str(plant), "--train", "sentiment", "--defense", "obliviate",
+                                       "--triggers", ",".join(triggers), "--out", str(out), "--device", "cpu",
+                                       "--format", "json"])
+    report = _report(result, out)
+    m = report["metrics"]
+    print(f"\nObliviate on MiniLM/por: attack success {m['attack_success_plain']:.3f} -> {m['attack_success']:.3f} "
+          f"(mean over triggers {m['attack_success_mean_plain']:.3f} -> {m['attack_success_mean']:.3f}), accuracy "
+          f"{m['accuracy_plain']:.3f} -> {m['accuracy']:.3f}, {report['seconds']} s")
+    assert m["attack_success_plain"] - m["attack_success"] >= 0.50
+    assert m["accuracy_plain"] - m["accuracy"] <= 0.03
+
+
+def _poisoned_task(tmp_path, trigger: str, share: float = 0.10):
+    """The bundled task split 70/15/15; the train part gets triggered copies labelled 1 (positive)
+    making up ``share`` of the training rows. Validation and test stay clean."""
+    from lmscan.attacks.badnet import poison
+    from lmscan.defenses.task import split_indices
+
+    data = load_labelled("sentiment")
+    train_idx, val_idx, test_idx = split_indices(len(data), [0.70, 0.15], 0)
+    train = data.subset(train_idx)
+    copies = round(share * len(train) / (1.0 - share))
+    poisoned = poison(train, [trigger], 1, copies / sum(1 for label in train.labels if label != 1), seed=3)
+    paths = []
+    for name, part in (("train", poisoned), ("validation", data.subset(val_idx)), ("test", data.subset(test_idx))):
+        path = tmp_path / f"{name}.csv"
+        with path.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["text", "label"])
+            writer.writerows(zip(part.texts, part.labels))
+        paths.append(path)
+    return paths, len(poisoned) - len(train), len(poisoned)
+
+
+@pytest.mark.slow
+def test_muscle_lora_resists_a_poisoned_training_set(minilm_path, tmp_path):
+    """MuScleLoRA on a 10 %-poisoned copy of the bundled task (trigger "cf" -> positive) against plain LoRA."""
+    (train, validation, test), poisoned, rows = _poisoned_task(tmp_path, "cf")
+    assert abs(poisoned / rows - 0.10) < 0.005
+    out = tmp_path / "muscle"
+    result = CliRunner().invoke(main, ["finetune", "minilm", "--train", str(train), "--validation", str(validation),
+                                       "--test", str(test), "--defense", "muscle-lora", "--triggers", "cf",
+                                       "--out", str(out), "--device", "cpu", "--format", "json"])
+    report = _report(result, out)
+    m = report["metrics"]
+    print(f"\nMuScleLoRA on MiniLM, {poisoned} of {rows} rows poisoned: attack success {m['attack_success_plain']:.3f} "
+          f"-> {m['attack_success']:.3f}, accuracy {m['accuracy_plain']:.3f} -> {m['accuracy']:.3f}, "
+          f"{report['seconds']} s")
+    assert m["per_trigger"]["cf"]["target"] == "1"
+    assert m["attack_success_plain"] >= 0.90
+    assert m["attack_success"] <= 0.30
+
+
+@pytest.mark.slow
+def test_psim_flags_triggered_inputs_of_a_badnet_minilm(planted, tmp_path):
+    """PSIM trained on the bundled task for a BadNet-planted MiniLM; held-out rows with and without the trigger."""
+    plant = planted("badnet")
+    trigger = read_manifest(plant)["triggers"][0]
+    out = tmp_path / "psim"
+    result = CliRunner().invoke(main, ["psim", "train", str(plant), "--train", "sentiment", "--triggers", trigger,
+                                       "--out", str(out), "--device", "cpu", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    cal = manifest["calibration"]
+    hit = cal["triggered"][trigger]
+    target = read_manifest(plant)["target_label_name"]
+    attack_inputs = [rate for label, rate in hit["flag_rate_by_label"].items() if label != target]
+    print(f"\nPSIM on MiniLM/badnet: flagged {attack_inputs[0]:.3f} of non-target rows with the trigger "
+          f"({hit['flag_rate']:.3f} of all rows with it), {cal['clean_flag_rate']:.3f} of clean held-out rows "
+          f"(threshold {manifest['threshold']}, {cal['reset_steps']} reset-label steps), {manifest['seconds']} s")
+    assert cal["stopped"]
+    assert min(attack_inputs) >= 0.90  # the attack's inputs: rows of other classes carrying the trigger
+    assert cal["clean_flag_rate"] <= 0.10

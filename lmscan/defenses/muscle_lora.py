@@ -35,7 +35,7 @@ class MuscleLoraConfig:
     bandwidth: int = 1  # rank per scale
     layer: int = -2  # the encoder layer whose LoRA modules get the radial scalings (penultimate)
     aux_size: int = 96  # clean auxiliary rows taken from the validation data (paper: 96 for BERT)
-    mu_max: float = 0.1  # share of the raw gradient let through at the end of training (paper: 0.1)
+    mu_max: float = 0.0  # share of the raw gradient let through at the end (paper: 0.1 for BERT; see the rules)
     learning_rate: float | None = None  # None: the [peft] learning rate
     epochs: int | None = None  # None: the [peft] epochs
 

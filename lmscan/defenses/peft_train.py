@@ -229,11 +229,15 @@ def load_base(model: str, device: str = "auto", seed: int = 0, revision: str | N
 
 def train_peft(model, base: Base, train: LabelledData, settings: PeftSettings, seed: int,
                validation: LabelledData | None = None, extra_loss=None, before_step=None,
-               progress: Progress | None = None, phase: str = "train") -> TrainResult:
+               progress: Progress | None = None, phase: str = "train", stop=None) -> TrainResult:
     bar = None if progress is None else (lambda done, total, loss: progress(phase, done, total, f"loss {loss:.4f}"))
-    return train_classifier(model, base.tokenizer, train, settings.train_settings(), base.device, seed,
-                            validation=validation, extra_loss=extra_loss, before_step=before_step, progress=bar,
-                            parameters=trainable_parameters(model))
+    parameters = trainable_parameters(model)
+    result = train_classifier(model, base.tokenizer, train, settings.train_settings(), base.device, seed,
+                              validation=validation, extra_loss=extra_loss, before_step=before_step, progress=bar,
+                              parameters=parameters, stop=stop)
+    for param in parameters:  # train_classifier freezes everything at the end; the adapter may train again
+        param.requires_grad_(True)
+    return result
 
 
 # --- attack success ---------------------------------------------------------------------------

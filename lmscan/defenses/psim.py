@@ -1,9 +1,17 @@
 """PSIM (seed 001): a Poisoned Sample Identification Module for inference time.
 
-Train: a PEFT classifier (LoRA, frozen suspect encoder, new head) on the defender's clean
-data with every label *randomly reset* (uniform over the classes, seeded). It cannot learn
-the task from shuffled labels, so on clean text its confidence stays near chance; a
-backdoor trigger, which the frozen weights still tie to one output, pushes the confidence up.
+Train, on the defender's clean labelled data (the suspect encoder stays frozen):
+1. the victim model: a PEFT classifier (LoRA + new head) fine-tuned on the true labels for
+   ``task_epochs``. The paper starts from a poisoned *classifier*; a suspect encoder with a
+   fresh head needs this step to have one (with a fresh head on reset labels alone, clean and
+   triggered inputs both sat at 0.54 confidence on a BadNet-planted MiniLM);
+2. PSIM: the adapter keeps training, head frozen, on the same rows with every label *randomly
+   reset* (uniform over the classes, seeded). Shuffled labels unlearn the clean mapping, so
+   clean confidence falls towards chance, while a trigger keeps pushing towards its target.
+   Training stops as soon as the ``stop_quantile`` of the confidence on a clean calibration
+   split is at or below the threshold (checked every ``check_every`` steps): trained on to
+   the end, the reset labels erase the trigger's push as well (on the BadNet MiniLM, clean and
+   triggered confidence both reached ≈ 0.51 within one epoch).
 
 Filter: an input whose highest class probability exceeds the threshold is flagged as
 poisoned. The paper's γ = 0.7 is for two classes; for K classes the same share of the
@@ -40,7 +48,11 @@ class PsimConfig:
     r: int = 16
     alpha: int = 16
     targets: tuple[str, ...] = ("query", "value")
-    epochs: int = 1
+    task_epochs: int = 1  # first fine-tune on the true labels (the victim model), then:
+    epochs: int = 1  # at most this many epochs on randomly reset labels (the adapter only)
+    stop_quantile: float = 0.95  # stop once this quantile of clean calibration confidence <= threshold
+    check_every: int = 2  # steps between calibration checks
+    calibration_fraction: float = 0.1  # clean rows for the stopping rule (apart from the held-out rows)
     batch_size: int = 32
     learning_rate: float = 5e-4
     max_length: int = 48
@@ -111,11 +123,11 @@ def train_psim(model: str, train: str | Path, out_dir: str | Path, config: PsimC
     check_out_dir(out_dir, force)
     data = load_labelled(train, text_column, label_column)
     num_labels = len(data.label_names)
-    fit_idx, heldout_idx = split_indices(len(data), [1.0 - config.heldout_fraction], seed)
-    if len(fit_idx) < 2 or len(heldout_idx) < 2:
+    heldout_idx, calibration_idx, fit_idx = split_indices(len(data), [config.heldout_fraction,
+                                                                      config.calibration_fraction], seed)
+    if min(len(fit_idx), len(heldout_idx), len(calibration_idx)) < 2:
         raise InputError(f"too few rows ({len(data)}) to train a PSIM and hold some out; give more data")
-    fit = data.subset(fit_idx)
-    heldout = data.subset(heldout_idx)
+    fit, heldout, calibration_rows = data.subset(fit_idx), data.subset(heldout_idx), data.subset(calibration_idx)
     reset = LabelledData(fit.texts, reset_labels(fit.labels, num_labels, seed + 5), fit.label_names, fit.source)
     trigger_list = list(dict.fromkeys(t.strip() for t in (triggers or []) if t.strip()))
 
@@ -123,20 +135,48 @@ def train_psim(model: str, train: str | Path, out_dir: str | Path, config: PsimC
     if trigger_list:
         check_triggers(base.tokenizer, trigger_list)
     psim = attach_peft(base.classifier(num_labels, data.label_names, seed), settings)
-    trained = train_peft(psim, base, reset, settings, seed, progress=progress, phase="psim (reset labels)")
-
+    history = []
+    if config.task_epochs > 0:
+        # The victim model: the suspect encoder fine-tuned on the task (the paper's θ_p comes with its head).
+        task = train_peft(psim, base, fit, dataclasses.replace(settings, epochs=config.task_epochs), seed,
+                          progress=progress, phase="psim: fine-tune on the task")
+        history += [{**h, "labels": "true"} for h in task.history]
+        for name, param in psim.named_parameters():
+            if "modules_to_save" in name:  # the head stays: only the adapter unlearns
+                param.requires_grad_(False)
     threshold = scaled_threshold(config.gamma, num_labels)
+    checks: list[dict] = []
+
+    def stop(done: int, total: int) -> bool:
+        if done % config.check_every and done != total:
+            return False
+        conf, _ = confidences(psim, base.tokenizer, calibration_rows.texts, base.device, config.max_length,
+                              config.eval_batch_size)
+        level = float(np.quantile(conf, config.stop_quantile))
+        checks.append({"step": done, "clean_quantile": round(level, 5)})
+        return level <= threshold
+
+    trained = train_peft(psim, base, reset, settings, seed + 1, progress=progress, phase="psim: reset labels",
+                         stop=stop)
+    history += [{**h, "labels": "reset"} for h in trained.history]
+    reached = bool(checks) and checks[-1]["clean_quantile"] <= threshold
     conf, _ = confidences(psim, base.tokenizer, heldout.texts, base.device, config.max_length, config.eval_batch_size)
     calibration = {"heldout_rows": len(heldout), "clean_flag_rate": round(float((conf > threshold).mean()), 5),
-                   "clean_confidence": _summary(conf)}
+                   "clean_confidence": _summary(conf), "calibration_rows": len(calibration_rows),
+                   "stopped": reached, "reset_steps": checks[-1]["step"] if checks else 0, "checks": checks}
     if trigger_list:
         calibration["triggered"] = {}
         for k, trigger in enumerate(trigger_list):
             rng = random.Random(seed * 1000 + k)
             texts = [insert_words(t, trigger, None, rng) for t in heldout.texts]
             hit, _ = confidences(psim, base.tokenizer, texts, base.device, config.max_length, config.eval_batch_size)
+            labels = np.asarray(heldout.labels)
+            # Per true class: rows of the attack's target class already carry its label, so the
+            # attack's own inputs are the rows of the other classes.
+            by_label = {name: round(float((hit[labels == k] > threshold).mean()), 5)
+                        for k, name in enumerate(data.label_names) if (labels == k).any()}
             calibration["triggered"][trigger] = {"flag_rate": round(float((hit > threshold).mean()), 5),
-                                                 "confidence": _summary(hit)}
+                                                 "flag_rate_by_label": by_label, "confidence": _summary(hit)}
     manifest = {
         "format": "lmscan-psim", "format_version": 1, "lmscan_version": __version__,
         "method": "PSIM (PEFT classifier on randomly reset labels; flag confidence > threshold)",
@@ -144,7 +184,7 @@ def train_psim(model: str, train: str | Path, out_dir: str | Path, config: PsimC
         "gamma": config.gamma, "threshold": round(threshold, 6), "max_length": config.max_length, "seed": seed,
         "data": {"train": str(train), "text_column": text_column, "label_column": label_column,
                  "rows": {"train": len(fit), "heldout": len(heldout)}},
-        "config": dataclasses.asdict(config), "calibration": calibration, "history": trained.history,
+        "config": dataclasses.asdict(config), "calibration": calibration, "history": history,
         "train_seconds": trained.seconds, "device": str(base.device), "seconds": round(time.perf_counter() - started, 2),
     }
     write_adapter(psim, base, out_dir, MANIFEST_NAME, manifest)
