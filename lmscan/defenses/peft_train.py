@@ -254,9 +254,14 @@ def attack_success(models: dict[str, object], tokenizer, test: LabelledData, tri
     is the strongest trigger (MASR)."""
     num_labels = len(test.label_names)
     labels = np.asarray(test.labels)
-    clean = {name: predict(m, tokenizer, test.texts, device, max_length, batch_size) for name, m in models.items()}
-    hit = {name: triggered_predictions(m, tokenizer, test, list(triggers), device, max_length, seed, batch_size)
-           for name, m in models.items()}
+    clean, hit, seen = {}, {}, {}
+    for name, m in models.items():
+        if id(m) in seen:  # the same model under two names (plain PEFT as its own "defence")
+            clean[name], hit[name] = clean[seen[id(m)]], hit[seen[id(m)]]
+            continue
+        seen[id(m)] = name
+        clean[name] = predict(m, tokenizer, test.texts, device, max_length, batch_size)
+        hit[name] = triggered_predictions(m, tokenizer, test, list(triggers), device, max_length, seed, batch_size)
     out: dict = {}
     for name in models:
         source = hit[reference] if reference is not None else hit[name]
