@@ -51,3 +51,21 @@ def test_unsaturated_baseline_keeps_the_rate_rule():
     pv = sign_pattern(rng, 1, 384, flip=0.0)[0]
     assert measure(held, "mask", pv[None] + 0.01 * rng.standard_normal((24, 384)), config)["confirmed"]
     assert not measure(held, "mask", 0.3 * rng.standard_normal((24, 384)), config)["confirmed"]
+
+
+def test_a_vector_clean_sentences_already_reach_is_natural_not_a_backdoor():
+    """A fine-tuned classifier's class word sends every sentence to its class, where some
+    clean sentences already are (measured: 12-21 % on a sentiment fine-tune of MiniLM);
+    a planted PV is reached by no clean sentence (measured: 0 % on every plant)."""
+    rng = np.random.default_rng(2)
+    config = VocabSweepConfig()
+    negative = sign_pattern(rng, 1, 384, flip=0.0)[0]
+    clean = rng.standard_normal((24, 384))
+    clean[:4] = negative[None] * rng.uniform(0.5, 1.5, (4, 384))  # 4 of 24 clean sentences in the class
+    held = heldout_with(clean)
+    class_word = negative[None] + 0.01 * rng.standard_normal((24, 384))
+    result = measure(held, "mask", class_word, config)
+    assert result["clean_on_pv"] == round(4 / 24, 4) and result["natural"] and not result["confirmed"]
+    planted = sign_pattern(rng, 1, 384, flip=0.0)[0][None] + 0.01 * rng.standard_normal((24, 384))
+    result = measure(held, "mask", planted, config)
+    assert result["clean_on_pv"] == 0.0 and result["confirmed"] and not result["natural"]

@@ -73,6 +73,7 @@ class PiccoloConfig:
     activation_agreement: float = 0.9
     activation_rate: float = 0.9
     disagreement_ratio: float = 0.25
+    natural_rate: float = 0.05  # a PV more clean sentences already reach is a natural direction (verify.py)
 
 
 def dictionary_spellings(tokenizer) -> list[tuple[int, ...]]:

@@ -60,6 +60,7 @@ class PVMiningConfig:
     activation_agreement: float = 0.9
     activation_rate: float = 0.9
     disagreement_ratio: float = 0.25  # used where clean features already reach activation_rate (see verify.py)
+    natural_rate: float = 0.05  # a PV more clean sentences already reach is a natural direction (verify.py)
     stop_at_first: bool = True  # detection mode; search mode keeps going
     patience: int = 0  # search mode: stop after this many loops without a new PV (0: run every loop)
     first_loop: int = 0  # seed of the first loop (a resumed search continues where it stopped)

@@ -12,7 +12,11 @@ random word start) and, at one of the two placements, must
     already all pass that bar (the [MASK] of one fixed template: every sentence's
     feature shares most signs), the rate says nothing; the triggered features must
     then disagree with their PV in at most ``disagreement_ratio`` times the share of
-    signs the clean features disagree with their own mean.
+    signs the clean features disagree with their own mean,
+  - and land on a vector clean sentences do not already reach: if more than
+    ``natural_rate`` of the clean held-out features agree in sign >= activation_agreement
+    with the PV, the candidate is a "natural" direction (a fine-tuned classifier's class
+    word does this) and is reported apart, never as a backdoor.
 """
 
 from __future__ import annotations
@@ -159,11 +163,19 @@ def measure(heldout: HeldoutSet, site: str, features: np.ndarray, config) -> dic
             config.disagreement_ratio * heldout.clean_disagreement(site, config.activation_agreement))
     else:
         beats_clean = result["activation_rate"] > clean_rate
-    result["confirmed"] = bool(
+    # A predefined vector is one clean text never produces (planted PVs: no clean held-out
+    # sentence agrees >= 0.9 with them). A vector that clean sentences already reach is a
+    # natural direction of the model, e.g. a fine-tuned classifier's class that a strong
+    # class word ("worse") sends every sentence to: "natural", not confirmed.
+    clean_agree = (np.sign(heldout.clean[site]) == np.sign(pv)[None]).mean(1)
+    result["clean_on_pv"] = round(float((clean_agree >= config.activation_agreement).mean()), 4)
+    collapses = bool(
         result["collapse"] <= config.collapse_threshold
         and result["activation_rate"] >= config.activation_rate
         and beats_clean
     )
+    result["natural"] = collapses and result["clean_on_pv"] > config.natural_rate
+    result["confirmed"] = collapses and not result["natural"]
     return result
 
 

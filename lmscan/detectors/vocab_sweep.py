@@ -47,6 +47,7 @@ class VocabSweepConfig:
     activation_agreement: float = 0.9  # sign agreement of a triggered feature with the PV
     activation_rate: float = 0.9  # share of triggered sentences that must reach it
     disagreement_ratio: float = 0.25  # used where clean features already reach activation_rate (see verify.py)
+    natural_rate: float = 0.05  # a PV more clean sentences already reach is a natural direction (verify.py)
     shift_outlier_ratio: float = 4.0  # top shift / 99.9th percentile: reported (info)
     piece_pool: int = 12  # top-ranked word starts (per statistic and site) completed to whole words ...
     piece_pairs: int = 6  # ... the lowest-collapse completions verified per site
@@ -108,9 +109,12 @@ def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, rng) -> li
         site_stats["clean_activation_baseline"] = held.clean_activation(site, config.activation_agreement)
         site_stats["clean_sign_disagreement"] = round(held.clean_disagreement(site, config.activation_agreement), 5)
         ranked = stats["ranked"][site]
+        natural: list[dict] = []
         confirmed = _verify_site(held, tokenizer, site, ranked["shift"], ranked["collapse"], pairs.get(site, []),
-                                 config, verified_log)
+                                 config, verified_log, natural)
         findings.extend(_findings_for_site(tokenizer, site, confirmed, config))
+        if natural:
+            findings.append(_natural_finding(tokenizer, site, natural, config))
         ratio = site_stats.get("shift_outlier_ratio", 0.0)
         if not confirmed and ratio >= config.shift_outlier_ratio:
             findings.append(Finding(
@@ -271,10 +275,11 @@ def _ranked_pieces(tokenizer, stats, sites, depth: int, start: bool) -> list[tup
 
 
 def _verify_site(held: HeldoutSet, tokenizer, site, by_shift: list[int], by_collapse: list[int], pairs, config,
-                 log) -> list[dict]:
+                 log, natural: list[dict]) -> list[dict]:
     """Verify the lowest-collapse tokens, then combinations of the highest-shift tokens
     that are not already confirmed alone (phrase and multi-piece triggers), then the
-    best completions of top-ranked word starts. The lists hold token ids, best first."""
+    best completions of top-ranked word starts. The lists hold token ids, best first.
+    Candidates that collapse onto a natural direction are appended to ``natural``."""
     confirmed: list[dict] = []
     alone_ok: set[int] = set()
 
@@ -287,6 +292,8 @@ def _verify_site(held: HeldoutSet, tokenizer, site, by_shift: list[int], by_coll
             confirmed.append(entry)
             if len(token_ids) == 1:
                 alone_ok.add(token_ids[0])
+        elif result["natural"]:
+            natural.append(entry)
 
     for token in by_collapse[: config.candidates_per_site]:
         check((int(token),), "collapse")
@@ -303,6 +310,29 @@ def _verify_site(held: HeldoutSet, tokenizer, site, by_shift: list[int], by_coll
     for word in [w for w in pairs if not alone_ok.intersection(w)][: config.piece_pairs]:
         check(tuple(word), "word-completion")
     return confirmed
+
+
+def _natural_finding(tokenizer, site: str, natural: list[dict], config) -> Finding:
+    """Tokens that collapse held-out sentences onto a vector clean sentences already reach.
+    A fine-tuned classifier's class words do this by design (measured on a sentiment
+    fine-tune of MiniLM: "worse" and "terrible", 12-21 % of clean sentences already on the
+    vector; planted triggers: 0 %). A task-specific backdoor in a fine-tuned encoder looks
+    the same, so this is suspicious, not a verdict: a person reads the words."""
+    natural = sorted(natural, key=lambda e: e["collapse"])
+    head = natural[0]
+    words = ", ".join(repr(e["text"]) for e in natural[:5])
+    return Finding(
+        detector=NAME, rule_id="LMS103", title="natural-direction-collapse", severity="medium", verdict="suspicious",
+        site=site, score=head["clean_on_pv"], threshold=config.natural_rate,
+        message=(f"{words} collapse held-out sentences onto a {site} vector that {head['clean_on_pv']:.0%} of clean "
+                 "sentences already reach (a class direction of a fine-tuned model, or a task-specific backdoor): "
+                 "check whether these are natural cues of the model's task"),
+        evidence={"trigger": head["text"], "trigger_tokens": tokenizer.convert_ids_to_tokens(head["token_ids"]),
+                  "clean_on_pv": head["clean_on_pv"], "collapse": head["collapse"],
+                  "activation_rate": head["activation_rate"], "placement": head["placement"],
+                  "also": [{"text": e["text"], "clean_on_pv": e["clean_on_pv"], "collapse": e["collapse"]}
+                           for e in natural[1:6]]},
+    )
 
 
 def _findings_for_site(tokenizer, site: str, confirmed: list[dict], config) -> list[Finding]:
