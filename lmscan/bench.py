@@ -485,6 +485,7 @@ def _accuracy(rows: list[dict], flagged, seconds_of=lambda r: r["seconds"]) -> d
     false_positives = sum(1 for r in negatives if flagged(r))
     times = [seconds_of(r) for r in judged if seconds_of(r) is not None]
     return {"models": len(rows), "judged": len(judged), "not_judged": len(rows) - len(judged),
+            "suspicious": sum(1 for r in judged if r.get("verdict") == "suspicious"),
             "accuracy": round((len(judged) - false_negatives - false_positives) / len(judged), 4) if judged else None,
             "false_positives": false_positives, "false_negatives": false_negatives,
             "mean_seconds": round(float(np.mean(times)), 2) if times else None,
@@ -528,13 +529,14 @@ def to_markdown(summary: dict) -> str:
             parts.append(f"{name}: " + ", ".join(bits))
         lines.append(f"| {r['model']} | {r['expected']} | {r['engine']} | {r['verdict'] or r['status']} | "
                      f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {'; '.join(parts)} |")
-    lines += ["", "| engine | scope | accuracy | false pos. | false neg. | PV recall | triggers named | mean s | worst s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| engine | scope | accuracy | false pos. | false neg. | suspicious | PV recall | triggers named | "
+              "mean s | worst s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for engine, block in summary["summary"].items():
         for scope, s in [("scan", block["overall"]), *block["detectors"].items()]:
             accuracy = f"{s['accuracy']:.0%}" if s["accuracy"] is not None else "n/a"
             lines.append(f"| {engine} | {scope} | {accuracy} ({s['judged']}/{s['models']} judged) | "
-                         f"{s['false_positives']} | {s['false_negatives']} | {s.get('pv_recall', '')} | "
+                         f"{s['false_positives']} | {s['false_negatives']} | {s['suspicious'] if scope == 'scan' else ''} | "
+                         f"{s.get('pv_recall', '')} | "
                          f"{s.get('triggers_named', '')} | {_num(s['mean_seconds'])} | {_num(s['worst_seconds'])} |")
     if summary["comparison"]:
         lines += ["", "| model | engines | same verdict | scan time ratio | pv-mining time ratio |", "|---|---|---|---|---|"]
