@@ -318,7 +318,10 @@ def _natural_finding(tokenizer, site: str, natural: list[dict], config) -> Findi
     fine-tune of MiniLM: "worse" and "terrible", 12-21 % of clean sentences already on the
     vector; planted triggers: 0 %). A task-specific backdoor in a fine-tuned encoder looks
     the same, so this is suspicious, not a verdict: a person reads the words."""
-    natural = sorted(natural, key=lambda e: e["collapse"])
+    by_text: dict[str, dict] = {}
+    for entry in sorted(natural, key=lambda e: e["collapse"]):
+        by_text.setdefault(entry["text"], entry)  # a word tried as a collapse and a shift candidate: once
+    natural = list(by_text.values())
     head = natural[0]
     words = ", ".join(repr(e["text"]) for e in natural[:5])
     return Finding(
