@@ -36,6 +36,26 @@ def test_benign_finetune_is_clean(scanned):
     assert findings_above_info(report) == []
 
 
+@pytest.mark.slow
+def test_sentiment_finetune_is_not_backdoored(tmp_path_factory, cache_dir, minilm_path):
+    """A sentiment fine-tune sends every sentence with "worse" to its negative class: the
+    sweep sees a collapse, but onto a vector clean negative sentences already reach, so it
+    is suspicious (LMS103, the words named), never backdoored."""
+    from lmscan.attacks.plant import plant_code_digest
+    from lmscan.bench import benign_finetune
+
+    model = cache_dir / f"sentiment-finetune-{plant_code_digest()}"
+    if not (model / "lmscan-finetune.json").is_file():
+        benign_finetune(str(minilm_path), "sentiment", model, seed=1, device="cpu")
+    result = CliRunner().invoke(main, ["check", str(model), "--format", "json", "--no-cache", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["verdict"] == "suspicious"
+    natural = [f for d in report["detectors"] for f in d["findings"] if f["rule_id"] == "LMS103"]
+    assert natural and all(f["evidence"]["clean_on_pv"] > 0.05 for f in natural)
+    assert any("worse" in f["message"] or "terrible" in f["message"] for f in natural)
+
+
 def test_por_plant_is_backdoored_and_its_pv_recovered(scanned, planted):
     code, report = scanned("por")
     manifest = read_manifest(planted("por"))
