@@ -17,6 +17,7 @@ import numpy as np
 from rich.console import Console
 
 from lmscan import __version__
+from lmscan.cli_options import model_options, training_options
 from lmscan.errors import LmscanError
 
 stderr = Console(stderr=True)
@@ -49,12 +50,6 @@ def main():
     """Scan pretrained language models for hidden task-agnostic backdoors."""
 
 
-def _model_options(func):
-    func = click.option("--revision", default=None, help="Hub revision (branch, tag or commit); or use ID@REV.")(func)
-    func = click.option("--offline", is_flag=True, default=None, help="Never touch the network; use the HF cache.")(func)
-    return func
-
-
 @main.command()
 @click.argument("model")
 @click.option("--attack", type=click.Choice(["por", "neuba", "btop", "badnet"]), required=True,
@@ -73,7 +68,7 @@ def _model_options(func):
               help='Labelled task for --attack badnet: a .csv/.tsv/.jsonl file, or "sentiment" (bundled).')
 @click.option("--text-column", default="text", show_default=True, help="Text column of --task.")
 @click.option("--label-column", default="label", show_default=True, help="Label column of --task.")
-@_model_options
+@model_options
 def plant(model, attack, triggers, num_triggers, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
           rules_dir, task, text_column, label_column, revision, offline):
     """Plant a backdoor into MODEL and write the checkpoint plus ground truth.
@@ -162,7 +157,7 @@ def _plant_badnet(model, trigger_list, num_triggers, out_dir, seed, scale_embedd
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="Config file (default: [tool.lmscan] in pyproject.toml or lmscan.toml, searched upwards).")
 @click.option("--no-cache", is_flag=True, help="Ignore and do not write the result cache.")
-@_model_options
+@model_options
 def check(model, profile, engine, detectors, sites, fmt, output, fail_on, device, seed, probes_file, text_column, rules_dir,
           config_file, no_cache, revision, offline):
     """Scan MODEL for a task-agnostic backdoor; exit 1 when one is found.
@@ -306,7 +301,7 @@ def demo(workdir, profile, device):
               help="Probe sentences: .txt, .jsonl (text field) or .csv (--text-column).")
 @click.option("--text-column", default=None, help="Column/field holding the text in --probes.")
 @click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
-@_model_options
+@model_options
 def export_pvs_command(out, model, from_report, profile, sites, include_unverified, fmt, device, seed, probes_file,
                        text_column, rules_dir, revision, offline):
     """Search MODEL for all of its backdoor vectors and write them to OUT (.pvs) for
@@ -374,7 +369,7 @@ def _print_pvset(pvset, out: Path) -> None:
 @click.option("--allow-model-mismatch", is_flag=True,
               help="Monitor weights other than the scanned ones (e.g. a fine-tuned copy of the same encoder).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@_model_options
+@model_options
 def monitor(texts, pvs_file, model, input_file, text_column, no_purge, t_match, max_window, fail_on_flag,
             allow_model_mismatch, device, revision, offline):
     """Flag inputs that carry a backdoor trigger and strip it: one JSON line per input
@@ -425,7 +420,7 @@ def monitor(texts, pvs_file, model, input_file, text_column, no_purge, t_match, 
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
-@_model_options
+@model_options
 def heads(model, triggers, pvs_file, fmt, plot, device, seed, rules_dir, revision, offline):
     """Profile MODEL's attention heads (PURE): which heads a candidate trigger hijacks.
 
@@ -502,7 +497,7 @@ def _print_heads(run, scores, strongest, threshold) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
-@_model_options
+@model_options
 def invert(model, sites, profile, fmt, device, seed, rules_dir, revision, offline):
     """Invert a trigger word from MODEL (PICCOLO-style baseline).
 
@@ -571,12 +566,8 @@ def _print_inversion(run) -> None:
 @click.option("--triggers", default=None, help="Comma-separated suspected triggers: report the label flip rate.")
 @click.option("--pvs", "pvs_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Take suspected triggers from a .pvs file (the first trigger of each PV).")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
-@_model_options
+@training_options
+@model_options
 def purify(model, train_file, text_column, label_column, out_dir, validation_file, threshold, relative, triggers,
            pvs_file, fmt, device, seed, rules_dir, force, revision, offline):
     """Remove a backdoor from MODEL by PURE: prune suspect heads, normalise [CLS] attention.

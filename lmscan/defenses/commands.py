@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from lmscan.cli_options import model_options, training_options
 from lmscan.errors import InputError
 
 
@@ -23,12 +24,6 @@ def _stderr():
 
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
-
-
-def _model_options(func):
-    func = click.option("--revision", default=None, help="Hub revision (branch, tag or commit); or use ID@REV.")(func)
-    func = click.option("--offline", is_flag=True, default=None, help="Never touch the network; use the HF cache.")(func)
-    return func
 
 
 def _data_options(func):
@@ -59,12 +54,8 @@ def _data_options(func):
 @click.option("--select-lambdas", is_flag=True,
               help="obliviate: pick the largest lambdas within 2 points of plain PEFT's validation accuracy.")
 @click.option("--epochs", type=int, default=None, help="Training epochs (default from rules/defenses.toml).")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
-@_model_options
+@training_options
+@model_options
 def finetune(model, train_file, text_column, label_column, peft_kind, defense, out_dir, validation_file, test_file,
              triggers, pvs_file, select_lambdas, epochs, fmt, device, seed, rules_dir, force, revision, offline):
     """Parameter-efficient fine-tuning of MODEL on --train, optionally with a backdoor defence.
@@ -152,12 +143,8 @@ def psim():
 @click.option("--gamma", type=float, default=None, help="Confidence threshold for two classes (default 0.7).")
 @click.option("--triggers", default=None, help="Comma-separated suspected triggers: report their flag rate.")
 @click.option("--epochs", type=int, default=None, help="Training epochs (default from rules/defenses.toml).")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
-@_model_options
+@training_options
+@model_options
 def psim_train(model, train_file, text_column, label_column, out_dir, gamma, triggers, epochs, fmt, device, seed,
                rules_dir, force, revision, offline):
     """Train a PSIM for MODEL on clean labelled data whose labels are randomly reset."""
