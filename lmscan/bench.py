@@ -368,6 +368,9 @@ def _dump_toml(tables: dict) -> str:
 
 def run_bench(zoo: Zoo, out_dir: Path, cache_dir: Path, device: str = "cpu", threads: int | None = None,
               rules_dir: str | None = None, log=lambda message: None) -> dict:
+    from lmscan.loading import resolve_model
+
+    resolve_model(zoo.base)  # a base that cannot be found is one clear error, not a table of failed scans
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     rules = _rules_overlay(zoo, out_dir, rules_dir)

@@ -114,6 +114,10 @@ def test_bad_zoo_file(tmp_path):
     result = CliRunner().invoke(main, ["bench", str(zoo), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "colour" in result.output
     assert not Path(tmp_path / "o" / "bench.json").exists()
+    zoo.write_text('[zoo]\nbase = "./no-such-model-dir"\n[[models]]\nname = "clean"\n')
+    result = CliRunner().invoke(main, ["bench", str(zoo), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "no-such-model-dir" in result.output and "Traceback" not in result.output
+    assert not Path(tmp_path / "o").exists()
 
 
 def test_search_recall_counts_true_pvs_by_sign_agreement(tmp_path):
