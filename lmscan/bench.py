@@ -238,18 +238,14 @@ FINETUNE_MANIFEST = "lmscan-finetune.json"
 def benign_finetune(base: str, task: str, out: Path, seed: int, device: str, epochs: int = 1) -> None:
     """A clean model that is not the base: the encoder after one epoch on a labelled task."""
     from lmscan.attacks.plant import write_checkpoint
+    from lmscan.defenses.peft_train import load_base
     from lmscan.defenses.task import (TrainSettings, accuracy, build_classifier, encoder_of, load_labelled,
                                       split_indices, train_classifier)
-    from lmscan.device import pick_device
-    from lmscan.loading import load_model, resolve_model
 
-    torch_device = pick_device(device)
-    import torch
-
-    torch.manual_seed(seed)
     data = load_labelled(task)
     train_idx, test_idx = split_indices(len(data), [0.9], seed)
-    loaded = load_model(resolve_model(base), device=str(torch_device))
+    encoder = load_base(base, device, seed, what="a benign fine-tune")
+    loaded, torch_device = encoder.loaded, encoder.device
     model = build_classifier(loaded, len(data.label_names), data.label_names)
     settings = TrainSettings(epochs=epochs, batch_size=32, learning_rate=5e-5, max_length=48)
     trained = train_classifier(model, loaded.tokenizer, data.subset(train_idx), settings, torch_device, seed)

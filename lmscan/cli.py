@@ -375,15 +375,9 @@ def monitor(texts, pvs_file, model, input_file, text_column, no_purge, t_match, 
     """Flag inputs that carry a backdoor trigger and strip it: one JSON line per input
     on stdout. TEXTS are the inputs; "-" reads lines from stdin."""
     from lmscan.monitor import PVMonitor
-    from lmscan.probes import load_probe_file
+    from lmscan.probes import read_inputs
 
-    inputs = [t for t in texts if t != "-"]
-    if "-" in texts:
-        inputs.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
-    if input_file is not None:
-        inputs.extend(load_probe_file(input_file, text_column))
-    if not inputs:
-        raise LmscanError("no input: give TEXT arguments, - for stdin, or --input FILE")
+    inputs = read_inputs(texts, input_file, text_column)
     if max_window < 1:
         raise LmscanError("--max-window must be at least 1")
     mon = PVMonitor.load(pvs_file, model=model, device=device, revision=revision, offline=offline,

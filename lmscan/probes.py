@@ -317,3 +317,17 @@ def insert_words(
     else:
         index = min(max(position, 0), len(tokens))
     return " ".join(tokens[:index] + [" ".join(w.strip() for w in block_words)] + tokens[index:])
+
+
+def read_inputs(texts: Sequence[str], input_file=None, text_column: str | None = None) -> list[str]:
+    """Inputs of a filtering command: TEXT arguments, stdin lines for "-", and an --input file."""
+    import sys  # noqa: PLC0415
+
+    inputs = [t for t in texts if t != "-"]
+    if "-" in texts:
+        inputs.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
+    if input_file is not None:
+        inputs.extend(load_probe_file(input_file, text_column))
+    if not inputs:
+        raise InputError("no input: give TEXT arguments, - for stdin, or --input FILE")
+    return inputs

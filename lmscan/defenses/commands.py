@@ -187,15 +187,9 @@ def psim_train(model, train_file, text_column, label_column, out_dir, gamma, tri
 def psim_filter(texts, psim_dir, input_file, text_column, gamma, model, fail_on_flag, device):
     """Flag poisoned inputs: one JSON line per input on stdout. TEXTS are the inputs; "-" reads stdin."""
     from lmscan.defenses.psim import PsimFilter  # noqa: PLC0415
-    from lmscan.probes import load_probe_file  # noqa: PLC0415
+    from lmscan.probes import read_inputs  # noqa: PLC0415
 
-    inputs = [t for t in texts if t != "-"]
-    if "-" in texts:
-        inputs.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
-    if input_file is not None:
-        inputs.extend(load_probe_file(input_file, text_column))
-    if not inputs:
-        raise InputError("no input: give TEXT arguments, - for stdin, or --input FILE")
+    inputs = read_inputs(texts, input_file, text_column)
     flt = PsimFilter.load(psim_dir, device=device, gamma=gamma, model=model)
     flagged = 0
     for start in range(0, len(inputs), 64):
