@@ -22,3 +22,26 @@ def pick_device(spec: str = "auto") -> torch.device:
             raise InputError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) present")
         return device
     raise InputError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def native_bf16(device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware. Autocast elsewhere is emulated and
+    slower than fp32, so callers fall back to fp32 there."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:  # x86 CPUs with AVX512-BF16 or AMX (Linux reports them in /proc/cpuinfo)
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_autocast(device, enabled: bool):
+    """A bfloat16 autocast context on ``device`` when asked for and native there, else a no-op."""
+    device = torch.device(device)
+    on = enabled and native_bf16(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on), on

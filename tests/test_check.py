@@ -186,3 +186,22 @@ def test_result_cache_and_allowlist(tmp_path, monkeypatch):
     assert json.loads(allowed.stdout)["allowlisted"] == "accepted risk: test"
     cleared = CliRunner().invoke(main, ["cache", "clear"])
     assert cleared.exit_code == 0 and "removed 1" in cleared.output
+
+
+def test_first_stage_precision_keeps_the_verdict_and_is_reported():
+    """Stage 1 of the sweep ranks under bf16 where the hardware has it; the confirmed
+    triggers (verified in fp32) must be the same as with an all-fp32 sweep."""
+    from lmscan.api import ScanConfig, prepare
+    from lmscan.detectors.vocab_sweep import VocabSweepConfig, run_vocab_sweep
+    from lmscan.device import native_bf16
+
+    prepared = prepare(ScanConfig(model=str(FIXTURES / "tiny-bert-por"), device="cpu"))
+    found = {}
+    for bf16 in (True, False):
+        config = VocabSweepConfig(first_stage_bf16=bf16, **{k: v for k, v in prepared.settings["vocab-sweep"].items()
+                                                           if k != "first_stage_bf16"})
+        run = run_vocab_sweep(prepared.loaded, prepared.sites, prepared.fit, prepared.heldout, config)
+        expected = "bf16" if bf16 and native_bf16("cpu") else "fp32"
+        assert run.stats["first_stage_precision"] == expected
+        found[bf16] = sorted((f.site, f.evidence["trigger"]) for f in run.findings if f.verdict == "backdoored")
+    assert found[True] and found[True] == found[False]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmscan.device import bf16_autocast
 from lmscan.detectors.verify import HeldoutSet, SiteReader, insert_ids, pairwise_mse
 from lmscan.findings import DetectorRun, Finding
 
@@ -52,6 +53,8 @@ class VocabSweepConfig:
     piece_pool: int = 12  # top-ranked word starts (per statistic and site) completed to whole words ...
     piece_pairs: int = 6  # ... the lowest-collapse completions verified per site
     max_length: int = 64
+    first_stage_bf16: bool = True  # stage 1 ranks under bf16 autocast where the hardware has bf16 (stage 2 and
+    # verification stay fp32, so every number a verdict rests on is fp32)
 
 
 def sweep_vocabulary(tokenizer) -> np.ndarray:
@@ -72,9 +75,11 @@ def run_vocab_sweep(loaded, sites: list[str], probes: list[str], heldout: list[s
     reader = SiteReader(loaded.model, tokenizer, sites, loaded.device, max_length=config.max_length)
     rng = random.Random(seed)
     vocab = sweep_vocabulary(tokenizer)
-    shift, collapse, rank_shift, rank_collapse, sweep_texts = _sweep(reader, vocab, probes, config, rng, progress)
+    shift, collapse, rank_shift, rank_collapse, sweep_texts, bf16 = _sweep(reader, vocab, probes, config, rng,
+                                                                           progress)
 
-    stats: dict = {"swept_tokens": int(len(vocab)), "sweep_probes": sweep_texts, "sites": {}, "ranked": {}}
+    stats: dict = {"swept_tokens": int(len(vocab)), "sweep_probes": sweep_texts,
+                   "first_stage_precision": "bf16" if bf16 else "fp32", "sites": {}, "ranked": {}}
     for site in sites:
         stats["sites"][site] = _site_stats(tokenizer, vocab, shift[site], collapse[site])
         stats["ranked"][site] = {
@@ -141,14 +146,18 @@ def _sweep(reader: SiteReader, vocab, probes, config, rng, progress):
     short = [p for p in probes if len(p.split()) <= config.probe_max_words] or probes
     texts = rng.sample(short, min(config.sweep_probes + config.rescore_probes, len(short)))
     first, second = texts[: config.sweep_probes], texts[config.sweep_probes :]
-    shift, collapse = _score(reader, vocab, first, config, progress)
+    # Stage 1 is most of a scan's time and only ranks; in bf16 it runs 1.9x faster on a
+    # CPU with AVX512-BF16 and keeps 95-99 of the fp32 top 100 (MiniLM, each site).
+    autocast, bf16 = bf16_autocast(reader.device, config.first_stage_bf16)
+    with autocast:
+        shift, collapse = _score(reader, vocab, first, config, progress)
     extreme = set()
     for site in reader.sites:
         extreme.update(np.argsort(collapse[site])[: config.rescore_top].tolist())
         extreme.update(np.argsort(-shift[site])[: config.rescore_top].tolist())
     extreme = np.array(sorted(extreme))
     if len(second) < 2:
-        return shift, collapse, shift, collapse, texts
+        return shift, collapse, shift, collapse, texts, bf16
     shift2, collapse2 = _score(reader, vocab[extreme], second, config, None)
     # Candidates are ranked on stage-2 numbers; tokens outside the rescored set drop out.
     rank_shift = {s: np.full(len(vocab), -np.inf) for s in reader.sites}
@@ -156,7 +165,7 @@ def _sweep(reader: SiteReader, vocab, probes, config, rng, progress):
     for site in reader.sites:
         rank_shift[site][extreme] = shift2[site]
         rank_collapse[site][extreme] = collapse2[site]
-    return shift, collapse, rank_shift, rank_collapse, texts
+    return shift, collapse, rank_shift, rank_collapse, texts, bf16
 
 
 def _as_sequence(token) -> tuple[int, ...]:
