@@ -69,3 +69,30 @@ def test_a_vector_clean_sentences_already_reach_is_natural_not_a_backdoor():
     planted = sign_pattern(rng, 1, 384, flip=0.0)[0][None] + 0.01 * rng.standard_normal((24, 384))
     result = measure(held, "mask", planted, config)
     assert result["clean_on_pv"] == 0.0 and result["confirmed"] and not result["natural"]
+
+
+def test_batched_prefetch_matches_one_candidate_at_a_time():
+    """Verification measures many candidates in one length-sorted pass; every candidate's
+    features must be those of measuring it alone, in the sentences' order (tiny POR plant)."""
+    import random
+
+    from lmscan.api import ScanConfig, prepare
+    from lmscan.detectors.verify import SiteReader, insert_ids
+    from tests.conftest import FIXTURES
+
+    prepared = prepare(ScanConfig(model=str(FIXTURES / "tiny-bert-por"), device="cpu"))
+    loaded = prepared.loaded
+    reader = SiteReader(loaded.model, loaded.tokenizer, prepared.sites, loaded.device)
+    texts = prepared.heldout[:12]
+    assert len({len(reader.encode(t)) for t in texts}) > 1  # rows of different lengths get reordered
+    size = loaded.tokenizer.vocab_size
+    candidates = [(size - 5,), (size - 4, size - 3), (size // 2,), (size - 5,)]
+    batched = HeldoutSet(reader, texts, random.Random(0))
+    batched.prefetch(candidates)
+    for ids in candidates:
+        for placement in ("first", "anywhere"):
+            rows = [insert_ids(r, ids, at) for r, at in zip(batched.rows, batched.places[placement])]
+            alone = [reader.features([row], batch_size=1) for row in rows]  # no batch, no padding
+            many = batched.triggered(ids, placement)
+            for site in prepared.sites:
+                np.testing.assert_allclose(many[site], np.concatenate([a[site] for a in alone]), rtol=1e-4, atol=1e-5)

@@ -56,13 +56,17 @@ class SiteReader:
 
     @torch.no_grad()
     def features(self, rows: list[list[int]], batch_size: int = 256) -> dict[str, np.ndarray]:
+        # Rows run shortest first, so a batch pads to rows of about its own length
+        # (held-out sentences range from a few tokens to 64); results keep the input order.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         chunks: dict[str, list[np.ndarray]] = {s: [] for s in self.sites}
         for start in range(0, len(rows), batch_size):
-            ids, attention = self.pad(rows[start : start + batch_size])
+            ids, attention = self.pad([rows[i] for i in order[start : start + batch_size]])
             out = self.model(input_ids=ids, attention_mask=attention)
             for site in self.sites:
                 chunks[site].append(self.read(out, site, ids, attention).float().cpu().numpy())
-        return {s: np.concatenate(v) for s, v in chunks.items()}
+        restore = np.argsort(order, kind="stable")
+        return {s: np.concatenate(v)[restore] for s, v in chunks.items()}
 
 
 def pairwise_mse(features: np.ndarray) -> float:
@@ -132,6 +136,19 @@ class HeldoutSet:
             places = self.places[placement]
             self._memo[key] = self.reader.features([insert_ids(r, token_ids, at) for r, at in zip(self.rows, places)])
         return self._memo[key]
+
+    def prefetch(self, candidates) -> None:
+        """Triggered features of many candidates in one batched pass (both placements);
+        what a later triggered() or best_measure() then reads from the memo."""
+        todo = [(tuple(c), p) for c in dict.fromkeys(tuple(c) for c in candidates) for p in PLACEMENTS
+                if (tuple(c), p) not in self._memo]
+        if not todo:
+            return
+        rows = [insert_ids(r, ids, at) for ids, placement in todo for r, at in zip(self.rows, self.places[placement])]
+        feats = self.reader.features(rows)
+        n = len(self.rows)
+        for k, key in enumerate(todo):
+            self._memo[key] = {s: f[k * n : (k + 1) * n] for s, f in feats.items()}
 
     def best_measure(self, token_ids, sites: list[str], config) -> dict[str, dict]:
         """measure() at each site for both placements, keeping the stronger per site."""

@@ -109,6 +109,9 @@ def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, rng) -> li
     findings: list[Finding] = []
     verified_log: list[dict] = []
     pairs = _piece_pairs(reader, stats, sites, config)
+    held.prefetch((int(t),) for site in sites for t in
+                  stats["ranked"][site]["collapse"][: config.candidates_per_site]
+                  + stats["ranked"][site]["shift"][: config.shift_top])
     for site in sites:
         site_stats = stats["sites"][site]
         site_stats["clean_activation_baseline"] = held.clean_activation(site, config.activation_agreement)
@@ -311,13 +314,15 @@ def _verify_site(held: HeldoutSet, tokenizer, site, by_shift: list[int], by_coll
         if token not in alone_ok:
             check((token,), "shift")
     pool = [t for t in top if t not in alone_ok]
-    for length in range(2, config.combo_max_len + 1):
-        for combo in itertools.permutations(pool[: config.shift_top if length == 2 else max(3, config.shift_top // 2)],
-                                            length):
-            check(combo, "shift-combo")
+    combos = [combo for length in range(2, config.combo_max_len + 1) for combo in
+              itertools.permutations(pool[: config.shift_top if length == 2 else max(3, config.shift_top // 2)], length)]
     # Completions of pieces that already fire alone add nothing; verify the best others.
-    for word in [w for w in pairs if not alone_ok.intersection(w)][: config.piece_pairs]:
-        check(tuple(word), "word-completion")
+    words = [tuple(w) for w in pairs if not alone_ok.intersection(w)][: config.piece_pairs]
+    held.prefetch(combos + words)
+    for combo in combos:
+        check(combo, "shift-combo")
+    for word in words:
+        check(word, "word-completion")
     return confirmed
 
 
