@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmscan.device import bf16_autocast
 from lmscan.detectors.verify import HeldoutSet, SiteReader, insert_ids, pairwise_mse
+from lmscan.device import bf16_autocast
 from lmscan.findings import DetectorRun, Finding
 
 NAME = "vocab-sweep"
