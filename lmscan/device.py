@@ -39,9 +39,3 @@ def native_bf16(device) -> bool:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
-
-def bf16_autocast(device, enabled: bool):
-    """A bfloat16 autocast context on ``device`` when asked for and native there, else a no-op."""
-    device = torch.device(device)
-    on = enabled and native_bf16(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on), on
