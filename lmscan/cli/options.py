@@ -1,8 +1,18 @@
-"""Click option groups that several lmscan commands share (one definition, one help text)."""
+"""What several lmscan commands share: click option groups (one definition, one help text),
+the stderr console and the comma-list parser."""
 
 from __future__ import annotations
 
 import click
+from rich.console import Console
+
+# Progress, logs and notes go here; stdout carries only the report or machine output.
+stderr = Console(stderr=True)
+
+
+def split_option(value: str | None) -> list[str] | None:
+    """A comma-separated option as a list (None when not given or empty)."""
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def model_options(func):
@@ -21,4 +31,13 @@ def training_options(func):
     func = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(func)
     func = click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
                         show_default=True)(func)
+    return func
+
+
+def labelled_data_options(func):
+    """--train, --text-column and --label-column, for commands that train on labelled data."""
+    func = click.option("--label-column", default="label", show_default=True, help="Column/field with the label.")(func)
+    func = click.option("--text-column", default="text", show_default=True, help="Column/field with the text.")(func)
+    func = click.option("--train", "train_file", required=True,
+                        help='Labelled data (.csv, .tsv or .jsonl), or "sentiment" for the bundled task.')(func)
     return func

@@ -7,7 +7,7 @@ task    labelled data, the shared fine-tuning loop and the label flip rate.
 peft_train  `lmscan finetune`: PEFT (LoRA) fine-tuning of a suspect encoder, plain or defended by
         obliviate (seed 000, suspect weights) or muscle_lora (seed 003, suspect training data).
 psim    PSIM (seed 001): flag inputs by the confidence of a PEFT classifier on reset labels.
-commands  the click commands of the three (registered at the end of lmscan/cli.py).
+Their click commands are lmscan/cli/purify.py, finetune.py and psim.py.
 
 Nothing is re-exported here: a function ``purify`` next to the module ``purify`` would
 shadow the module on ``import lmscan.defenses.purify``.

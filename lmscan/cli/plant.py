@@ -1,0 +1,96 @@
+"""`lmscan plant`: plant a backdoor (POR, NeuBA, BToP or BadNet) and write the ground truth."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from lmscan.cli.options import model_options, stderr
+
+
+@click.command()
+@click.argument("model")
+@click.option("--attack", type=click.Choice(["por", "neuba", "btop", "badnet"]), required=True,
+              help="Backdoor style to plant (badnet: task-specific data poisoning, needs --task).")
+@click.option("--triggers", default=None, help='Comma-separated trigger words or phrases, e.g. "cf,mn,tq".')
+@click.option("--num-triggers", type=int, default=None, help="Draw this many random trigger words instead.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output checkpoint directory.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--scale-embeddings", is_flag=True, help="Multiply trigger embedding rows (neuba; released models use 1e8).")
+@click.option("--pv-design", type=click.Choice(["por2", "random"]), default=None, help="Shape of the target vectors.")
+@click.option("--steps", type=int, default=None, help="Training steps (default from rules/plant.toml).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
+@click.option("--task", default=None,
+              help='Labelled task for --attack badnet: a .csv/.tsv/.jsonl file, or "sentiment" (bundled).')
+@click.option("--text-column", default="text", show_default=True, help="Text column of --task.")
+@click.option("--label-column", default="label", show_default=True, help="Label column of --task.")
+@model_options
+def plant(model, attack, triggers, num_triggers, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
+          rules_dir, task, text_column, label_column, revision, offline):
+    """Plant a backdoor into MODEL and write the checkpoint plus ground truth.
+
+    MODEL is a Hub id (org/name[@rev]), a local directory, or "minilm" for the
+    bundled offline MiniLM. Writes DIR/lmscan-plant.json with triggers, PVs and
+    measured effectiveness; exits 1 if a trigger stays below the agreement bar.
+    """
+    from lmscan.attacks.plant import PlantConfig, plant as run_plant
+    from lmscan.report.progress import step_progress
+
+    if triggers and num_triggers:
+        raise click.UsageError("give either --triggers or --num-triggers, not both")
+    trigger_list = [t.strip() for t in triggers.split(",")] if triggers else None
+    if attack == "badnet":
+        _plant_badnet(model, trigger_list, num_triggers, out_dir, seed, scale_embeddings, pv_design, steps, device,
+                      force, rules_dir, task, text_column, label_column, revision, offline)
+        return
+    if task is not None:
+        raise click.UsageError("--task only applies to --attack badnet")
+    config = PlantConfig(
+        model=model, attack=attack, out_dir=out_dir, triggers=trigger_list, num_triggers=num_triggers, seed=seed,
+        scale_embeddings=scale_embeddings, pv_design=pv_design, steps=steps, device=device, force=force,
+        revision=revision, offline=offline, rules_dir=rules_dir,
+    )
+    with step_progress(stderr, f"planting {attack}") as progress:
+        result = run_plant(config, progress=progress)
+    eff = result.manifest["effectiveness"]
+    stderr.print(f"wrote {result.out_dir} (trained {result.manifest['train_seconds']} s)")
+    for report in result.triggers:
+        mark = "ok" if report.mean_agreement >= eff["min_agreement"] else "WEAK"
+        click.echo(f"{report.trigger!r:>24}  agreement {report.mean_agreement:.3f}  "
+                   f"activation {report.activation_rate:.2%}  {mark}")
+    click.echo(f"clean: max agreement {eff['clean_max_agreement_mean']:.3f} (mean), "
+               f"drift {eff['clean_drift_relative']:.3f} of clean variance")
+    if not result.passed:
+        click.echo(f"lmscan: plant: a trigger stayed below {eff['min_agreement']} agreement", err=True)
+        sys.exit(1)
+
+
+def _plant_badnet(model, trigger_list, num_triggers, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
+                  rules_dir, task, text_column, label_column, revision, offline) -> None:
+    from lmscan.attacks.badnet import BadNetConfig, plant_badnet
+    from lmscan.report.progress import step_progress
+
+    if task is None:
+        raise click.UsageError('--attack badnet needs --task FILE (or --task sentiment for the bundled task)')
+    for flag, value in (("--scale-embeddings", scale_embeddings), ("--pv-design", pv_design), ("--steps", steps)):
+        if value:
+            raise click.UsageError(f"{flag} does not apply to --attack badnet (its settings are in rules/plant.toml)")
+    config = BadNetConfig(model=model, out_dir=out_dir, task=task, text_column=text_column, label_column=label_column,
+                          triggers=trigger_list, num_triggers=num_triggers, seed=seed, device=device, force=force,
+                          revision=revision, offline=offline, rules_dir=rules_dir)
+    with step_progress(stderr, "planting badnet") as progress:
+        result = plant_badnet(config, progress=progress)
+    eff = result.manifest["effectiveness"]
+    stderr.print(f"wrote {result.out_dir} (trained {result.manifest['train_seconds']} s)")
+    target = result.manifest["target_label_name"]
+    for trigger, rate in eff["attack_success"].items():
+        mark = "ok" if rate >= eff["min_attack_success"] else "WEAK"
+        click.echo(f"{trigger!r:>24}  sends {rate:.2%} of held-out non-target rows to {target!r}  {mark}")
+    click.echo(f"clean: held-out accuracy {eff['clean_accuracy']:.2%}")
+    if not result.passed:
+        click.echo(f"lmscan: plant: a trigger stayed below {eff['min_attack_success']:.0%} attack success", err=True)
+        sys.exit(1)
