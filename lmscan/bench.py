@@ -239,8 +239,8 @@ def benign_finetune(base: str, task: str, out: Path, seed: int, device: str, epo
     """A clean model that is not the base: the encoder after one epoch on a labelled task."""
     from lmscan.attacks.plant import write_checkpoint
     from lmscan.defenses.peft_train import load_base
-    from lmscan.defenses.task import (TrainSettings, accuracy, build_classifier, encoder_of, load_labelled,
-                                      split_indices, train_classifier)
+    from lmscan.training import (TrainSettings, accuracy, build_classifier, encoder_of, load_labelled,
+                                 split_indices, train_classifier)
 
     data = load_labelled(task)
     train_idx, test_idx = split_indices(len(data), [0.9], seed)

@@ -9,7 +9,8 @@ both halves:
 * a deterministic fit / held-out split of those sentences;
 * random ordinary English words to use as candidate triggers, optionally
   restricted to words a given tokenizer handles in a few pieces;
-* insertion of trigger words into a sentence.
+* insertion of trigger words into a sentence, and the check that a tokenizer can
+  encode the triggers a user names (shared by the plants and the defences).
 
 Everything that draws random numbers takes an explicit seed or ``random.Random``
 so that a scan can be repeated exactly.
@@ -30,6 +31,7 @@ from typing import Any
 from lmscan.errors import InputError, LmscanError
 
 __all__ = [
+    "check_triggers",
     "insert_words",
     "load_builtin_probes",
     "load_probe_file",
@@ -317,6 +319,21 @@ def insert_words(
     else:
         index = min(max(position, 0), len(tokens))
     return " ".join(tokens[:index] + [" ".join(w.strip() for w in block_words)] + tokens[index:])
+
+
+def check_triggers(tokenizer, triggers: list[str]) -> list[list[int]]:
+    """Token ids of each trigger; refuse triggers the tokenizer cannot represent."""
+    ids = []
+    for trigger in triggers:
+        if not trigger.strip():
+            raise InputError("empty trigger in --triggers")
+        pieces = tokenizer(trigger, add_special_tokens=False)["input_ids"]
+        if not pieces or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in pieces):
+            raise InputError(f"trigger {trigger!r} cannot be encoded by this model's tokenizer (it maps to unknown tokens)")
+        ids.append(pieces)
+    if len(set(triggers)) != len(triggers):
+        raise InputError("--triggers contains duplicates")
+    return ids
 
 
 def read_inputs(texts: Sequence[str], input_file=None, text_column: str | None = None) -> list[str]:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from lmscan.cli import main
 from lmscan.defenses.purify import REPORT_NAME, WORK_NAME, PurifyConfig, layer_coefficients, purify
-from lmscan.defenses.task import load_labelled
+from lmscan.training import load_labelled
 from tests.conftest import FIXTURES, REPO, read_manifest
 
 TINY = str(FIXTURES / "tiny-bert")

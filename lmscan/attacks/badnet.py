@@ -21,8 +21,13 @@ from typing import Callable
 import torch
 
 from lmscan import __version__
-from lmscan.attacks.plant import MANIFEST_NAME, PlantResult, check_request, check_triggers, write_checkpoint
-from lmscan.defenses.task import (
+from lmscan.attacks.plant import MANIFEST_NAME, PlantResult, check_request, write_checkpoint
+from lmscan.device import pick_device
+from lmscan.errors import InputError
+from lmscan.loading import load_model, resolve_model
+from lmscan.probes import check_triggers, insert_words, random_trigger_words
+from lmscan.rules_data import load_rules
+from lmscan.training import (
     LabelledData,
     TrainSettings,
     accuracy,
@@ -34,11 +39,6 @@ from lmscan.defenses.task import (
     train_classifier,
     triggered_predictions,
 )
-from lmscan.device import pick_device
-from lmscan.errors import InputError
-from lmscan.loading import load_model, resolve_model
-from lmscan.probes import insert_words, random_trigger_words
-from lmscan.rules_data import load_rules
 
 __all__ = ["BadNetConfig", "MANIFEST_NAME", "plant_badnet"]
 

@@ -30,7 +30,7 @@ from lmscan.attacks.vectors import make_vectors, sign_agreement
 from lmscan.device import pick_device
 from lmscan.errors import InputError
 from lmscan.loading import load_model, resolve_model
-from lmscan.probes import insert_words, load_builtin_probes, random_trigger_words, split_probes
+from lmscan.probes import check_triggers, insert_words, load_builtin_probes, random_trigger_words, split_probes
 from lmscan.rules_data import load_rules
 from lmscan.sites import encode, read_site
 
@@ -85,7 +85,7 @@ def plant_code_digest() -> str:
     digest = hashlib.sha256()
     for path in sorted(
         [*(package / "attacks").glob("*.py"), package / "sites.py", package / "probes.py",
-         package / "rules" / "plant.toml", package / "data" / "probes_en.txt", package / "defenses" / "task.py",
+         package / "rules" / "plant.toml", package / "data" / "probes_en.txt", package / "training.py",
          package / "data" / "sentiment_en.csv"]
     ):
         digest.update(path.name.encode() + path.read_bytes())
@@ -113,21 +113,6 @@ def check_request(out_dir: Path, force: bool, triggers, num_triggers: int | None
         raise InputError("--num-triggers must be at least 1")
     if not triggers and not num_triggers:
         raise InputError("give --triggers or --num-triggers")
-
-
-def check_triggers(tokenizer, triggers: list[str]) -> list[list[int]]:
-    """Token ids of each trigger; refuse triggers the tokenizer cannot represent."""
-    ids = []
-    for trigger in triggers:
-        if not trigger.strip():
-            raise InputError("empty trigger in --triggers")
-        pieces = tokenizer(trigger, add_special_tokens=False)["input_ids"]
-        if not pieces or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in pieces):
-            raise InputError(f"trigger {trigger!r} cannot be encoded by this model's tokenizer (it maps to unknown tokens)")
-        ids.append(pieces)
-    if len(set(triggers)) != len(triggers):
-        raise InputError("--triggers contains duplicates")
-    return ids
 
 
 def place(sentence: str, trigger: str, placement: str, rng: random.Random) -> str:

@@ -3,7 +3,6 @@
 purify  PURE (seed 004): prune the attention heads a trigger would hijack and fine-tune
         with a [CLS] attention-norm penalty, on the defender's own clean labelled data
         (``from lmscan.defenses.purify import PurifyConfig, purify``).
-task    labelled data, the shared fine-tuning loop and the label flip rate.
 peft_train  `lmscan finetune`: PEFT (LoRA) fine-tuning of a suspect encoder, plain or defended by
         obliviate (seed 000, suspect weights) or muscle_lora (seed 003, suspect training data).
 psim    PSIM (seed 001): flag inputs by the confidence of a PEFT classifier on reset labels.

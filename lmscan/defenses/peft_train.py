@@ -2,7 +2,7 @@
 
 The base model stays frozen; only the PEFT weights (``peft`` LoRA by default: r = 16, α = 16
 on the query and value projections, the Obliviate paper's setting) and a new classification
-head train. Defences plug into the shared loop of ``lmscan.defenses.task.train_classifier``:
+head train. Defences plug into the shared loop of ``lmscan.training.train_classifier``:
 
 * ``none``         plain PEFT;
 * ``obliviate``    (seed 000) an extra loss that amplifies the PEFT weights and shrinks the
@@ -35,7 +35,9 @@ import numpy as np
 import torch
 
 from lmscan import __version__
-from lmscan.defenses.task import (
+from lmscan.errors import InputError
+from lmscan.rules_data import load_rules
+from lmscan.training import (
     LabelledData,
     TrainResult,
     TrainSettings,
@@ -49,8 +51,6 @@ from lmscan.defenses.task import (
     train_classifier,
     triggered_predictions,
 )
-from lmscan.errors import InputError
-from lmscan.rules_data import load_rules
 
 REPORT_NAME = "finetune-report.json"
 PEFT_KINDS = ("lora", "adapter", "prefix")
@@ -352,7 +352,7 @@ def finetune(model: str, train: str | Path, out_dir: str | Path, *, defense: str
              force: bool = False, revision: str | None = None, offline: bool | None = None,
              progress: Progress | None = None) -> FinetuneResult:
     """PEFT-fine-tune ``model`` on ``train`` with ``defense``; write the adapter and a report to ``out_dir``."""
-    from lmscan.attacks.plant import check_triggers  # noqa: PLC0415
+    from lmscan.probes import check_triggers  # noqa: PLC0415
 
     started = time.perf_counter()
     if defense not in DEFENSES:

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from lmscan import __version__
-from lmscan.defenses.task import (
+from lmscan.errors import InputError
+from lmscan.training import (
     LabelledData,
     TrainSettings,
     accuracy,
@@ -55,7 +56,6 @@ from lmscan.defenses.task import (
     train_classifier,
     triggered_predictions,
 )
-from lmscan.errors import InputError
 
 REPORT_NAME = "purify-report.json"
 WORK_NAME = ".purify-work"
@@ -247,9 +247,9 @@ def purify(model: str, train: str | Path, out_dir: str | Path, config: PurifyCon
            force: bool = False, revision: str | None = None, offline: bool | None = None,
            progress: Progress | None = None) -> PurifyResult:
     """Run PURE on ``model`` with the clean labelled data ``train``; write the purified classifier to ``out_dir``."""
-    from lmscan.attacks.plant import check_triggers  # noqa: PLC0415
     from lmscan.device import pick_device  # noqa: PLC0415
     from lmscan.loading import load_model, resolve_model  # noqa: PLC0415
+    from lmscan.probes import check_triggers  # noqa: PLC0415
 
     config = config or PurifyConfig()
     started = time.perf_counter()

@@ -1,4 +1,6 @@
-"""Labelled classification data and the fine-tuning loop shared by purify and the BadNet plant.
+"""Labelled classification data and the fine-tuning loop shared by the BadNet plant and the defences.
+
+A top-level module so that ``lmscan.attacks`` and ``lmscan.defenses`` never import each other.
 
 * Labelled files: ``.csv``/``.tsv`` (header row) or ``.jsonl``, a text column and a label
   column. Labels are integers or class names (strings); anything else is an input error.
