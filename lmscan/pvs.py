@@ -117,6 +117,14 @@ def read_pvs(path: str | Path) -> PVSet:
     return from_dict(data, str(path))
 
 
+def trigger_words(path: str | Path) -> list[str]:
+    """The first trigger word of each PV in a .pvs file (a defence's suspected triggers)."""
+    words = [p.triggers[0]["text"] for p in read_pvs(path).pvs if p.triggers and p.triggers[0].get("text")]
+    if not words:
+        raise InputError(f"{path}: no PV in this .pvs file names a trigger word; give --triggers instead")
+    return list(dict.fromkeys(words))
+
+
 def from_dict(data, where: str = ".pvs") -> PVSet:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InputError(f"{where}: not a .pvs file (missing \"format\": \"{FORMAT}\")")

@@ -147,7 +147,8 @@ def test_amplification_loss_is_finite_at_zero_and_grows_the_norm():
 
 def test_finetune_muscle_lora_saves_an_ordinary_lora_adapter(small_task, tiny_rules, tmp_path):
     from lmscan.defenses.muscle_lora import MuscleLoraConfig
-    from lmscan.defenses.peft_train import PeftSettings, finetune, load_adapter, load_base
+    from lmscan.defenses.finetune import finetune
+    from lmscan.defenses.peft_train import PeftSettings, load_adapter, load_base
     from lmscan.training import predict_logits
 
     out = tmp_path / "muscle"

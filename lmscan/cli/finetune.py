@@ -42,8 +42,9 @@ def finetune(model, train_file, text_column, label_column, peft_kind, defense, o
     attack success of each trigger before (plain) and after (defended)."""
     import dataclasses
 
+    from lmscan.defenses.finetune import finetune as run_finetune
     from lmscan.defenses.obliviate import ObliviateConfig
-    from lmscan.defenses.peft_train import PeftSettings, finetune as run_finetune, settings_from_rules
+    from lmscan.defenses.peft_train import PeftSettings, settings_from_rules
     from lmscan.report.progress import detector_progress
     from lmscan.report.tables import print_finetune
 

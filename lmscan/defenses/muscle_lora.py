@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmscan.defenses.peft_train import attach_peft, train_peft
 from lmscan.errors import InputError
 
 
@@ -70,8 +71,6 @@ def _scaled_modules(model, config: MuscleLoraConfig) -> list[str]:
 def attach_muscle_lora(classifier, settings, config: MuscleLoraConfig):
     """LoRA everywhere plus the multi-scale modules; returns the peft model (scales applied by hooks)."""
     import dataclasses  # noqa: PLC0415
-
-    from lmscan.defenses.peft_train import attach_peft  # noqa: PLC0415
 
     scaled = _scaled_modules(classifier, config)
     rank = len(config.scales) * config.bandwidth
@@ -146,8 +145,6 @@ class GradientAlignment:
 
 def train_muscle_lora(base, splits, settings, config: MuscleLoraConfig, seed: int, progress=None):
     import dataclasses  # noqa: PLC0415
-
-    from lmscan.defenses.peft_train import train_peft  # noqa: PLC0415
 
     settings = dataclasses.replace(settings, **{k: v for k, v in (("learning_rate", config.learning_rate),
                                                                    ("epochs", config.epochs)) if v is not None})

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmscan.defenses.peft_train import attach_peft, peft_weight_matrices, train_peft
 from lmscan.errors import InputError
 
 
@@ -65,7 +66,6 @@ def amplification_loss(matrices: list[torch.Tensor]) -> torch.Tensor:
 
 def obliviate_loss(model, lambda_amp: float, lambda_reg: float):
     """The extra loss for ``train_classifier``: λ_amp·L_amp + λ_reg·L_reg."""
-    from lmscan.defenses.peft_train import peft_weight_matrices  # noqa: PLC0415
     from lmscan.defenses.purify import attention_norm_loss  # noqa: PLC0415
 
     matrices = peft_weight_matrices(model)
@@ -84,8 +84,6 @@ def obliviate_loss(model, lambda_amp: float, lambda_reg: float):
 
 def train_obliviate(base, splits, settings, config: ObliviateConfig, seed: int, plain, progress=None):
     """Train the defended adapter; ``plain()`` gives the plain PEFT model (trained on first use)."""
-    from lmscan.defenses.peft_train import attach_peft, peft_weight_matrices, train_peft  # noqa: PLC0415
-
     num_labels = len(splits.label_names)
     bar = None
     if config.select:

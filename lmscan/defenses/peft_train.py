@@ -1,20 +1,11 @@
-"""`lmscan finetune`: parameter-efficient fine-tuning of a suspect encoder, with an optional defence.
+"""PEFT primitives for `lmscan finetune` and `lmscan psim`: settings, the PEFT model, data
+splits, the frozen base, training, attack success, saving and loading the adapter.
 
 The base model stays frozen; only the PEFT weights (``peft`` LoRA by default: r = 16, α = 16
 on the query and value projections, the Obliviate paper's setting) and a new classification
-head train. Defences plug into the shared loop of ``lmscan.training.train_classifier``:
-
-* ``none``         plain PEFT;
-* ``obliviate``    (seed 000) an extra loss that amplifies the PEFT weights and shrinks the
-                   [CLS] attention rows (``lmscan.defenses.obliviate``);
-* ``muscle-lora``  (seed 003) LoRA on every attention projection, multi-scale LoRA in the
-                   penultimate layer and gradients aligned to a small clean set
-                   (``lmscan.defenses.muscle_lora``), for training on data that may be poisoned.
-
-With suspected triggers the run also trains plain PEFT with the same seed and reports the
-attack success before (plain) and after (defended). Output: the adapter in peft's own format
-(``adapter_config.json`` + ``adapter_model.safetensors``, the classification head included),
-the tokenizer, and ``finetune-report.json``.
+head train. Defences plug into the shared loop of ``lmscan.training.train_classifier``; the
+run that picks one is ``lmscan.defenses.finetune`` (kept apart so this module imports no
+defence).
 
 ``--peft adapter`` and ``--peft prefix`` are refused with one line: peft has no bottleneck
 (Houlsby) adapter, and its prefix tuning needs an encoder that takes past key values, which
@@ -26,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmscan import __version__
 from lmscan.errors import InputError
 from lmscan.rules_data import load_rules
 from lmscan.training import (
     LabelledData,
     TrainResult,
     TrainSettings,
-    accuracy,
     build_classifier,
     infer_target,
     label_flip_rate,
@@ -52,9 +40,7 @@ from lmscan.training import (
     triggered_predictions,
 )
 
-REPORT_NAME = "finetune-report.json"
 PEFT_KINDS = ("lora", "adapter", "prefix")
-DEFENSES = ("none", "obliviate", "muscle-lora")
 
 Progress = Callable[[str, int, int, str], None]  # (phase, done, total, info)
 
@@ -87,6 +73,7 @@ class PeftSettings:
 
 def settings_from_rules(cls, section: str, rules_dir: str | Path | None = None, **override):
     """A config dataclass from one table of rules/defenses.toml (unknown keys are a rules error)."""
+    # TODO rules_data: import dataclass_from from lmscan.rules_data once it has moved there.
     from lmscan.api import dataclass_from  # noqa: PLC0415
 
     rules = load_rules("defenses", rules_dir)
@@ -284,15 +271,6 @@ def attack_success(models: dict[str, object], tokenizer, test: LabelledData, tri
     return out
 
 
-def triggers_from(triggers: Sequence[str] | None, pvs: str | Path | None) -> list[str]:
-    from lmscan.defenses.purify import _triggers_from_pvs  # noqa: PLC0415
-
-    words = [t.strip() for t in (triggers or []) if t.strip()]
-    if pvs is not None:
-        words += _triggers_from_pvs(pvs)
-    return list(dict.fromkeys(words))
-
-
 # --- output -----------------------------------------------------------------------------------
 
 
@@ -332,113 +310,3 @@ def load_adapter(base: Base, adapter_dir: Path, num_labels: int, label_names: Se
     model = PeftModel.from_pretrained(classifier, str(adapter_dir))
     model.eval()
     return model
-
-
-# --- the run ----------------------------------------------------------------------------------
-
-
-@dataclass
-class FinetuneResult:
-    out_dir: Path
-    report: dict
-    model: object = None  # the defended peft model (for the Python API)
-
-
-def finetune(model: str, train: str | Path, out_dir: str | Path, *, defense: str = "none",
-             peft: str | None = None, text_column: str = "text", label_column: str = "label",
-             validation: str | Path | None = None, test: str | Path | None = None,
-             triggers: Sequence[str] | None = None, pvs: str | Path | None = None, settings: PeftSettings | None = None,
-             obliviate=None, muscle=None, rules_dir: str | Path | None = None, device: str = "auto", seed: int = 0,
-             force: bool = False, revision: str | None = None, offline: bool | None = None,
-             progress: Progress | None = None) -> FinetuneResult:
-    """PEFT-fine-tune ``model`` on ``train`` with ``defense``; write the adapter and a report to ``out_dir``."""
-    from lmscan.probes import check_triggers  # noqa: PLC0415
-
-    started = time.perf_counter()
-    if defense not in DEFENSES:
-        raise InputError(f"--defense {defense!r}: expected one of {', '.join(DEFENSES)}")
-    settings = settings or settings_from_rules(PeftSettings, "peft", rules_dir)
-    if peft is not None:
-        settings = dataclasses.replace(settings, kind=peft)
-    check_settings(settings)
-    if defense == "muscle-lora" and settings.kind != "lora":
-        raise InputError(f"--defense muscle-lora is built on LoRA; it cannot run with --peft {settings.kind}")
-    out_dir = Path(out_dir).expanduser()
-    check_out_dir(out_dir, force)
-    trigger_list = triggers_from(triggers, pvs)
-    splits = load_splits(train, text_column, label_column, settings, seed, validation, test)
-    base = load_base(model, device, seed, revision, offline)
-    if trigger_list:
-        check_triggers(base.tokenizer, trigger_list)
-    num_labels = len(splits.label_names)
-    # Fail on a PEFT kind that cannot work before anything trains.
-    attach_peft(base.classifier(num_labels, splits.label_names, seed), settings)
-
-    runs: dict[str, dict] = {}
-    models: dict[str, object] = {}
-
-    def plain():
-        if "plain" not in models:
-            m = attach_peft(base.classifier(num_labels, splits.label_names, seed), settings)
-            trained = train_peft(m, base, splits.train, settings, seed, splits.validation, progress=progress,
-                                 phase=f"plain {settings.kind}")
-            models["plain"] = m
-            runs["plain"] = _run_entry(m, base, splits, settings, trained)
-        return models["plain"]
-
-    defense_info: dict = {}
-    if defense == "none":
-        defended = plain()
-    elif defense == "obliviate":
-        from lmscan.defenses.obliviate import ObliviateConfig, train_obliviate  # noqa: PLC0415
-
-        obliviate = obliviate or settings_from_rules(ObliviateConfig, "obliviate", rules_dir)
-        defended, trained, defense_info = train_obliviate(base, splits, settings, obliviate, seed, plain,
-                                                          progress=progress)
-        runs["defended"] = _run_entry(defended, base, splits, settings, trained)
-    else:
-        from lmscan.defenses.muscle_lora import MuscleLoraConfig, train_muscle_lora  # noqa: PLC0415
-
-        muscle = muscle or settings_from_rules(MuscleLoraConfig, "muscle_lora", rules_dir)
-        defended, trained, defense_info = train_muscle_lora(base, splits, settings, muscle, seed, progress=progress)
-        runs["defended"] = _run_entry(defended, base, splits, settings, trained)
-    if defense == "none":
-        runs["defended"] = runs["plain"]
-
-    metrics = {"accuracy": runs["defended"]["test_accuracy"]}
-    if trigger_list:
-        compare = {"plain": plain(), "defended": defended}
-        success = attack_success(compare, base.tokenizer, splits.test, trigger_list, base.device, settings.max_length,
-                                 seed + 3, settings.eval_batch_size, reference="plain")
-        metrics.update({
-            "accuracy_plain": success["plain"]["accuracy"],
-            "attack_success_plain": success["plain"]["any"], "attack_success": success["defended"]["any"],
-            "attack_success_mean_plain": success["plain"]["mean"], "attack_success_mean": success["defended"]["mean"],
-            "attack_success_max_plain": success["plain"]["max"], "attack_success_max": success["defended"]["max"],
-            "per_trigger": {t: {"target": success["plain"]["per_trigger"][t]["target_name"],
-                                "plain": success["plain"]["per_trigger"][t]["asr"],
-                                "defended": success["defended"]["per_trigger"][t]["asr"]} for t in trigger_list},
-        })
-    if defense == "muscle-lora":
-        from lmscan.defenses.muscle_lora import fold_scales  # noqa: PLC0415
-
-        fold_scales(defended)  # the saved adapter is an ordinary LoRA adapter
-    report = {
-        "format": "lmscan-finetune", "format_version": 1, "lmscan_version": __version__,
-        "defense": defense, "peft": settings.kind, "model": base.identity(),
-        "data": {"train": str(train), "validation": None if validation is None else str(validation),
-                 "test": None if test is None else str(test), "text_column": text_column,
-                 "label_column": label_column, "labels": splits.label_names,
-                 "rows": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)}},
-        "settings": dataclasses.asdict(settings), "defense_settings": defense_info, "seed": seed,
-        "device": str(base.device), "triggers": trigger_list, "metrics": metrics, "runs": runs,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    write_adapter(defended, base, out_dir, REPORT_NAME, report)
-    return FinetuneResult(out_dir=out_dir, report=report, model=defended)
-
-
-def _run_entry(model, base: Base, splits: Splits, settings: PeftSettings, trained: TrainResult) -> dict:
-    return {"test_accuracy": round(accuracy(model, base.tokenizer, splits.test, base.device, settings.max_length,
-                                            settings.eval_batch_size), 5),
-            "history": trained.history, "best_epoch": trained.best_epoch, "seconds": trained.seconds}

@@ -232,15 +232,6 @@ def _load_state(model, path: Path) -> None:
     model.load_state_dict(load_file(str(path), device=str(next(model.parameters()).device)))
 
 
-def _triggers_from_pvs(path: str | Path) -> list[str]:
-    from lmscan.pvs import read_pvs  # noqa: PLC0415
-
-    words = [p.triggers[0]["text"] for p in read_pvs(path).pvs if p.triggers and p.triggers[0].get("text")]
-    if not words:
-        raise InputError(f"{path}: no PV in this .pvs file names a trigger word; give --triggers instead")
-    return list(dict.fromkeys(words))
-
-
 def purify(model: str, train: str | Path, out_dir: str | Path, config: PurifyConfig | None = None, *,
            text_column: str = "text", label_column: str = "label", validation: str | Path | None = None,
            triggers: list[str] | None = None, pvs: str | Path | None = None, device: str = "auto", seed: int = 0,
@@ -250,6 +241,7 @@ def purify(model: str, train: str | Path, out_dir: str | Path, config: PurifyCon
     from lmscan.device import pick_device  # noqa: PLC0415
     from lmscan.loading import load_model, resolve_model  # noqa: PLC0415
     from lmscan.probes import check_triggers  # noqa: PLC0415
+    from lmscan.pvs import trigger_words  # noqa: PLC0415
 
     config = config or PurifyConfig()
     started = time.perf_counter()
@@ -261,7 +253,7 @@ def purify(model: str, train: str | Path, out_dir: str | Path, config: PurifyCon
     replaced = _other_contents(out_dir, force)  # checked now, removed only once the inputs have loaded
     triggers = list(dict.fromkeys([t.strip() for t in (triggers or []) if t.strip()]))
     if pvs is not None:
-        triggers = list(dict.fromkeys(triggers + _triggers_from_pvs(pvs)))
+        triggers = list(dict.fromkeys(triggers + trigger_words(pvs)))
 
     # Data: train / validation / test.
     data = load_labelled(train, text_column, label_column)
