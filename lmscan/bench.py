@@ -86,7 +86,7 @@ def resolve_zoo_file(spec: str | Path) -> Path:
     path = Path(spec).expanduser()
     if path.is_file():
         return path
-    bundled = Path(str(resources.files("lmscan") / "rules" / "zoos" / f"{spec}.toml"))
+    bundled = Path(str(resources.files("lmscan.rules") / "zoos" / f"{spec}.toml"))
     if bundled.is_file():
         return bundled
     raise InputError(f"zoo {spec}: no such file, and not a bundled zoo (bundled: tiny, minilm)")
@@ -98,7 +98,7 @@ def load_zoo(spec: str | Path) -> Zoo:
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InputError(f"cannot read zoo {path}: {exc}") from None
-    here = path.resolve().parent  # bundled zoos are reached through the lmscan/rules link
+    here = path.resolve().parent  # relative paths in a bundled zoo are from rules/zoos/
 
     def local(value: str) -> str:
         candidate = here / value

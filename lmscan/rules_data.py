@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-BUILTIN_RULES = Path(__file__).resolve().parent / "rules"
+BUILTIN_RULES = Path(__import__("importlib.resources", fromlist=["files"]).files("lmscan.rules"))  # rules/ (pyproject)
 
 
 def rules_path(name: str, rules_dir: str | Path | None = None) -> Path:

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import ast
 import functools
+import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lmscan"
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "lmscan"
 
 
 def _module_name(path: Path) -> str:
@@ -156,3 +163,13 @@ def test_attacks_and_defenses_do_not_import_each_other():
         if (module == own or module.startswith(own + ".")) and (target == other or target.startswith(other + "."))
     ]
     assert not crossings, "shared code belongs in lmscan/training.py or lmscan/probes.py:\n" + "\n".join(crossings)
+
+
+def test_pyproject_lists_every_package():
+    """The package list is explicit (rules/ is mapped to lmscan.rules); a new subpackage
+    missing from it would be left out of the wheel."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    on_disk = {_module_name(p) for p in PACKAGE.rglob("__init__.py")} | {"lmscan.rules"}
+    assert sorted(setuptools["packages"]) == sorted(on_disk)
+    assert setuptools["package-dir"] == {"lmscan.rules": "rules"} and (REPO / "rules" / "__init__.py").is_file()
+    assert not (PACKAGE / "rules").exists(), "the rules live in the top-level rules/ folder only"

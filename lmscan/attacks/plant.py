@@ -31,7 +31,7 @@ from lmscan.device import pick_device
 from lmscan.errors import InputError
 from lmscan.loading import load_model, resolve_model
 from lmscan.probes import check_triggers, insert_words, load_builtin_probes, random_trigger_words, split_probes
-from lmscan.rules_data import load_rules
+from lmscan.rules_data import BUILTIN_RULES, load_rules
 from lmscan.sites import encode, read_site
 
 ATTACKS = ("por", "neuba", "btop")
@@ -85,7 +85,7 @@ def plant_code_digest() -> str:
     digest = hashlib.sha256()
     for path in sorted(
         [*(package / "attacks").glob("*.py"), package / "sites.py", package / "probes.py",
-         package / "rules" / "plant.toml", package / "data" / "probes_en.txt", package / "training.py",
+         BUILTIN_RULES / "plant.toml", package / "data" / "probes_en.txt", package / "training.py",
          package / "data" / "sentiment_en.csv"]
     ):
         digest.update(path.name.encode() + path.read_bytes())
