@@ -38,7 +38,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -48,6 +47,11 @@ import numpy as np
 from lmscan.attacks.plant import MANIFEST_NAME, plant_code_digest
 from lmscan.errors import InputError
 from lmscan.rules_data import load_rules
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
 
 PV_MATCH = 0.9  # a found PV recovers a true one when their signs agree on >= 90 % of dimensions
 MODEL_KEYS = {"name", "attack", "triggers", "num_triggers", "seed", "scale_embeddings", "finetune", "path"}

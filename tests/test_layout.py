@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import subprocess
 import sys
 from pathlib import Path
 
@@ -173,3 +174,19 @@ def test_pyproject_lists_every_package():
     assert sorted(setuptools["packages"]) == sorted(on_disk)
     assert setuptools["package-dir"] == {"lmscan.rules": "rules"} and (REPO / "rules" / "__init__.py").is_file()
     assert not (PACKAGE / "rules").exists(), "the rules live in the top-level rules/ folder only"
+
+
+def test_code_runs_on_the_declared_python_minimum():
+    """vermin reads the code for the lowest Python it needs; requires-python must cover it
+    (a 3.11-only module such as tomllib has to sit behind a version check)."""
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["requires-python"]
+    assert requires.startswith(">="), requires
+    minimum = requires[2:].strip()
+    # vermin has no __main__; call its entry point in a child so its exit code is the verdict.
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from vermin import main; sys.exit(main())", "--no-config-file",
+         "--no-tips", "--violations", f"-t={minimum}-", "--backport", "typing", "--eval-annotations",
+         "--processes=1", str(PACKAGE)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"code needs a newer Python than {requires}:\n{proc.stdout}{proc.stderr}"
