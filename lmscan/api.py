@@ -13,17 +13,15 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
 
 from lmscan import __version__
+from lmscan.detectors import check_names
+from lmscan.detectors.base import ProgressFn
+from lmscan.detectors.runner import context
 from lmscan.errors import CannotAssess, InputError
 from lmscan.findings import DetectorRun, Report
-from lmscan.rules_data import load_rules
-
-DETECTORS = ("static", "vocab-sweep", "pv-mining", "attention", "piccolo")  # piccolo: a baseline, not default
-SCAN_SITES = ("cls", "pooler", "mask", "last", "tokens")
-
-ProgressFn = Callable[[str, int, int], None]
+from lmscan.rules_data import dataclass_from, load_rules
+from lmscan.sites import SITES
 
 
 @dataclass
@@ -77,7 +75,7 @@ def _probe_sets(config: ScanConfig, settings: dict) -> tuple[list[str], list[str
     return fit, heldout, spare
 
 
-def _versions() -> dict:
+def tool_info() -> dict:
     import torch
     import transformers
 
@@ -100,87 +98,167 @@ class Prepared:
     spare: list[str] = field(default_factory=list)  # probes in neither set
 
 
-def prepare(config: ScanConfig) -> Prepared:
+def check_request(config: ScanConfig) -> None:
+    """What can be checked without the model: names of profile, engine, detectors, sites.
+    Runs first, so a typo fails in a second instead of after the model has loaded."""
+    profiles = load_rules("profiles", config.rules_dir)
+    if config.profile not in profiles:
+        raise InputError(f"unknown profile {config.profile!r} (available: {', '.join(profiles)})")
+    engines = load_rules("engines", config.rules_dir)
+    if config.engine not in engines:
+        raise InputError(f"unknown engine {config.engine!r} (available: {', '.join(engines)})")
+    check_names(config.detectors or profiles[config.profile].get("detectors", []))
+    unknown = [s for s in config.sites or [] if s not in SITES]
+    if unknown:
+        raise InputError(f"unknown site(s) {', '.join(unknown)} (known: {', '.join(SITES)})")
+    if config.probes_file:
+        from lmscan.probes import load_probe_file
+
+        load_probe_file(config.probes_file, config.text_column)
+
+
+def scan_settings(config: ScanConfig, resolved) -> tuple[dict, list[str]]:
+    """The effective settings for this model and the detectors to run, all checked, before loading it."""
+    from lmscan.detectors.runner import check_settings
+    from lmscan.loading.architectures import check_config
+
+    model_type = check_config(_read_json(resolved.config_path))
+    settings = profile_settings(config.profile, model_type, config.rules_dir, config.engine)
+    detectors = detector_plan(config, settings)
+    check_settings(detectors, settings)
+    return settings, detectors
+
+
+def detector_plan(config: ScanConfig, settings: dict) -> list[str]:
+    """The detectors a scan runs, in order: the file inventory always first (every file in
+    the folder is accounted for, whatever --detectors says), then the requested ones."""
+    requested = check_names(config.detectors or settings["detectors"])
+    return ["files", *(d for d in requested if d != "files")]
+
+
+def _read_json(path) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: not a JSON object")
+    return data
+
+
+def prepare(config: ScanConfig, resolved=None) -> Prepared:
+    """Resolve (unless given), check the settings, then load the model and pick sites and probes."""
     from lmscan.device import pick_device
     from lmscan.loading import load_model, resolve_model
 
     t0 = time.perf_counter()
+    check_request(config)
     device = pick_device(config.device)
-    resolved = resolve_model(config.model, revision=config.revision, offline=config.offline)
+    resolved = resolved or resolve_model(config.model, revision=config.revision, offline=config.offline)
+    settings, _ = scan_settings(config, resolved)
     loaded = load_model(resolved, device=str(device))
-    settings = profile_settings(config.profile, loaded.arch.model_type, config.rules_dir, config.engine)
     sites = _pick_sites(config.sites, loaded.arch)
     fit, heldout, spare = _probe_sets(config, settings)
     return Prepared(resolved, loaded, device, settings, sites, fit, heldout, round(time.perf_counter() - t0, 2),
                     spare)
 
 
-def model_info(prepared: Prepared) -> dict:
-    resolved, arch = prepared.resolved, prepared.loaded.arch
-    return {
+def model_info(resolved, arch=None) -> dict:
+    info = {
         "ref": resolved.ref, "kind": resolved.kind, "repo_id": resolved.repo_id, "revision": resolved.revision,
         "commit": resolved.commit, "local_dir": str(resolved.local_dir),
         "weight_sha256": dict(resolved.weight_sha256), "model_sha256": resolved.model_sha256,
-        "architecture": arch.model_type, "hidden_size": arch.hidden_size, "sites": list(arch.sites),
     }
+    if arch is not None:
+        info.update(architecture=arch.model_type, hidden_size=arch.hidden_size, sites=list(arch.sites))
+    return info
 
 
-def scan(config: ScanConfig, progress: ProgressFn | None = None) -> Report:
-    """Resolve, load and scan a model; returns a Report (never prints)."""
+def scan(config: ScanConfig, progress: ProgressFn | None = None, resolved=None) -> Report:
+    """Resolve (unless ``resolved`` is given), load and scan a model; returns a Report, never prints.
+
+    Every detector runs through lmscan.detectors.runner (error capture, OOM fallback);
+    Ctrl-C ends the scan with the runs made so far and ``incomplete`` set."""
+    from lmscan.detectors.runner import run_detector, warn_stderr
+    from lmscan.rules_data import load_catalog
     from lmscan.report.verdict import aggregate, load_policy
 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     policy = load_policy(config.rules_dir)
-    prepared = prepare(config)
+    catalog = load_catalog(config.rules_dir)
+    prepared = prepare(config, resolved)
     settings, sites = prepared.settings, prepared.sites
-    detectors = list(config.detectors or settings["detectors"])
-    unknown = [d for d in detectors if d not in DETECTORS]
-    if unknown:
-        raise InputError(f"unknown detector(s) {', '.join(unknown)} (available: {', '.join(DETECTORS)})")
+    detectors = detector_plan(config, settings)
     timings = {"load": prepared.load_seconds}
 
     runs: list[DetectorRun] = []
-    for name in detectors:
-        t = time.perf_counter()
-        runs.append(_run_with_memory_fallback(name, prepared, config, progress, runs))
-        timings[name] = round(time.perf_counter() - t, 2)
+    incomplete = False
+    try:
+        for name in detectors:
+            t = time.perf_counter()
+            runs.append(run_detector(name, context(prepared, name, config.seed, progress, runs), catalog,
+                                     warn=warn_stderr))
+            timings[name] = round(time.perf_counter() - t, 2)
+    except KeyboardInterrupt:
+        incomplete = True
     timings["total"] = round(time.perf_counter() - t0, 2)
 
-    verdict, severity = aggregate(runs, policy)
+    verdict, severity, reason = aggregate(runs, sites, policy, incomplete)
     resolved_config = {**dataclasses.asdict(config), "detectors": detectors, "sites": sites, "settings": settings}
     return Report(
-        schema_version="1.0", tool=_versions(), model=model_info(prepared), config=resolved_config, seed=config.seed,
-        device=str(prepared.device), detectors=runs, verdict=verdict, severity=severity, timings=timings,
-        started_at=started_at,
+        schema_version="1.0", tool=tool_info(), model=model_info(prepared.resolved, prepared.loaded.arch),
+        config=resolved_config, seed=config.seed, device=str(prepared.device), detectors=runs, verdict=verdict,
+        severity=severity, timings=timings, started_at=started_at, reason=reason, incomplete=incomplete,
     )
 
 
+def run_one(config: ScanConfig, name: str, progress: ProgressFn | None = None, fit: list[str] | None = None,
+            **extra) -> DetectorRun:
+    """Load the model and run one detector through the same runner as a scan (what
+    ``lmscan heads`` and ``lmscan invert`` do); a detector that fails is an error here."""
+    from lmscan.detectors.runner import run_detector, warn_stderr
+    from lmscan.errors import LmscanError
+    from lmscan.rules_data import load_catalog
+
+    catalog = load_catalog(config.rules_dir)
+    prepared = prepare(config)
+    ctx = context(prepared, name, config.seed, progress, **extra)
+    if fit is not None:
+        ctx.fit = list(fit)
+    run = run_detector(name, ctx, catalog, warn=warn_stderr)
+    if run.status == "error":
+        raise LmscanError(f"{name} failed: {run.note}")
+    return run
+
+
 def export_pvs(config: ScanConfig, from_report: Report | None = None, include_unverified: bool = False,
-               progress: ProgressFn | None = None):
+               progress: ProgressFn | None = None, resolved=None):
     """Search a model for all of its PVs (resuming from an earlier report of the same
     weights when given) and return (PVSet, SearchResult); nothing is written."""
     from lmscan.pvs import PVEntry, PVSet
     from lmscan.search import SearchConfig, search_pvs
 
     t0 = time.perf_counter()
-    prepared = prepare(config)
+    prepared = prepare(config, resolved)
     resume = None
     if from_report is not None:
         if from_report.model.get("model_sha256") != prepared.resolved.model_sha256:
             raise InputError("the report is about different weights (model_sha256 differs); rerun without it")
-        resume = [r for r in from_report.detectors if r.status == "ok" and r.name in DETECTORS]
+        resume = [r for r in from_report.detectors if r.status == "ok"]
         prepared.sites = [s for s in prepared.sites if s in set().union(*(r.sites for r in resume))] or prepared.sites
     search_settings = {**prepared.settings.get("search", {})}
     if include_unverified:
         search_settings["include_unverified"] = True
     search_config = dataclass_from(SearchConfig, search_settings)
-    result = search_pvs(prepared.loaded, prepared.sites, prepared.fit, prepared.heldout, prepared.settings,
-                        search_config, seed=config.seed, progress=progress, resume=resume, rules_dir=config.rules_dir)
+    result = search_pvs(prepared, search_config, seed=config.seed, progress=progress, resume=resume,
+                        rules_dir=config.rules_dir)
     entries = [PVEntry(id=i, site=p.site, template=p.template, signs=p.pv >= 0, verified=p.verified, source=p.source,
                        triggers=p.triggers, collapse=p.collapse, activation_rate=p.activation_rate)
                for i, p in enumerate(result.pvs)]
-    info = model_info(prepared)
+    info = model_info(prepared.resolved, prepared.loaded.arch)
     pvset = PVSet(
         model={k: info[k] for k in ("ref", "repo_id", "commit", "model_sha256", "weight_sha256", "architecture",
                                     "hidden_size")},
@@ -205,92 +283,3 @@ def _pick_sites(requested: list[str] | None, arch) -> list[str]:
     if not sites:
         raise CannotAssess(f"no feature site to scan on this {arch.model_type} checkpoint")
     return sites
-
-
-def _run_with_memory_fallback(name, prepared: Prepared, config, progress, earlier) -> DetectorRun:
-    """Run a detector; when the GPU runs out of memory, retry with half the batch (twice),
-    then on the CPU. What happened is kept in the run's note, and the verdict stands."""
-    import torch
-
-    notes: list[str] = []
-    for attempt in range(4):
-        try:
-            run = _run_detector(name, prepared, config, progress, earlier)
-            run.note = "; ".join([*notes, run.note] if run.note else notes)
-            return run
-        except torch.cuda.OutOfMemoryError:
-            if prepared.loaded.device.type != "cuda" or attempt == 3:
-                raise
-            torch.cuda.empty_cache()
-            table = dict(prepared.settings.get(name, {}))
-            if attempt < 2 and table.get("batch_size", 1) > 1:
-                table["batch_size"] = max(1, int(table["batch_size"]) // 2)
-                prepared.settings = {**prepared.settings, name: table}
-                notes.append(f"GPU out of memory: retried with batch size {table['batch_size']}")
-            else:
-                prepared.loaded.model.to("cpu")
-                prepared.loaded.device = prepared.device = torch.device("cpu")
-                notes.append("GPU out of memory: finished on the CPU")
-            _warn(f"{name}: {notes[-1]}")
-    raise AssertionError("unreachable")
-
-
-def _warn(message: str) -> None:
-    import sys
-
-    print(f"lmscan: warning: {message}", file=sys.stderr)
-
-
-def _run_detector(name, prepared: Prepared, config, progress, earlier) -> DetectorRun:
-    loaded, sites, fit, heldout, settings = (prepared.loaded, prepared.sites, prepared.fit, prepared.heldout,
-                                             prepared.settings)
-
-    def report(done, total, _loss=0.0, _found=0):
-        if progress is not None:
-            progress(name, done, total)
-
-    if name == "static":
-        from lmscan.detectors.static import run_static
-
-        return run_static(loaded, load_rules("static", config.rules_dir))
-    if name == "vocab-sweep":
-        from lmscan.detectors.vocab_sweep import VocabSweepConfig, run_vocab_sweep
-
-        detector_config = dataclass_from(VocabSweepConfig, settings.get("vocab-sweep", {}))
-        return run_vocab_sweep(loaded, sites, fit, heldout, detector_config, seed=config.seed, progress=report)
-    if name == "pv-mining":
-        from lmscan.detectors.pv_mining import PVMiningConfig, run_pv_mining
-        from lmscan.detectors.verify import triggers_from_findings
-
-        detector_config = dataclass_from(PVMiningConfig, settings.get("pv-mining", {}))
-        wanted = detector_config.fit_sentences
-        if wanted > len(fit) + len(prepared.spare):
-            raise InputError(f"pv-mining wants {wanted} fit sentences but only {len(fit) + len(prepared.spare)} "
-                             "probe sentences are left after the held-out set")
-        if wanted:
-            fit = (fit + prepared.spare)[:wanted]
-        return run_pv_mining(loaded, sites, fit, heldout, detector_config, seed=config.seed, progress=report,
-                             known_triggers=triggers_from_findings(earlier, loaded.tokenizer))
-    if name == "attention":
-        from lmscan.detectors.attention import AttentionConfig, run_attention
-        from lmscan.detectors.verify import triggers_from_findings
-
-        detector_config = dataclass_from(AttentionConfig, load_rules("attention", config.rules_dir))
-        triggers = [text for text, _, _ in triggers_from_findings(earlier, loaded.tokenizer)]
-        with_pv = any(f.verdict == "backdoored" for r in earlier for f in r.findings)
-        return run_attention(loaded, fit, triggers, detector_config, seed=config.seed, with_pv_finding=with_pv)
-    if name == "piccolo":
-        from lmscan.detectors.piccolo import PiccoloConfig, run_piccolo
-
-        detector_config = dataclass_from(PiccoloConfig, settings.get("piccolo", {}))
-        return run_piccolo(loaded, sites, fit, heldout, detector_config, seed=config.seed, progress=report)
-    raise InputError(f"unknown detector {name!r}")
-
-
-def dataclass_from(cls, values: dict):
-    """Build a detector config from a rules table; unknown keys are a rules error."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise InputError(f"unknown {cls.__name__} setting(s) in rules: {', '.join(unknown)}")
-    return cls(**values)

@@ -28,11 +28,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmscan.detectors.verify import HeldoutSet, SiteReader, triggers_from_findings
+from lmscan.detectors.vocab_sweep import VocabSweepConfig
+from lmscan.errors import LmscanError
 from lmscan.findings import DetectorRun
+from lmscan.rules_data import dataclass_from
 from lmscan.sites import MASK_TEMPLATE
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchConfig:
     candidates_per_site: int = 32  # vocabulary sweep: lowest-collapse tokens verified per site
     shift_top: int = 10  # vocabulary sweep: highest-shift tokens combined into phrases
@@ -42,8 +45,10 @@ class SearchConfig:
     calibration_probes: int = 150  # clean held-out sentences the threshold is calibrated on
     t_match: float = 0.8  # the paper's sign-match threshold; raised only when clean text needs it
     t_match_margin: float = 0.05  # kept between T_match and the closest clean sentences
-    pv_agreement: float = 0.9  # sign agreement that makes two PVs (or an input and a PV) one
-    coverage: float = 0.9  # a trigger joins a PV when this share of its triggered inputs agree with it
+    t_match_quantile: float = 0.999  # the clean best-match quantile T_match must clear by the margin
+    t_match_max: float = 0.95  # T_match is never raised above this
+    coverage: float = 0.9  # a trigger joins a PV when this share of its triggered inputs agree with it (at
+    # the verify table's pv_agreement)
     include_unverified: bool = False  # also export soft-prompt PVs no real token reproduces
 
 
@@ -73,54 +78,60 @@ def site_template(site: str) -> str | None:
     return MASK_TEMPLATE if site == "mask" else None
 
 
-def search_pvs(loaded, sites: list[str], fit: list[str], heldout: list[str], settings: dict, config: SearchConfig,
-               seed: int = 0, progress=None, resume: list[DetectorRun] | None = None, rules_dir=None) -> SearchResult:
-    """Run the search on a loaded model. ``resume``: detector runs of an earlier check or
-    search of the same weights; their triggers and PVs are kept and the sweep is skipped."""
-    from lmscan.api import dataclass_from
-    from lmscan.detectors.pv_mining import PVMiningConfig, run_pv_mining
-    from lmscan.detectors.static import run_static
-    from lmscan.detectors.vocab_sweep import VocabSweepConfig, reverify, run_vocab_sweep
-    from lmscan.rules_data import load_rules
+def search_pvs(prepared, config: SearchConfig, seed: int = 0, progress=None, resume: list[DetectorRun] | None = None,
+               rules_dir=None) -> SearchResult:
+    """Run the search on a prepared model (lmscan.api.prepare). ``resume``: detector runs of
+    an earlier check or search of the same weights; their triggers and PVs are kept and the
+    sweep is only re-verified. Every stage runs through the detector runner (error capture,
+    OOM fallback); a stage that fails fails the search, since a partial PV file would let
+    the monitor miss a backdoor."""
+    from lmscan.detectors.runner import context, run_detector, verify_config, warn_stderr
+    from lmscan.rules_data import load_catalog
 
+    loaded, sites, heldout = prepared.loaded, prepared.sites, prepared.heldout
+    catalog = load_catalog(rules_dir)
     timings: dict[str, float] = {}
     runs: list[DetectorRun] = list(resume or [])
     done = {r.name for r in runs}
-    sweep_config = dataclass_from(VocabSweepConfig, {**settings.get("vocab-sweep", {}),
-                                                     "candidates_per_site": config.candidates_per_site,
-                                                     "shift_top": config.shift_top})
+    search_settings = {
+        **prepared.settings,
+        "vocab-sweep": {**prepared.settings.get("vocab-sweep", {}), "candidates_per_site": config.candidates_per_site,
+                        "shift_top": config.shift_top},
+    }
 
-    def report(name):
-        if progress is None:
-            return None
-        return lambda done, total, _loss=0.0, found=None: progress(
-            name, done, total, "" if found is None else f"{found} PV(s) so far")
+    def stage(name: str, label: str, **extra) -> DetectorRun:
+        t = time.perf_counter()
+        run = run_detector(name, context(prepared, name, seed, progress, runs, settings=search_settings, stage=label,
+                                         **extra), catalog, warn=warn_stderr)
+        timings[name] = round(time.perf_counter() - t, 2)
+        if run.status == "error":
+            raise LmscanError(f"the PV search's {name} stage failed: {run.note}")
+        return run
 
     if "static" not in done:
-        t = time.perf_counter()
-        runs.append(run_static(loaded, load_rules("static", rules_dir)))
-        timings["static"] = round(time.perf_counter() - t, 2)
-    t = time.perf_counter()
+        runs.append(stage("static", "static"))
     earlier_sweep = next((r for r in runs if r.name == "vocab-sweep"), None)
     if earlier_sweep is None:
-        runs.append(run_vocab_sweep(loaded, sites, fit, heldout, sweep_config, seed=seed, progress=report("vocab-sweep")))
+        runs.append(stage("vocab-sweep", "vocab-sweep"))
     elif earlier_sweep.stats.get("ranked"):
-        # Resumed: no new sweep, but the search's longer candidate list is verified.
-        runs.append(reverify(loaded, earlier_sweep, sites, heldout, sweep_config, seed=seed))
-    timings["vocab-sweep"] = round(time.perf_counter() - t, 2)
+        runs.append(stage("vocab-sweep", "vocab-sweep (resumed)", resume=earlier_sweep))
 
     earlier_loops = sum(len(r.stats.get("loops", [])) for r in runs if r.name == "pv-mining")
-    mining_config = dataclass_from(PVMiningConfig, {**settings.get("pv-mining", {}), "stop_at_first": False,
-                                                    "loops": config.max_loops, "patience": config.patience,
-                                                    "first_loop": earlier_loops})
-    t = time.perf_counter()
-    mining = run_pv_mining(loaded, sites, fit, heldout, mining_config, seed=seed + earlier_loops,
-                           progress=report("pv-mining search"),
-                           # every trigger is re-measured below; the loops only verify their own prompts
-                           known_pvs=_pvs_by_site(runs, sites))
+    search_settings["pv-mining"] = {**prepared.settings.get("pv-mining", {}), "stop_at_first": False,
+                                    "loops": config.max_loops, "patience": config.patience,
+                                    "first_loop": earlier_loops}
+    known = _pvs_by_site(runs, sites)
+    # every trigger is re-measured below; the loops only verify their own prompts (no earlier triggers)
+    mining = run_detector("pv-mining", context(prepared, "pv-mining", seed + earlier_loops, progress, [],
+                                               settings=search_settings, stage="pv-mining search", known_pvs=known),
+                          catalog, warn=warn_stderr)
+    if mining.status == "error":
+        raise LmscanError(f"the PV search's pv-mining stage failed: {mining.note}")
     runs.append(mining)
-    timings["pv-mining"] = round(time.perf_counter() - t, 2)
+    timings["pv-mining"] = round(mining.seconds, 2)
 
+    verify = verify_config(prepared.settings)
+    sweep_max_length = dataclass_from(VocabSweepConfig, search_settings["vocab-sweep"]).max_length
     t = time.perf_counter()
     rng = random.Random(seed)
     verify_texts, calibration_texts = _disjoint(heldout, config.verify_probes, config.calibration_probes, rng)
@@ -129,9 +140,9 @@ def search_pvs(loaded, sites: list[str], fit: list[str], heldout: list[str], set
     # One held-out set per input form: [CLS] and pooler come from the same plain forward pass.
     for template in dict.fromkeys(site_template(s) for s in sites):
         form_sites = [s for s in sites if site_template(s) == template]
-        pvs.extend(_form_pvs(loaded, form_sites, candidates, verify_texts, sweep_config, config, rng))
+        pvs.extend(_form_pvs(loaded, form_sites, candidates, verify_texts, sweep_max_length, verify, config, rng))
     if config.include_unverified:
-        pvs.extend(_unverified_pvs(runs, pvs, config))
+        pvs.extend(_unverified_pvs(runs, pvs, verify.pv_agreement))
     timings["verify"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     calibration, t_match = calibrate(loaded, pvs, calibration_texts, config)
@@ -155,26 +166,27 @@ def _pvs_by_site(runs: list[DetectorRun], sites: list[str]) -> dict[str, list[np
     return found
 
 
-def _form_pvs(loaded, sites, candidates, texts, sweep_config, config: SearchConfig, rng) -> list[RecoveredPV]:
+def _form_pvs(loaded, sites, candidates, texts, max_length: int, verify, config: SearchConfig,
+              rng) -> list[RecoveredPV]:
     """Measure every candidate trigger at sites read from one input form; one RecoveredPV
     per distinct backdoor and site."""
-    reader = SiteReader(loaded.model, loaded.tokenizer, sites, loaded.device, max_length=sweep_config.max_length)
+    reader = SiteReader(loaded.model, loaded.tokenizer, sites, loaded.device, max_length=max_length)
     held = HeldoutSet(reader, texts, rng)
     confirmed: dict[str, list] = {s: [] for s in sites}
     for text, token_ids, source in sorted(candidates, key=lambda c: len(c[1])):
         if all(any(_contains(token_ids, c[1]) for c in confirmed[s]) for s in sites):
             continue  # a shorter confirmed trigger inside it: nothing new to learn
-        for site, result in held.best_measure(token_ids, sites, sweep_config).items():
+        for site, result in held.best_measure(token_ids, sites, verify).items():
             if result["confirmed"]:
                 result["features"] = held.triggered(token_ids, result["placement"])[site]
                 confirmed[site].append((text, token_ids, source, result))
     groups: list[RecoveredPV] = []
     for site in sites:
-        groups.extend(_group_by_pv(loaded.tokenizer, site, confirmed[site], config))
+        groups.extend(_group_by_pv(loaded.tokenizer, site, confirmed[site], verify.pv_agreement, config))
     return groups
 
 
-def _group_by_pv(tokenizer, site, confirmed, config: SearchConfig) -> list[RecoveredPV]:
+def _group_by_pv(tokenizer, site, confirmed, pv_agreement: float, config: SearchConfig) -> list[RecoveredPV]:
     confirmed.sort(key=lambda c: (len(c[1]), c[3]["collapse"]))
     groups: list[RecoveredPV] = []
     kept: list[tuple[int, ...]] = []
@@ -190,7 +202,7 @@ def _group_by_pv(tokenizer, site, confirmed, config: SearchConfig) -> list[Recov
             # Same backdoor: the group's PV already matches these triggered inputs closely
             # (at 0.9, not just T_match, so that a raised T_match still flags them).
             match = (positive == (group.pv >= 0)[None]).mean(axis=1)
-            if (match >= config.pv_agreement).mean() >= config.coverage:
+            if (match >= pv_agreement).mean() >= config.coverage:
                 group.triggers.append(trigger)
                 break
         else:
@@ -205,7 +217,7 @@ def _contains(sequence, part) -> bool:
     return n < len(sequence) and any(tuple(sequence[i : i + n]) == tuple(part) for i in range(len(sequence) - n + 1))
 
 
-def _unverified_pvs(runs, verified: list[RecoveredPV], config: SearchConfig) -> list[RecoveredPV]:
+def _unverified_pvs(runs, verified: list[RecoveredPV], pv_agreement: float) -> list[RecoveredPV]:
     """Soft-prompt PVs no real token reproduced, unless they match a verified one.
 
     The miner reads every site from one forward pass, on the prompt template when the
@@ -221,7 +233,7 @@ def _unverified_pvs(runs, verified: list[RecoveredPV], config: SearchConfig) -> 
                 continue
             pv = np.asarray(pv, dtype=np.float32)
             known = [p for p in verified + extra if p.site == finding.site]
-            if any((np.sign(p.pv) == np.sign(pv)).mean() >= config.pv_agreement for p in known):
+            if any((np.sign(p.pv) == np.sign(pv)).mean() >= pv_agreement for p in known):
                 continue
             extra.append(RecoveredPV(site=finding.site, pv=pv, template=template, verified=False, source="pv-mining",
                                      collapse=finding.evidence.get("collapse")))
@@ -238,8 +250,8 @@ def calibrate(loaded, pvs: list[RecoveredPV], texts: list[str], config: SearchCo
     features = reader.features(texts)
     bits = [sign_bits(p.pv) for p in pvs]
     best = match_ratios(features, [(p.site, p.template) for p in pvs], bits).max(axis=1)
-    top = float(np.quantile(best, 0.999))
-    t_match = round(max(config.t_match, min(top + config.t_match_margin, 0.95)), 4)
+    top = float(np.quantile(best, config.t_match_quantile))
+    t_match = round(max(config.t_match, min(top + config.t_match_margin, config.t_match_max)), 4)
     triggered = [t["activation_rate"] for p in pvs for t in p.triggers[:1]]
     return {
         "clean_sentences": len(texts),

@@ -88,7 +88,7 @@ def test_reference_engine_settings_and_spare_probes(tmp_path):
         'max_length = 64\nabandon_after = 1000\n')
     report = scan(ScanConfig(model=str(FIXTURES / "tiny-bert"), engine="short", detectors=["pv-mining"],
                              device="cpu", rules_dir=str(rules)))
-    stats = report.detectors[0].stats
+    stats = next(r for r in report.detectors if r.name == "pv-mining").stats
     assert stats["fit_sentences"] == 600 and stats["steps_per_loop"] == math.ceil(600 / 32)
     assert stats["steps_run"] == stats["steps_per_loop"] and report.config["engine"] == "short"
 

@@ -85,7 +85,7 @@ def test_scaled_trigger_rows_are_caught_by_static_rules_alone(minilm_path, tmp_p
     result = CliRunner().invoke(main, ["check", str(model), "--detectors", "static", "--format", "json", "--no-cache"])
     assert result.exit_code == 1, result.output
     report = json.loads(result.stdout)
-    finding = report["detectors"][0]["findings"][0]
+    finding = next(d for d in report["detectors"] if d["name"] == "static")["findings"][0]
     assert report["verdict"] == "backdoored" and finding["rule_id"] == "LMS001"
     assert set(finding["evidence"]["trigger_tokens"]) == {"quad", "##rangle", "vile"}
 
@@ -105,11 +105,11 @@ def test_json_on_stdout_parses_in_a_pipe(tmp_path):
          "--detectors", "static", "--no-cache", "--device", "cpu"],
         capture_output=True, text=True, check=False,
     )
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 3, proc.stderr  # static rules alone cannot clear a model
     report = json.loads(proc.stdout)
     assert report["schema_version"] == "1.0"
     assert report["tool"]["torch"] and report["tool"]["transformers"]
-    assert report["config"]["detectors"] == ["static"]
+    assert report["config"]["detectors"] == ["files", "static"]
 
 
 def test_sarif_output_file(tmp_path):
@@ -117,7 +117,7 @@ def test_sarif_output_file(tmp_path):
 
     out = tmp_path / "scan.sarif"
     result = CliRunner().invoke(main, ["check", str(FIXTURES / "tiny-bert"), "--format", "sarif", "-o", str(out),
-                                       "--detectors", "static", "--no-cache", "--device", "cpu"])
+                                       "--detectors", "vocab-sweep", "--no-cache", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     log = Sarif.model_validate_json(out.read_text())
     assert log.version == "2.1.0"
@@ -133,7 +133,8 @@ def test_unsupported_architecture_is_not_assessed(tmp_path):
     (model / "config.json").write_text(json.dumps({**config, "model_type": "t5", "architectures": ["T5Model"]}))
     result = CliRunner().invoke(main, ["check", str(model), "--no-cache", "--format", "json"])
     assert result.exit_code == 3, result.output
-    assert "not supported" in result.output and result.stdout == ""
+    assert "not supported" in result.output
+    assert json.loads(result.stdout)["verdict"] == "not-assessed"  # CI still gets a document
 
 
 def test_bad_options_exit_2(tmp_path):
@@ -144,6 +145,7 @@ def test_bad_options_exit_2(tmp_path):
         (["check", str(FIXTURES / "tiny-bert"), "--detectors", "nope", "--no-cache"], "unknown detector"),
         (["check", str(FIXTURES / "tiny-bert"), "--fail-on", "sometimes", "--no-cache"], "fail-on"),
         (["check", str(FIXTURES / "tiny-bert"), "--sites", "last", "--no-cache"], "not offered"),
+        (["check", str(FIXTURES / "tiny-bert"), "--sites", "lst", "--no-cache"], "unknown site"),
         (["check", str(FIXTURES / "tiny-bert"), "--probes", str(tmp_path / "none.txt"), "--no-cache"], "none.txt"),
     ]:
         result = runner.invoke(main, args)
@@ -159,7 +161,7 @@ def test_tiny_fixtures_full_profile(fixture, expected_code):
                                        "--device", "cpu"])
     assert result.exit_code == expected_code, result.output
     report = json.loads(result.stdout)
-    assert [d["name"] for d in report["detectors"]] == ["static", "vocab-sweep", "pv-mining"]
+    assert [d["name"] for d in report["detectors"]] == ["files", "static", "vocab-sweep", "pv-mining"]
     if expected_code:
         truth = read_manifest(FIXTURES / fixture)
         recovered = {t for d in report["detectors"] for f in d["findings"] if f["verdict"] == "backdoored"
@@ -195,13 +197,14 @@ def test_first_stage_precision_keeps_the_verdict_and_is_reported():
     from lmscan.detectors.vocab_sweep import VocabSweepConfig, run_vocab_sweep
     from lmscan.device import native_bf16
 
+    from lmscan.detectors.verify import VerifyConfig
+
     prepared = prepare(ScanConfig(model=str(FIXTURES / "tiny-bert-por"), device="cpu"))
     found = {}
     for bf16 in (True, False):
-        config = VocabSweepConfig(first_stage_bf16=bf16, **{k: v for k, v in prepared.settings["vocab-sweep"].items()
-                                                           if k != "first_stage_bf16"})
-        run = run_vocab_sweep(prepared.loaded, prepared.sites, prepared.fit, prepared.heldout, config)
+        config = VocabSweepConfig(first_stage_bf16=bf16)
+        run = run_vocab_sweep(prepared.loaded, prepared.sites, prepared.fit, prepared.heldout, config, VerifyConfig())
         expected = "bf16" if bf16 and native_bf16("cpu") else "fp32"
         assert run.stats["first_stage_precision"] == expected
-        found[bf16] = sorted((f.site, f.evidence["trigger"]) for f in run.findings if f.verdict == "backdoored")
+        found[bf16] = sorted((f.site, f.evidence["trigger"]) for f in run.findings if f.rule_id == "LMS101")
     assert found[True] and found[True] == found[False]

@@ -71,8 +71,8 @@ def test_invert_bad_options_exit_2_without_traceback(args):
 def test_check_runs_piccolo_when_asked():
     result = CliRunner().invoke(main, ["check", str(FIXTURES / "tiny-bert"), "--detectors", "static,piccolo",
                                        "--format", "json", "--device", "cpu", "--no-cache"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # a baseline and static rules can flag, never clear
     report = json.loads(result.stdout)
     names = [d["name"] for d in report["detectors"]]
-    assert names == ["static", "piccolo"]
-    assert report["verdict"] == "clean"
+    assert names == ["files", "static", "piccolo"]
+    assert report["verdict"] == "not-assessed" and "flag-only" in report["reason"]

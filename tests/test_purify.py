@@ -158,7 +158,7 @@ def test_purify_exits_1_when_the_purified_model_loses_the_task(small_task, tiny_
 
 
 def test_purify_resumes_after_an_interruption(small_task, tiny_rules, tmp_path):
-    from lmscan.api import dataclass_from
+    from lmscan.rules_data import dataclass_from
     from lmscan.rules_data import load_rules
 
     config = dataclass_from(PurifyConfig, load_rules("purify", tiny_rules))

@@ -57,9 +57,13 @@ def shift_finding(**over) -> Finding:
     return Finding(**values)
 
 
-def run(name="vocab-sweep", status="ok", sites=("cls",), findings=(), note="", seconds=1.5) -> DetectorRun:
+def run(name="vocab-sweep", status="ok", sites=("cls",), findings=(), note="", seconds=1.5, cleared=None,
+        why="") -> DetectorRun:
+    """A detector run; an "ok" run of a clearing detector clears its sites unless told otherwise."""
+    cleared = list(sites) if cleared is None and status == "ok" and name in ("vocab-sweep", "pv-mining") else cleared
     return DetectorRun(name=name, status=status, seconds=seconds, sites=list(sites), findings=list(findings), note=note,
-                       stats={"median_shift": np.float64(0.01), "bad": float("nan")})
+                       stats={"median_shift": np.float64(0.01), "bad": float("nan")}, cleared_sites=list(cleared or []),
+                       uncleared_reason=why, can_clear=name in ("vocab-sweep", "pv-mining"))
 
 
 def hub_model(sha=SHA_A) -> dict:
@@ -79,47 +83,68 @@ def local_model(tmp: Path, sha=SHA_B) -> dict:
 
 
 def make_report(detectors, policy, model=None, allowlisted=None) -> Report:
-    verdict, severity = aggregate(detectors, policy)
+    verdict, severity, reason = aggregate(detectors, ["cls"], policy)
     return Report(
         schema_version=SCHEMA_VERSION,
         tool={"name": "lmscan", "version": "0.1.0", "torch": "2.13.0", "python": "3.11"},
         model=model or hub_model(), config={"profile": "default", "detectors": ["vocab-sweep"], "sites": ["cls"]},
         seed=0, device="cpu", detectors=detectors, verdict=verdict, severity=severity,
         timings={"load": 0.5, "total": 2.0, "vocab-sweep": np.float32(1.5)}, allowlisted=allowlisted,
-        started_at="2026-11-23T13:00:00Z",
+        started_at="2026-11-23T13:00:00Z", reason=reason,
     )
 
 
 # ----------------------------------------------------------------- aggregation
 
 
+def verdict_of(runs, policy, sites=("cls",), incomplete=False):
+    return aggregate(runs, list(sites), policy, incomplete)
+
+
 def test_aggregate_backdoored_wins_and_takes_highest_severity(policy):
     runs = [run(findings=[shift_finding()]), run(name="pv-mining", findings=[trigger_finding(severity="high")])]
-    assert aggregate(runs, policy) == ("backdoored", "high")
+    assert verdict_of(runs, policy)[:2] == ("backdoored", "high")
 
 
 def test_aggregate_suspicious(policy):
-    assert aggregate([run(findings=[shift_finding()])], policy) == ("suspicious", "medium")
+    assert verdict_of([run(findings=[shift_finding()])], policy)[:2] == ("suspicious", "medium")
 
 
-def test_aggregate_clean_needs_an_assessed_site(policy):
+def test_clean_needs_every_scanned_site_cleared_by_a_clearing_detector(policy):
     info = shift_finding(verdict="info", severity="info")
-    assert aggregate([run(findings=[info]), run(name="static", status="skipped", sites=())], policy) == ("clean", "info")
-    assert aggregate([run(sites=())], policy) == ("not-assessed", "info")
+    assert verdict_of([run(findings=[info]), run(name="static", sites=("weights",))], policy)[:2] == ("clean", "info")
+    # pv-mining looked at pooler but every loop there was abandoned: pooler is open
+    runs = [run(name="pv-mining", sites=("cls", "pooler"), cleared=["cls"], why="no loop converged at pooler")]
+    verdict, _, reason = verdict_of(runs, policy, sites=("cls", "pooler"))
+    assert verdict == "not-assessed" and "pooler" in reason and "no loop converged at pooler" in reason
+    # the sweep clears both
+    assert verdict_of([*runs, run(sites=("cls", "pooler"))], policy, sites=("cls", "pooler"))[0] == "clean"
 
 
-@pytest.mark.parametrize("runs", [
-    [],
-    [run(status="skipped", sites=(), note="no GPU")],
-    [run(status="error", sites=("cls",), note="out of memory")],
-    [run(status="ok", sites=())],
+@pytest.mark.parametrize("runs, says", [
+    ([], "no detector ran"),
+    ([run(name="static", sites=("weights",))], "static checks only"),
+    ([run(name="attention", sites=("attention",)), run(name="piccolo", sites=("cls",))], "flag-only"),
+    ([run(status="error", sites=("cls",), note="out of memory")], "vocab-sweep failed: out of memory"),
+    ([run(status="ok", sites=(), cleared=[])], "not searched"),
 ])
-def test_aggregate_not_assessed_when_nothing_ran_ok(policy, runs):
-    assert aggregate(runs, policy) == ("not-assessed", "info")
+def test_not_assessed_says_why(policy, runs, says):
+    verdict, severity, reason = verdict_of(runs, policy)
+    assert (verdict, severity) == ("not-assessed", "info") and says in reason
 
 
-def test_aggregate_counts_findings_of_a_detector_that_failed_later(policy):
-    assert aggregate([run(status="error", findings=[trigger_finding()])], policy) == ("backdoored", "critical")
+def test_an_error_leaves_no_verdict_but_never_hides_a_backdoor(policy):
+    failed = run(name="pv-mining", status="error", note="RuntimeError: boom")
+    assert verdict_of([run(findings=[shift_finding()]), failed], policy)[0] == "not-assessed"
+    assert verdict_of([run(), failed], policy)[0] == "not-assessed"
+    assert verdict_of([run(findings=[trigger_finding()]), failed], policy)[:2] == ("backdoored", "critical")
+    # findings a detector made before it failed still count
+    assert verdict_of([run(status="error", findings=[trigger_finding()])], policy)[:2] == ("backdoored", "critical")
+
+
+def test_an_interrupted_scan_is_not_assessed_unless_a_backdoor_was_found(policy):
+    assert verdict_of([run()], policy, incomplete=True)[0] == "not-assessed"
+    assert verdict_of([run(findings=[trigger_finding()])], policy, incomplete=True)[0] == "backdoored"
 
 
 # ------------------------------------------------------------------ exit codes
@@ -490,26 +515,40 @@ def test_sarif_checks_reject_broken_logs(policy, tmp_path):
         assert_sarif_structure(numeric_severity)
 
 
-def test_gpu_out_of_memory_retries_with_smaller_batches_then_cpu(monkeypatch):
-    """Fault injection: the detector raises the CUDA out-of-memory error until the batch is
-    small enough; the run finishes, and the report says what happened."""
+def test_gpu_out_of_memory_retries_with_smaller_batches_then_cpu():
+    """Fault injection: a registered detector raises the CUDA out-of-memory error until the
+    batch is small enough; the runner retries, and the run says what happened."""
+    from dataclasses import dataclass
+
     import torch
 
-    from lmscan import api
+    from lmscan import detectors
+    from lmscan.detectors.base import Detector, ScanContext
+    from lmscan.detectors.runner import run_detector
     from lmscan.loading import load_model, resolve_model
+
+    @dataclass(frozen=True)
+    class Settings:
+        batch_size: int = 512
+
+    seen = []
+
+    class Greedy(Detector):
+        name, Config, can_clear, sites = "greedy", Settings, True, ("cls",)
+
+        def run(self, ctx):
+            seen.append((ctx.config.batch_size, ctx.loaded.device.type))
+            if ctx.loaded.device.type == "cuda":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return DetectorRun(self.name, "ok", sites=ctx.sites, cleared_sites=ctx.sites)
 
     loaded = load_model(resolve_model(str(FIXTURES / "tiny-bert")), device="cpu")
     loaded.device = torch.device("cuda")  # as if it had been loaded on a GPU
-    prepared = api.Prepared(None, loaded, loaded.device, {"vocab-sweep": {"batch_size": 512}}, ["cls"], [], [], 0.0)
-    seen = []
-
-    def fake_run(name, prepared, config, progress, earlier):
-        seen.append((prepared.settings["vocab-sweep"]["batch_size"], prepared.loaded.device.type))
-        if prepared.loaded.device.type == "cuda":
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return DetectorRun(name, "ok")
-
-    monkeypatch.setattr(api, "_run_detector", fake_run)
-    run = api._run_with_memory_fallback("vocab-sweep", prepared, None, None, [])
+    detectors.register(Greedy)
+    try:
+        ctx = ScanContext(loaded=loaded, sites=["cls"], fit=[], heldout=[], config=Settings(), verify=None)
+        run = run_detector("greedy", ctx, catalog={})
+    finally:
+        detectors.unregister("greedy")
     assert seen == [(512, "cuda"), (256, "cuda"), (128, "cuda"), (128, "cpu")]
     assert run.status == "ok" and "finished on the CPU" in run.note and "batch size 128" in run.note

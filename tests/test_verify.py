@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmscan.detectors.verify import HeldoutSet, measure, pairwise_mse
-from lmscan.detectors.vocab_sweep import VocabSweepConfig
+from lmscan.detectors.verify import HeldoutSet, VerifyConfig, measure, pairwise_mse
 
 
 def heldout_with(clean: np.ndarray) -> HeldoutSet:
@@ -29,7 +28,7 @@ def test_saturated_clean_baseline_compares_disagreement():
     mean, so 'more often than clean' can never hold. A trigger that leaves almost no sign
     in disagreement must still be confirmed; a token as scattered as clean text must not."""
     rng = np.random.default_rng(0)
-    config = VocabSweepConfig()
+    config = VerifyConfig()
     held = heldout_with(sign_pattern(rng, 24, 384, flip=0.04))
     assert held.clean_activation("mask", config.activation_agreement) >= config.activation_rate
 
@@ -45,7 +44,7 @@ def test_saturated_clean_baseline_compares_disagreement():
 
 def test_unsaturated_baseline_keeps_the_rate_rule():
     rng = np.random.default_rng(1)
-    config = VocabSweepConfig()
+    config = VerifyConfig()
     held = heldout_with(rng.standard_normal((24, 384)))  # clean features scattered: rate 0
     assert held.clean_activation("mask", config.activation_agreement) == 0.0
     pv = sign_pattern(rng, 1, 384, flip=0.0)[0]
@@ -58,7 +57,7 @@ def test_a_vector_clean_sentences_already_reach_is_natural_not_a_backdoor():
     clean sentences already are (measured: 12-21 % on a sentiment fine-tune of MiniLM);
     a planted PV is reached by no clean sentence (measured: 0 % on every plant)."""
     rng = np.random.default_rng(2)
-    config = VocabSweepConfig()
+    config = VerifyConfig()
     negative = sign_pattern(rng, 1, 384, flip=0.0)[0]
     clean = rng.standard_normal((24, 384))
     clean[:4] = negative[None] * rng.uniform(0.5, 1.5, (4, 384))  # 4 of 24 clean sentences in the class

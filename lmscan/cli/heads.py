@@ -31,13 +31,10 @@ def heads(model, triggers, pvs_file, fmt, plot, device, seed, rules_dir, revisio
     Shows, per layer and head, how far inserting each trigger moves the variance of
     the [CLS] attention row, as a z-score against random words inserted the same
     way. Exit 1 when a head is hijacked, 0 otherwise."""
-    from lmscan.api import dataclass_from
-    from lmscan.detectors.attention import AttentionConfig, heatmap_svg, run_attention
-    from lmscan.device import pick_device
-    from lmscan.loading import load_model, resolve_model
+    from lmscan.api import ScanConfig, run_one
+    from lmscan.detectors.attention import heatmap_svg
     from lmscan.probes import load_builtin_probes
     from lmscan.report.tables import print_heads
-    from lmscan.rules_data import load_rules
 
     if plot is not None and plot.suffix.lower() != ".svg":
         raise LmscanError(f"--plot writes SVG: give a file ending in .svg, not {plot.name}")
@@ -47,9 +44,10 @@ def heads(model, triggers, pvs_file, fmt, plot, device, seed, rules_dir, revisio
 
         candidates += [p.triggers[0]["text"] for p in read_pvs(pvs_file).pvs if p.triggers]
     candidates = list(dict.fromkeys(candidates))
-    config = dataclass_from(AttentionConfig, load_rules("attention", rules_dir))
-    loaded = load_model(resolve_model(model, revision=revision, offline=offline), device=str(pick_device(device)))
-    run = run_attention(loaded, load_builtin_probes(), candidates, config, seed=seed)
+    config = ScanConfig(model=model, revision=revision, offline=offline, device=device, seed=seed, rules_dir=rules_dir)
+    # The whole built-in corpus: the detector samples its profiling sentences from it.
+    run = run_one(config, "attention", fit=load_builtin_probes(), candidates=candidates)
+    threshold = run.stats["z_threshold"]
     scores = {t: np.asarray(r) for t, r in run.stats["triggers"].items()}
     strongest = max(scores, key=lambda t: scores[t].max()) if scores else None
     if plot is not None:
@@ -59,9 +57,9 @@ def heads(model, triggers, pvs_file, fmt, plot, device, seed, rules_dir, revisio
         plot.write_text(heatmap_svg(matrix, title), encoding="utf-8")
         stderr.print(f"wrote {plot}")
     if fmt == "json":
-        click.echo(json.dumps({"model": model, "threshold": config.z_threshold, "stats": run.stats,
+        click.echo(json.dumps({"model": model, "threshold": threshold, "stats": run.stats,
                                "findings": [f.message for f in run.findings],
                                "hijacked": [f.evidence for f in run.findings]}, indent=1))
     else:
-        print_heads(run, scores, strongest, config.z_threshold)
+        print_heads(run, scores, strongest, threshold)
     sys.exit(1 if run.findings else 0)

@@ -28,15 +28,12 @@ def invert(model, sites, profile, fmt, device, seed, rules_dir, revision, offlin
     verified, 0 otherwise, 2 on bad input."""
     import dataclasses
 
-    from lmscan.api import ScanConfig, dataclass_from, prepare
-    from lmscan.detectors.piccolo import PiccoloConfig, run_piccolo
+    from lmscan.api import ScanConfig, run_one
     from lmscan.report.tables import print_inversion
 
     config = ScanConfig(model=model, revision=revision, offline=offline, profile=profile, sites=split_option(sites),
                         device=device, seed=seed, rules_dir=rules_dir)
-    prepared = prepare(config)
-    detector_config = dataclass_from(PiccoloConfig, prepared.settings.get("piccolo", {}))
-    run = run_piccolo(prepared.loaded, prepared.sites, prepared.fit, prepared.heldout, detector_config, seed=seed)
+    run = run_one(config, "piccolo")
     found = any(f.verdict == "backdoored" for f in run.findings)
     if fmt == "json":
         click.echo(json.dumps({"model": model, "profile": profile, "sites": run.sites, "seed": seed,

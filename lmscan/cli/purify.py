@@ -38,7 +38,7 @@ def purify(model, train_file, text_column, label_column, out_dir, validation_fil
     classifier to --out. Rerun the same command to resume after an interruption.
     Exit 1 when the purified model's validation accuracy ends below the bar.
     """
-    from lmscan.api import dataclass_from
+    from lmscan.rules_data import dataclass_from
     from lmscan.defenses.purify import PurifyConfig, purify as run_purify
     from lmscan.report.progress import detector_progress
     from lmscan.report.tables import print_purify

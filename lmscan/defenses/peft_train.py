@@ -73,8 +73,7 @@ class PeftSettings:
 
 def settings_from_rules(cls, section: str, rules_dir: str | Path | None = None, **override):
     """A config dataclass from one table of rules/defenses.toml (unknown keys are a rules error)."""
-    # TODO rules_data: import dataclass_from from lmscan.rules_data once it has moved there.
-    from lmscan.api import dataclass_from  # noqa: PLC0415
+    from lmscan.rules_data import dataclass_from  # noqa: PLC0415
 
     rules = load_rules("defenses", rules_dir)
     if section not in rules:

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmscan.detectors.base import Detector, ScanContext
 from lmscan.findings import DetectorRun, Finding
 
 NAME = "attention"
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionConfig:
     probes: int = 48  # clean sentences profiled
     null_words: int = 16  # random ordinary words: the drift a harmless insertion causes
@@ -112,16 +113,16 @@ def run_attention(loaded, probes: list[str], triggers: list[str], config: Attent
         order = sorted(hijacked.tolist(), key=lambda lh: -z[lh[0], lh[1]])
         top = float(z[order[0][0], order[0][1]])
         findings.append(Finding(
-            detector=NAME, rule_id="LMS301", title="hijacked-attention-heads",
-            severity="high" if with_pv_finding else "medium",
-            verdict="backdoored" if with_pv_finding else "suspicious", site="attention",
+            # Hijacked heads alone are suspicious; beside a verified PV they corroborate it.
+            detector=NAME, rule_id="LMS302" if with_pv_finding else "LMS301", site="attention",
             score=round(top, 3), threshold=config.z_threshold,
             message=(f"inserting {trigger!r} moves the [CLS] attention of {len(order)} head(s) far beyond what "
                      f"random words do (strongest z = {top:.1f})"),
             evidence={"trigger": trigger, "heads": [{"layer": int(l), "head": int(h),
                                                      "z": round(float(z[l, h]), 3)} for l, h in order[:12]]},
         ))
-    stats = {"clean_variance": np.round(profile["clean"], 6).tolist(), "null_words": profile["null_words"],
+    stats = {"z_threshold": config.z_threshold, "clean_variance": np.round(profile["clean"], 6).tolist(),
+             "null_words": profile["null_words"],
              "null_mean": np.round(profile["null_mean"], 4).tolist(),
              "null_spread": np.round(profile["null_spread"], 4).tolist(),
              "triggers": {t: np.round(z, 3).tolist() for t, z in profile["z"].items()}}
@@ -150,3 +151,26 @@ def heatmap_svg(matrix: np.ndarray, title: str, cell: int = 28) -> str:
 
 def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+class AttentionHeads(Detector):
+    """Scores the candidate triggers it is given; random words alone cannot find one, so it only flags."""
+
+    name = NAME
+    Config = AttentionConfig
+    rule_ids = ("LMS301", "LMS302")
+    can_clear = False
+    sites = ()
+    summary = "PURE attention-head profiling of candidate triggers (flags only)"
+
+    def run(self, ctx: ScanContext) -> DetectorRun:
+        from lmscan.detectors.verify import triggers_from_findings
+
+        triggers = list(dict.fromkeys([*ctx.candidates,
+                                       *(text for text, _, _ in triggers_from_findings(ctx.earlier,
+                                                                                        ctx.loaded.tokenizer))]))
+        with_pv = any(f.verdict == "backdoored" for r in ctx.earlier for f in r.findings)
+        run = run_attention(ctx.loaded, ctx.fit, triggers, ctx.config, seed=ctx.seed, with_pv_finding=with_pv)
+        if not triggers:
+            run.note = "no candidate trigger to profile (only the clean head profile was recorded)"
+        return run

@@ -43,17 +43,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lmscan.detectors.base import Detector, ScanContext
 from lmscan.detectors.pv_mining import _batch_entropy, _prompted_embeds
-from lmscan.detectors.verify import HeldoutSet, SiteReader, pairwise_mse, word_starts
+from lmscan.detectors.verify import HeldoutSet, SiteReader, VerifyConfig, pairwise_mse, word_starts
 from lmscan.findings import DetectorRun, Finding
+from lmscan.sites import SITES
 
 NAME = "piccolo"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PiccoloConfig:
-    slots: list[int] = field(default_factory=lambda: [1, 2])  # trigger lengths in words, one run each
-    word_lengths: list[int] = field(default_factory=lambda: [1, 2])  # pieces per candidate word
+    slots: list[int] = field(default_factory=lambda: [1])  # trigger lengths in words, one run each
+    word_lengths: list[int] = field(default_factory=lambda: [1, 2, 3])  # pieces per candidate word
     dictionary: bool = True  # add English words spelled in exactly that many pieces (lengths >= 2)
     pair_start_chars: int = 1  # two-piece words: starts of at most this many letters ...
     max_pair_words: int = 200000  # ... and at most this many such words
@@ -68,12 +70,6 @@ class PiccoloConfig:
     concentration: float = 0.5  # a slot "concentrated" when its top word holds this much weight
     top_k: int = 5  # words per slot verified with real tokens
     max_candidates: int = 25
-    verify_probes: int = 24
-    collapse_threshold: float = 0.25
-    activation_agreement: float = 0.9
-    activation_rate: float = 0.9
-    disagreement_ratio: float = 0.25
-    natural_rate: float = 0.05  # a PV more clean sentences already reach is a natural direction (verify.py)
 
 
 def dictionary_spellings(tokenizer) -> list[tuple[int, ...]]:
@@ -112,7 +108,7 @@ def candidate_words(tokenizer, length: int, config: PiccoloConfig,
 
 
 def run_piccolo(loaded, sites: list[str], probes: list[str], heldout: list[str], config: PiccoloConfig,
-                seed: int = 0, progress=None) -> DetectorRun:
+                verify: VerifyConfig, seed: int = 0, progress=None) -> DetectorRun:
     started = time.perf_counter()
     model, tokenizer = loaded.model, loaded.tokenizer
     reader = SiteReader(model, tokenizer, sites, loaded.device, max_length=config.max_length)
@@ -124,7 +120,7 @@ def run_piccolo(loaded, sites: list[str], probes: list[str], heldout: list[str],
     clean = reader.features(rows)
     spread = {s: pairwise_mse(clean[s]) or 1e-12 for s in sites}
     pad_id = tokenizer.pad_token_id or 0
-    held = HeldoutSet(reader, rng.sample(heldout, min(config.verify_probes, len(heldout))), rng)
+    held = HeldoutSet(reader, rng.sample(heldout, min(verify.probes, len(heldout))), rng)
 
     plan = [(length, k) for length in config.word_lengths for k in config.slots]
     dictionary = dictionary_spellings(tokenizer) if config.dictionary and max(config.word_lengths) > 1 else []
@@ -191,7 +187,7 @@ def run_piccolo(loaded, sites: list[str], probes: list[str], heldout: list[str],
             if token_ids in seen:
                 continue
             seen.add(token_ids)
-            best = held.best_measure(token_ids, sites, config)
+            best = held.best_measure(token_ids, sites, verify)
             confirmed = [s for s in sites if best[s]["confirmed"]]
             site = min(confirmed or sites, key=lambda s: best[s]["collapse"])
             verified.append({"text": _text(tokenizer, token_ids), "token_ids": token_ids, "site": site,
@@ -204,8 +200,8 @@ def run_piccolo(loaded, sites: list[str], probes: list[str], heldout: list[str],
         if hits:
             hit = hits[0]
             findings.append(Finding(
-                detector=NAME, rule_id="LMS401", title="inverted-trigger-verified", severity="high",
-                verdict="backdoored", site=hit["site"], score=hit["collapse"], threshold=config.collapse_threshold,
+                detector=NAME, rule_id="LMS401", site=hit["site"], score=hit["collapse"],
+                threshold=verify.collapse_threshold,
                 message=(f"word-level inversion ({k} slot(s), {length}-piece words) found {hit['text']!r}: inserted "
                          f"into held-out sentences ({hit['placement']}) it drives {hit['activation_rate']:.0%} of "
                          f"them onto one {hit['site']} vector (collapse {hit['collapse']:.3f})"
@@ -222,9 +218,8 @@ def run_piccolo(loaded, sites: list[str], probes: list[str], heldout: list[str],
         if not hits and entry["concentrated"]:
             best_c = min(verified, key=lambda c: c["collapse"]) if verified else None
             findings.append(Finding(
-                detector=NAME, rule_id="LMS402", title="unverified-inverted-trigger", severity="info", verdict="info",
-                site=best_c["site"] if best_c else None, score=best_c["collapse"] if best_c else None,
-                threshold=config.collapse_threshold,
+                detector=NAME, rule_id="LMS402", site=best_c["site"] if best_c else None,
+                score=best_c["collapse"] if best_c else None, threshold=verify.collapse_threshold,
                 message=(f"word-level inversion ({k} slot(s), {length}-piece words) concentrated on "
                          f"{', '.join(t[0]['word'] for t in tops)!s} but no candidate verified with real tokens"),
                 evidence={"slots": k, "top_words": tops},
@@ -243,3 +238,18 @@ def _curve(losses: list[float]) -> dict:
     picks = np.linspace(0, len(losses) - 1, min(10, len(losses))).round().astype(int)
     return {"first": round(losses[0], 4), "min": round(min(losses), 4), "last": round(losses[-1], 4),
             "points": [round(losses[i], 4) for i in picks]}
+
+
+class Piccolo(Detector):
+    """A baseline: a verified word is a finding, but an inversion that found nothing clears nothing."""
+
+    name = NAME
+    Config = PiccoloConfig
+    rule_ids = ("LMS401", "LMS402")
+    can_clear = False
+    sites = SITES
+    summary = "PICCOLO-style word-level trigger inversion (baseline; flags only)"
+
+    def run(self, ctx: ScanContext) -> DetectorRun:
+        return run_piccolo(ctx.loaded, ctx.sites, ctx.fit, ctx.heldout, ctx.config, ctx.verify, seed=ctx.seed,
+                           progress=lambda done, total, _loss=0.0, _found=0: ctx.progress(done, total))

@@ -31,17 +31,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmscan.detectors.verify import SiteReader, pairwise_mse, verify_token_sequences, word_starts
+from lmscan.detectors.base import Detector, ScanContext
+from lmscan.detectors.verify import SiteReader, VerifyConfig, pairwise_mse, verify_token_sequences, word_starts
+from lmscan.errors import InputError
 from lmscan.findings import DetectorRun, Finding
+from lmscan.sites import SITES
 
 NAME = "pv-mining"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PVMiningConfig:
     prompt_length: int = 7
-    loops: int = 6  # fuzz loops (detection stops at the first verified PV)
-    steps_per_loop: int = 40
+    loops: int = 3  # fuzz loops (detection stops at the first verified PV)
+    steps_per_loop: int = 30
     batch_size: int = 32
     max_length: int = 48
     max_insert_position: int = 32
@@ -51,16 +54,15 @@ class PVMiningConfig:
     lambda_distance: float = 1.0
     lambda_diversity: float = 1.0
     lambda_path: float = 0.5
-    abandon_after: int = 20  # steps; abandon a loop whose distance stays below the clean spread
-    collapse_threshold: float = 0.25
-    distance_ratio: float = 1.0
+    abandon_after: int = 15  # steps; abandon a loop whose distance stays below the clean spread
+    collapse_threshold: float = 0.25  # a prompt is a PV candidate when held-out prompted outputs collapse this far ...
+    distance_ratio: float = 1.0  # ... and move at least this many clean spreads
+    # Legitimate prompt range: per-dimension quantiles of the embedding rows, widened by a margin
+    # (robust to a handful of x1e8 rows, unlike the paper's global max/min).
+    prompt_range_quantile: float = 0.001
+    prompt_range_margin: float = 1.2
+    prompt_in_range_share: float = 0.9  # share of prompt values that must lie in that range
     nearest_tokens: int = 4  # vocabulary neighbours tried per prompt vector
-    verify_probes: int = 24
-    pv_agreement: float = 0.9
-    activation_agreement: float = 0.9
-    activation_rate: float = 0.9
-    disagreement_ratio: float = 0.25  # used where clean features already reach activation_rate (see verify.py)
-    natural_rate: float = 0.05  # a PV more clean sentences already reach is a natural direction (verify.py)
     stop_at_first: bool = True  # detection mode; search mode keeps going
     patience: int = 0  # search mode: stop after this many loops without a new PV (0: run every loop)
     first_loop: int = 0  # seed of the first loop (a resumed search continues where it stopped)
@@ -98,7 +100,7 @@ def _prompted_embeds(embeddings, rows: list[list[int]], prompt: torch.Tensor, po
 
 
 def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str], config: PVMiningConfig,
-                  seed: int = 0, progress=None, known_triggers: list[tuple] = (),
+                  verify: VerifyConfig, seed: int = 0, progress=None, known_triggers: list[tuple] = (),
                   known_pvs: dict[str, list[np.ndarray]] | None = None) -> DetectorRun:
     """Run the fuzz loops. ``known_pvs`` (per site) are PVs found before, e.g. by the
     vocabulary sweep or a previous search: the path loss steers away from them and a
@@ -108,10 +110,9 @@ def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str
     reader = SiteReader(model, tokenizer, sites, loaded.device, max_length=config.max_length)
     embeddings = model.get_input_embeddings()
     weight = embeddings.weight.detach()
-    # Legitimate prompt range: per-dimension 0.1/99.9 percentiles of the embedding rows,
-    # widened by 20 %. Robust to a handful of x1e8 rows, unlike a global max/min.
-    low = torch.quantile(weight.float(), 0.001, dim=0) * 1.2
-    high = torch.quantile(weight.float(), 0.999, dim=0) * 1.2
+    q = config.prompt_range_quantile
+    low = torch.quantile(weight.float(), q, dim=0) * config.prompt_range_margin
+    high = torch.quantile(weight.float(), 1.0 - q, dim=0) * config.prompt_range_margin
     rng = random.Random(seed)
     rows = [reader.encode(t) for t in probes]
     clean = reader.features(rows)
@@ -171,33 +172,34 @@ def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str
             if step + 1 == config.abandon_after and np.mean(distance_log[-5:]) < config.distance_ratio:
                 abandoned = True
                 break
-        in_range = bool(((prompt.detach() >= low) & (prompt.detach() <= high)).float().mean() >= 0.9)
+        in_range = bool(((prompt.detach() >= low) & (prompt.detach() <= high)).float().mean()
+                        >= config.prompt_in_range_share)
         entry = {"loop": loop, "site": site, "steps": step + 1, "abandoned": abandoned,
                  "distance_ratio": round(distance_log[-1], 4), "diversity_gap": round(math.log(len(batch)) - float(diversity.detach()), 4),
                  "prompt_in_range": in_range}
         loops_log.append(entry)
         if abandoned:
             continue
-        candidate = _evaluate_prompt(reader, embeddings, prompt.detach(), heldout, site, config, rng, pad_id)
+        candidate = _evaluate_prompt(reader, embeddings, prompt.detach(), heldout, site, verify.probes, rng, pad_id)
         entry.update({k: v for k, v in candidate.items() if k != "pv"})
         if candidate["collapse"] > config.collapse_threshold or candidate["distance_ratio"] < config.distance_ratio:
             continue
         pv_sign = np.sign(candidate["pv"])
-        if any((np.sign(known) == pv_sign).mean() >= config.pv_agreement for known in found[site]):
+        if any((np.sign(known) == pv_sign).mean() >= verify.pv_agreement for known in found[site]):
             entry["duplicate"] = True
             continue
         found[site].append(candidate["pv"])
         since_new = 0
         neighbours = _nearest_tokens(weight, prompt.detach(), tokenizer, config.nearest_tokens)
         sequences = [(tokenizer.decode([t]), (t,)) for t in neighbours] + [(text, ids) for text, ids, *_ in known_triggers]
-        verified = verify_token_sequences(reader, tokenizer, sequences, heldout, site, config, rng)
-        match = [v for v in verified if v["confirmed"] and (np.sign(v["pv"]) == pv_sign).mean() >= config.pv_agreement]
+        verified = verify_token_sequences(reader, tokenizer, sequences, heldout, site, verify, rng)
+        match = [v for v in verified if v["confirmed"] and (np.sign(v["pv"]) == pv_sign).mean() >= verify.pv_agreement]
         entry["verified_tokens"] = [v["text"] for v in match][:5]
         if match:
             best = match[0]
             findings.append(Finding(
-                detector=NAME, rule_id="LMS201", title="predefined-vector-found", severity="high",
-                verdict="backdoored", site=site, score=candidate["collapse"], threshold=config.collapse_threshold,
+                detector=NAME, rule_id="LMS201", site=site, score=candidate["collapse"],
+                threshold=config.collapse_threshold,
                 message=(f"fuzz loop {loop} found a {site} vector that real tokens reproduce: {best['text']!r} drives "
                          f"{best['activation_rate']:.0%} of held-out sentences onto it"),
                 evidence={"pv": [round(float(x), 5) for x in candidate["pv"]], "loop": loop,
@@ -211,8 +213,8 @@ def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str
                 break
         else:
             findings.append(Finding(
-                detector=NAME, rule_id="LMS202", title="unverified-pv-candidate", severity="info", verdict="info",
-                site=site, score=candidate["collapse"], threshold=config.collapse_threshold,
+                detector=NAME, rule_id="LMS202", site=site, score=candidate["collapse"],
+                threshold=config.collapse_threshold,
                 message=(f"fuzz loop {loop}: a soft prompt collapses {site} outputs (collapse "
                          f"{candidate['collapse']:.3f}) but no real token reproduces it; clean models show this too"),
                 evidence={"loop": loop, "collapse": candidate["collapse"],
@@ -222,12 +224,18 @@ def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str
     stats = {"loops": loops_log, "clean_spread": {s: round(v, 6) for s, v in spread.items()},
              "fit_sentences": len(rows), "steps_per_loop": steps_per_loop,
              "steps_run": sum(entry["steps"] for entry in loops_log)}
-    return DetectorRun(NAME, "ok", time.perf_counter() - started, list(sites), stats, findings)
+    # A site is searched to budget when one of its loops ran all its steps; an abandoned
+    # loop (the prompt never moved past the clean spread) clears nothing.
+    cleared = [s for s in sites if any(e["site"] == s and not e["abandoned"] for e in loops_log)]
+    reasons = [f"no loop {'ran' if not any(e['site'] == s for e in loops_log) else 'converged'} at {s}"
+               for s in sites if s not in cleared]
+    return DetectorRun(NAME, "ok", time.perf_counter() - started, list(sites), stats, findings,
+                       cleared_sites=cleared, uncleared_reason="; ".join(reasons))
 
 
 @torch.no_grad()
-def _evaluate_prompt(reader, embeddings, prompt, heldout, site, config, rng, pad_id) -> dict:
-    texts = rng.sample(heldout, min(config.verify_probes, len(heldout)))
+def _evaluate_prompt(reader, embeddings, prompt, heldout, site, probes: int, rng, pad_id) -> dict:
+    texts = rng.sample(heldout, min(probes, len(heldout)))
     rows = [reader.encode(t) for t in texts]
     positions = [rng.choice(word_starts(reader.tokenizer, r)) for r in rows]
     embeds, attention, ids = _prompted_embeds(embeddings, rows, prompt, positions, pad_id)
@@ -259,3 +267,28 @@ def _nearest_tokens(weight: torch.Tensor, prompt: torch.Tensor, tokenizer, per_v
             if taken == per_vector:
                 break
     return chosen
+
+
+class PVMining(Detector):
+    name = NAME
+    Config = PVMiningConfig
+    rule_ids = ("LMS201", "LMS202")
+    can_clear = True
+    sites = SITES
+    summary = "LMSanitizer soft-prompt PV mining; mined vectors count only when real tokens reproduce them"
+
+    def run(self, ctx: ScanContext) -> DetectorRun:
+        from lmscan.detectors.verify import triggers_from_findings
+
+        config, fit = ctx.config, ctx.fit
+        if config.fit_sentences:
+            available = len(ctx.fit) + len(ctx.spare)
+            if config.fit_sentences > available:
+                raise InputError(f"pv-mining wants {config.fit_sentences} fit sentences but only {available} probe "
+                                 "sentences are left after the held-out set")
+            fit = (ctx.fit + ctx.spare)[: config.fit_sentences]
+        return run_pv_mining(ctx.loaded, ctx.sites, fit, ctx.heldout, config, ctx.verify, seed=ctx.seed,
+                             progress=lambda done, total, _loss=0.0, found=0: ctx.progress(
+                                 done, total, f"{found} PV(s) so far" if found else ""),
+                             known_triggers=triggers_from_findings(ctx.earlier, ctx.loaded.tokenizer),
+                             known_pvs=ctx.known_pvs)

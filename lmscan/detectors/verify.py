@@ -21,10 +21,27 @@ random word start) and, at one of the two placements, must
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from lmscan.sites import read_site, site_texts
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """How a candidate trigger is confirmed with real tokens; shared by every detector
+    that verifies (vocab-sweep, pv-mining, piccolo), so one threshold means one thing.
+    Profiles set it under ``[PROFILE.verify]``."""
+
+    probes: int = 24  # held-out sentences a candidate is inserted into
+    collapse_threshold: float = 0.25  # held-out collapse at or below this: the sentences collapse
+    activation_agreement: float = 0.9  # sign agreement of a triggered feature with the PV ...
+    activation_rate: float = 0.9  # ... reached by at least this share of triggered sentences
+    disagreement_ratio: float = 0.25  # where clean features already reach activation_rate (see measure)
+    natural_rate: float = 0.05  # a PV more clean sentences already reach is a natural direction
+    pv_agreement: float = 0.9  # two PVs whose signs agree on this share of dimensions are one backdoor
 
 
 class SiteReader:
@@ -150,7 +167,7 @@ class HeldoutSet:
         for k, key in enumerate(todo):
             self._memo[key] = {s: f[k * n : (k + 1) * n] for s, f in feats.items()}
 
-    def best_measure(self, token_ids, sites: list[str], config) -> dict[str, dict]:
+    def best_measure(self, token_ids, sites: list[str], config: VerifyConfig) -> dict[str, dict]:
         """measure() at each site for both placements, keeping the stronger per site."""
         best: dict[str, dict] = {}
         for placement in PLACEMENTS:
@@ -164,7 +181,7 @@ class HeldoutSet:
         return best
 
 
-def measure(heldout: HeldoutSet, site: str, features: np.ndarray, config) -> dict:
+def measure(heldout: HeldoutSet, site: str, features: np.ndarray, config: VerifyConfig) -> dict:
     """Collapse, activation and PV of triggered features at one site."""
     pv = features.mean(axis=0)
     agree = (np.sign(features) == np.sign(pv)[None]).mean(1)
@@ -196,9 +213,10 @@ def measure(heldout: HeldoutSet, site: str, features: np.ndarray, config) -> dic
     return result
 
 
-def verify_token_sequences(reader: SiteReader, tokenizer, sequences, heldout_texts, site: str, config, rng):
+def verify_token_sequences(reader: SiteReader, tokenizer, sequences, heldout_texts, site: str, config: VerifyConfig,
+                           rng):
     """Verify (text, token_ids) candidates at one site; confirmed ones first, lowest collapse first."""
-    heldout = HeldoutSet(reader, rng.sample(heldout_texts, min(config.verify_probes, len(heldout_texts))), rng)
+    heldout = HeldoutSet(reader, rng.sample(heldout_texts, min(config.probes, len(heldout_texts))), rng)
     results = []
     for text, token_ids in sequences:
         result = heldout.best_measure(token_ids, [site], config)[site]

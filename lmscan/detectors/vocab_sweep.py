@@ -27,32 +27,30 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmscan.detectors.verify import HeldoutSet, SiteReader, insert_ids, pairwise_mse
+from lmscan.detectors.base import Detector, ScanContext
+from lmscan.detectors.verify import HeldoutSet, SiteReader, VerifyConfig, insert_ids, pairwise_mse
 from lmscan.device import native_bf16
 from lmscan.findings import DetectorRun, Finding
+from lmscan.sites import SITES
 
 NAME = "vocab-sweep"
 
 
-@dataclass
+@dataclass(frozen=True)
 class VocabSweepConfig:
     sweep_probes: int = 2  # stage 1: sentences every vocabulary token is inserted into
     probe_max_words: int = 6  # short probes keep the sweep cheap
     rescore_top: int = 200  # stage 2: this many lowest-collapse and highest-shift tokens ...
     rescore_probes: int = 8  # ... are scored again on more sentences
-    batch_size: int = 512
+    batch_size: int = 512  # sequences per forward pass (ranking only: does not change results)
     candidates_per_site: int = 12  # lowest-collapse tokens verified per site
     shift_top: int = 8  # highest-shift tokens combined into pairs / triples
     combo_max_len: int = 3
-    verify_probes: int = 24
-    collapse_threshold: float = 0.25  # held-out collapse at or below: trigger confirmed
-    activation_agreement: float = 0.9  # sign agreement of a triggered feature with the PV
-    activation_rate: float = 0.9  # share of triggered sentences that must reach it
-    disagreement_ratio: float = 0.25  # used where clean features already reach activation_rate (see verify.py)
-    natural_rate: float = 0.05  # a PV more clean sentences already reach is a natural direction (verify.py)
     shift_outlier_ratio: float = 4.0  # top shift / 99.9th percentile: reported (info)
+    shift_outlier_quantile: float = 99.9  # the percentile of the vocabulary's shifts that ratio is taken against
     piece_pool: int = 12  # top-ranked word starts (per statistic and site) completed to whole words ...
     piece_pairs: int = 6  # ... the lowest-collapse completions verified per site
+    completions_per_start: int = 200  # English words tried per ranked word piece
     max_length: int = 64
     first_stage_bf16: bool = True  # stage 1 ranks under bf16 autocast where the hardware has bf16 (stage 2 and
     # verification stay fp32, so every number a verdict rests on is fp32)
@@ -70,7 +68,7 @@ RANKED_KEEP = 64  # ranked candidates per statistic and site kept in the stats, 
 
 
 def run_vocab_sweep(loaded, sites: list[str], probes: list[str], heldout: list[str], config: VocabSweepConfig,
-                    seed: int = 0, progress=None) -> DetectorRun:
+                    verify: VerifyConfig, seed: int = 0, progress=None) -> DetectorRun:
     started = time.perf_counter()
     tokenizer = loaded.tokenizer
     reader = SiteReader(loaded.model, tokenizer, sites, loaded.device, max_length=config.max_length)
@@ -83,17 +81,19 @@ def run_vocab_sweep(loaded, sites: list[str], probes: list[str], heldout: list[s
     stats: dict = {"swept_tokens": int(len(vocab)), "sweep_probes": sweep_texts,
                    "first_stage_precision": "bf16" if bf16 else "fp32", "sites": {}, "ranked": {}}
     for site in sites:
-        stats["sites"][site] = _site_stats(tokenizer, vocab, shift[site], collapse[site])
+        stats["sites"][site] = _site_stats(tokenizer, vocab, shift[site], collapse[site], config.shift_outlier_quantile)
         stats["ranked"][site] = {
             "collapse": vocab[np.argsort(rank_collapse[site])[:RANKED_KEEP]].tolist(),
             "shift": vocab[np.argsort(-rank_shift[site])[:RANKED_KEEP]].tolist(),
         }
-    findings = _verify_ranked(reader, sites, stats, heldout, config, rng)
-    return DetectorRun(NAME, "ok", time.perf_counter() - started, list(sites), stats, findings)
+    findings = _verify_ranked(reader, sites, stats, heldout, config, verify, rng)
+    # The whole vocabulary was swept at every site: finding nothing there clears it.
+    return DetectorRun(NAME, "ok", time.perf_counter() - started, list(sites), stats, findings,
+                       cleared_sites=list(sites))
 
 
 def reverify(loaded, earlier: DetectorRun, sites: list[str], heldout: list[str], config: VocabSweepConfig,
-             seed: int = 0) -> DetectorRun:
+             verify: VerifyConfig, seed: int = 0) -> DetectorRun:
     """Verify deeper into an earlier sweep's ranked candidates at ``sites`` (no new
     sweep): what a search resumed from a report does with a longer candidate list."""
     started = time.perf_counter()
@@ -101,13 +101,14 @@ def reverify(loaded, earlier: DetectorRun, sites: list[str], heldout: list[str],
     reader = SiteReader(loaded.model, loaded.tokenizer, sites, loaded.device, max_length=config.max_length)
     stats = {"reverified_from": "report", "sweep_probes": earlier.stats.get("sweep_probes", []), "sites": {s: earlier.stats["sites"].get(s, {}) for s in sites},
              "ranked": {s: earlier.stats["ranked"][s] for s in sites}}
-    findings = _verify_ranked(reader, sites, stats, heldout, config, random.Random(seed))
-    return DetectorRun(NAME, "ok", time.perf_counter() - started, sites, stats, findings)
+    findings = _verify_ranked(reader, sites, stats, heldout, config, verify, random.Random(seed))
+    return DetectorRun(NAME, "ok", time.perf_counter() - started, sites, stats, findings,
+                       cleared_sites=list(earlier.cleared_sites or sites))
 
 
-def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, rng) -> list[Finding]:
+def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, verify: VerifyConfig, rng) -> list[Finding]:
     tokenizer = reader.tokenizer
-    held = HeldoutSet(reader, rng.sample(heldout, min(config.verify_probes, len(heldout))), rng)
+    held = HeldoutSet(reader, rng.sample(heldout, min(verify.probes, len(heldout))), rng)
     findings: list[Finding] = []
     verified_log: list[dict] = []
     pairs = _piece_pairs(reader, stats, sites, config)
@@ -116,22 +117,21 @@ def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, rng) -> li
                   + stats["ranked"][site]["shift"][: config.shift_top])
     for site in sites:
         site_stats = stats["sites"][site]
-        site_stats["clean_activation_baseline"] = held.clean_activation(site, config.activation_agreement)
-        site_stats["clean_sign_disagreement"] = round(held.clean_disagreement(site, config.activation_agreement), 5)
+        site_stats["clean_activation_baseline"] = held.clean_activation(site, verify.activation_agreement)
+        site_stats["clean_sign_disagreement"] = round(held.clean_disagreement(site, verify.activation_agreement), 5)
         ranked = stats["ranked"][site]
         natural: list[dict] = []
         confirmed = _verify_site(held, tokenizer, site, ranked["shift"], ranked["collapse"], pairs.get(site, []),
-                                 config, verified_log, natural)
-        findings.extend(_findings_for_site(tokenizer, site, confirmed, config))
+                                 config, verify, verified_log, natural)
+        findings.extend(_findings_for_site(tokenizer, site, confirmed, verify))
         if natural:
-            findings.append(_natural_finding(tokenizer, site, natural, config))
+            findings.append(_natural_finding(tokenizer, site, natural, verify))
         ratio = site_stats.get("shift_outlier_ratio", 0.0)
         if not confirmed and ratio >= config.shift_outlier_ratio:
             findings.append(Finding(
                 # Information only: a fine-tuned classifier's class cues ("does", "?") move its
                 # features hundreds of times more than other words, by design.
-                detector=NAME, rule_id="LMS102", title="feature-shift-outlier", severity="info", verdict="info",
-                site=site, score=round(ratio, 3), threshold=config.shift_outlier_ratio,
+                detector=NAME, rule_id="LMS102", site=site, score=round(ratio, 3), threshold=config.shift_outlier_ratio,
                 message=(f"some tokens move the {site} feature {ratio:.1f}x more than the 99.9th percentile of the "
                          "vocabulary, but no combination tried collapsed held-out sentences"),
                 evidence={"highest_shift": site_stats["highest_shift"]},
@@ -204,9 +204,9 @@ def _score(reader: SiteReader, token_ids, texts, config, progress):
     return shift, collapse
 
 
-def _site_stats(tokenizer, vocab, shift, collapse) -> dict:
+def _site_stats(tokenizer, vocab, shift, collapse, quantile: float) -> dict:
     by_collapse, by_shift = np.argsort(collapse), np.argsort(-shift)
-    p999 = float(np.percentile(shift, 99.9))
+    p999 = float(np.percentile(shift, quantile))
 
     def listing(order, values, k):
         return [{"token": tokenizer.convert_ids_to_tokens(int(vocab[i])), "value": round(float(values[i]), 5)}
@@ -244,7 +244,7 @@ def _piece_pairs(reader: SiteReader, stats, sites, config) -> dict[str, list[tup
     candidates: dict[tuple[int, ...], int] = {}  # whole word -> the ranked piece it completes
 
     def complete(token: int, matches) -> None:
-        found = [w for w in words if matches(w)][:COMPLETIONS_PER_START]
+        found = [w for w in words if matches(w)][: config.completions_per_start]
         if not found:
             return
         for ids in tokenizer(found, add_special_tokens=False)["input_ids"]:
@@ -273,9 +273,6 @@ def _piece_pairs(reader: SiteReader, stats, sites, config) -> dict[str, list[tup
     return best
 
 
-COMPLETIONS_PER_START = 200
-
-
 def _ranked_pieces(tokenizer, stats, sites, depth: int, start: bool) -> list[tuple[int, str]]:
     """Alphabetic word-start (or continuation) tokens among the top ``depth`` of the ranked lists."""
     pool = list(dict.fromkeys(t for s in sites for key in ("shift", "collapse") for t in stats["ranked"][s][key][:depth]))
@@ -288,7 +285,7 @@ def _ranked_pieces(tokenizer, stats, sites, depth: int, start: bool) -> list[tup
 
 
 def _verify_site(held: HeldoutSet, tokenizer, site, by_shift: list[int], by_collapse: list[int], pairs, config,
-                 log, natural: list[dict]) -> list[dict]:
+                 verify: VerifyConfig, log, natural: list[dict]) -> list[dict]:
     """Verify the lowest-collapse tokens, then combinations of the highest-shift tokens
     that are not already confirmed alone (phrase and multi-piece triggers), then the
     best completions of top-ranked word starts. The lists hold token ids, best first.
@@ -297,7 +294,7 @@ def _verify_site(held: HeldoutSet, tokenizer, site, by_shift: list[int], by_coll
     alone_ok: set[int] = set()
 
     def check(token_ids: tuple[int, ...], source: str) -> None:
-        result = held.best_measure(token_ids, [site], config)[site]
+        result = held.best_measure(token_ids, [site], verify)[site]
         entry = {"site": site, "text": tokenizer.decode(list(token_ids)), "source": source,
                  "token_ids": list(token_ids), **result}
         log.append({k: v for k, v in entry.items() if k not in ("pv", "token_ids")})
@@ -327,7 +324,7 @@ def _verify_site(held: HeldoutSet, tokenizer, site, by_shift: list[int], by_coll
     return confirmed
 
 
-def _natural_finding(tokenizer, site: str, natural: list[dict], config) -> Finding:
+def _natural_finding(tokenizer, site: str, natural: list[dict], verify: VerifyConfig) -> Finding:
     """Tokens that collapse held-out sentences onto a vector clean sentences already reach.
     A fine-tuned classifier's class words do this by design (measured on a sentiment
     fine-tune of MiniLM: "worse" and "terrible", 12-21 % of clean sentences already on the
@@ -340,8 +337,7 @@ def _natural_finding(tokenizer, site: str, natural: list[dict], config) -> Findi
     head = natural[0]
     words = ", ".join(repr(e["text"]) for e in natural[:5])
     return Finding(
-        detector=NAME, rule_id="LMS103", title="natural-direction-collapse", severity="medium", verdict="suspicious",
-        site=site, score=head["clean_on_pv"], threshold=config.natural_rate,
+        detector=NAME, rule_id="LMS103", site=site, score=head["clean_on_pv"], threshold=verify.natural_rate,
         message=(f"{words} collapse held-out sentences onto a {site} vector that {head['clean_on_pv']:.0%} of clean "
                  "sentences already reach (a class direction of a fine-tuned model, or a task-specific backdoor): "
                  "check whether these are natural cues of the model's task"),
@@ -353,12 +349,12 @@ def _natural_finding(tokenizer, site: str, natural: list[dict], config) -> Findi
     )
 
 
-def _findings_for_site(tokenizer, site: str, confirmed: list[dict], config) -> list[Finding]:
-    """One finding per distinct PV: confirmed triggers whose PVs agree in sign >= 0.9 are one backdoor."""
+def _findings_for_site(tokenizer, site: str, confirmed: list[dict], verify: VerifyConfig) -> list[Finding]:
+    """One finding per distinct PV: confirmed triggers whose PVs agree in sign >= pv_agreement are one backdoor."""
     groups: list[list[dict]] = []
     for entry in sorted(confirmed, key=lambda e: (len(e["token_ids"]), e["collapse"])):
         for group in groups:
-            if (np.sign(group[0]["pv"]) == np.sign(entry["pv"])).mean() >= 0.9:
+            if (np.sign(group[0]["pv"]) == np.sign(entry["pv"])).mean() >= verify.pv_agreement:
                 group.append(entry)
                 break
         else:
@@ -367,8 +363,7 @@ def _findings_for_site(tokenizer, site: str, confirmed: list[dict], config) -> l
     for group in groups:
         head = group[0]
         findings.append(Finding(
-            detector=NAME, rule_id="LMS101", title="trigger-token-collapses-features", severity="high",
-            verdict="backdoored", site=site, score=head["collapse"], threshold=config.collapse_threshold,
+            detector=NAME, rule_id="LMS101", site=site, score=head["collapse"], threshold=verify.collapse_threshold,
             message=(f"inserting {head['text']!r} drives {head['activation_rate']:.0%} of held-out sentences onto "
                      f"one {site} vector (collapse {head['collapse']:.3f} of the clean spread)"),
             evidence={
@@ -385,3 +380,19 @@ def _findings_for_site(tokenizer, site: str, confirmed: list[dict], config) -> l
             },
         ))
     return findings
+
+
+class VocabSweep(Detector):
+    name = NAME
+    Config = VocabSweepConfig
+    rule_ids = ("LMS101", "LMS102", "LMS103")
+    can_clear = True
+    sites = SITES
+    summary = "every vocabulary token inserted into clean sentences, extremes verified with real tokens"
+
+    def run(self, ctx: ScanContext) -> DetectorRun:
+        if ctx.resume is not None and ctx.resume.stats.get("ranked"):
+            # Resumed from a report: no new sweep, the ranked candidates verified deeper.
+            return reverify(ctx.loaded, ctx.resume, ctx.sites, ctx.heldout, ctx.config, ctx.verify, seed=ctx.seed)
+        return run_vocab_sweep(ctx.loaded, ctx.sites, ctx.fit, ctx.heldout, ctx.config, ctx.verify, seed=ctx.seed,
+                               progress=lambda done, total, _loss=0.0: ctx.progress(done, total))

@@ -17,11 +17,10 @@ import math
 from pathlib import PurePath
 
 from lmscan.errors import InputError
-from lmscan.findings import SEVERITIES, VERDICTS, DetectorRun, Finding, Report
+from lmscan.findings import FINDING_VERDICTS, SEVERITIES, VERDICTS, DetectorRun, Finding, Report
 
 SCHEMA_VERSION = "1.0"
 DETECTOR_STATUSES = ("ok", "skipped", "error")
-FINDING_VERDICTS = ("backdoored", "suspicious", "info")
 
 
 # --------------------------------------------------------------------------- out
@@ -85,6 +84,8 @@ def to_dict(report: Report) -> dict:
         "device": jsonable(report.device),
         "started_at": report.started_at,
         "verdict": report.verdict,
+        "reason": report.reason,
+        "incomplete": bool(report.incomplete),
         "severity": report.severity,
         "allowlisted": report.allowlisted,
         "from_cache": bool(report.from_cache),
@@ -99,6 +100,9 @@ def _run_dict(run: DetectorRun) -> dict:
         "status": run.status,
         "seconds": jsonable(run.seconds),
         "sites": jsonable(run.sites),
+        "can_clear": bool(run.can_clear),
+        "cleared_sites": jsonable(run.cleared_sites),
+        "uncleared_reason": run.uncleared_reason,
         "note": run.note,
         "stats": jsonable(run.stats),
         "findings": [_finding_dict(f) for f in run.findings],
@@ -202,6 +206,8 @@ def from_dict(d: dict) -> Report:
         allowlisted=allowlisted,
         started_at=_get(d, "started_at", str, "report", default=""),
         from_cache=bool(d.get("from_cache", False)),
+        reason=_get(d, "reason", str, "report", default=""),
+        incomplete=bool(d.get("incomplete", False)),
     )
 
 
@@ -246,6 +252,9 @@ def _run_from(r, index: int) -> DetectorRun:
         stats=_get(r, "stats", dict, where, default={}),
         findings=[_finding_from(f, f"{where}.findings[{j}]") for j, f in enumerate(findings)],
         note=_get(r, "note", str, where, default=""),
+        cleared_sites=[str(x) for x in _get(r, "cleared_sites", list, where, default=[])],
+        uncleared_reason=_get(r, "uncleared_reason", str, where, default=""),
+        can_clear=bool(r.get("can_clear", False)),
     )
 
 

@@ -67,10 +67,11 @@ def verdict_line(report: Report) -> Text:
     if report.verdict == "not-assessed":
         line.append(f" — {not_assessed_reason(report)}")
     elif report.verdict == "clean":
-        sites = sorted({s for run in report.detectors if run.status == "ok" for s in run.sites})
-        line.append(" — no backdoor evidence" + (f" at sites {', '.join(sites)}" if sites else ""))
+        line.append(f" — {report.reason or 'no backdoor evidence'}")
     else:
         line.append(f" (severity {report.severity})")
+    if report.incomplete:
+        line.append(" — interrupted, partial report", style="bold")
     if report.allowlisted:
         line.append(" — allowlisted: ", style="bold")
         line.append(report.allowlisted)

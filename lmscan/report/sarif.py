@@ -20,7 +20,7 @@ from lmscan import __version__
 from lmscan.findings import Finding, Report, severity_rank
 from lmscan.report.json_report import jsonable, summarize_evidence
 from lmscan.report.verdict import load_policy
-from lmscan.rules_data import load_rules
+from lmscan.rules_data import load_catalog
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 SARIF_VERSION = "2.1.0"
@@ -33,11 +33,6 @@ FINGERPRINT_EVIDENCE_KEYS = (
     "trigger", "triggers", "trigger_tokens", "trigger_words", "tokens", "token", "token_ids", "rows", "heads",
     "tensors", "tensor",
 )
-
-
-def load_catalog(rules_dir: str | Path | None = None) -> dict:
-    """Rule id -> metadata table (``rules/rule_catalog.toml``)."""
-    return load_rules("rule_catalog", rules_dir)
 
 
 def to_sarif(report: Report, rules_dir: str | Path | None = None) -> dict:
@@ -79,6 +74,8 @@ def to_sarif(report: Report, rules_dir: str | Path | None = None) -> dict:
         "results": results,
         "properties": jsonable({
             "verdict": report.verdict,
+            "reason": report.reason,
+            "incomplete": bool(report.incomplete),
             "severity": report.severity,
             "model": report.model.get("ref"),
             "commit": report.model.get("commit"),
@@ -237,8 +234,10 @@ def _invocation(report: Report) -> dict:
         text = f"detector {run.name} {run.status}" + (f": {run.note}" if run.note else "")
         notes.append({"level": level, "message": {"text": text}, "descriptor": {"id": run.name}})
     if report.verdict == "not-assessed":
-        notes.append({"level": "error", "message": {"text": "the model could not be assessed: no detector assessed any site"},
+        notes.append({"level": "error", "message": {"text": f"the model was not assessed: {report.reason}"},
                       "descriptor": {"id": "not-assessed"}})
+    if report.incomplete:
+        invocation["executionSuccessful"] = False
     if notes:
         invocation["toolExecutionNotifications"] = notes
     return invocation

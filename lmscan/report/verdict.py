@@ -33,7 +33,6 @@ def validate_policy(policy: dict) -> None:
     """Raise InputError when a (user-supplied) policy lacks what aggregation needs."""
     try:
         precedence = policy["verdict"]["precedence"]
-        min_sites = policy["verdict"].get("min_sites_assessed", 1)
         fail_on = policy["fail_on"]
         default = fail_on["default"]
         verdicts = fail_on.get("verdicts", {})
@@ -42,8 +41,6 @@ def validate_policy(policy: dict) -> None:
         raise InputError(f"policy.toml: missing or malformed entry {exc}") from None
     if not isinstance(precedence, list) or not all(v in ("backdoored", "suspicious") for v in precedence):
         raise InputError("policy.toml: [verdict] precedence must list 'backdoored' and/or 'suspicious'")
-    if not isinstance(min_sites, int) or isinstance(min_sites, bool) or min_sites < 1:
-        raise InputError("policy.toml: [verdict] min_sites_assessed must be an integer >= 1")
     if not isinstance(verdicts, dict) or not isinstance(severities, dict):
         raise InputError("policy.toml: [fail_on.verdicts] and [fail_on.severities] must be tables")
     for name, failing in verdicts.items():
@@ -87,14 +84,18 @@ def check_fail_on(fail_on: str | None, policy: dict | None = None) -> str:
     return value
 
 
-def aggregate(detectors: list[DetectorRun], policy: dict) -> tuple[str, str]:
-    """Return (verdict, severity) for the detector runs of one scan.
+def aggregate(detectors: list[DetectorRun], sites: list[str], policy: dict,
+              incomplete: bool = False) -> tuple[str, str, str]:
+    """Return (verdict, severity, reason) for the detector runs of one scan of ``sites``.
 
-    verdict: the strongest finding verdict in the policy's precedence ("backdoored"
-    before "suspicious"); else "clean" when at least one detector ran with status
-    "ok" and assessed at least ``min_sites_assessed`` sites; else "not-assessed".
+    - backdoored: a finding says so; a found backdoor stands whatever else failed;
+    - not-assessed: a detector failed, or the scan was interrupted (the findings made
+      are kept and reported);
+    - suspicious: a finding says so;
+    - clean: only when every scanned site was cleared, i.e. searched to its budget by
+      a detector able to clear it (static rules and baselines only flag);
+    - not-assessed otherwise, with the sites left open and why.
     severity: the highest severity of any finding, "info" when there is none.
-    Findings of a detector that failed part-way still count as evidence.
     """
     findings = [finding for run in detectors for finding in run.findings]
     severity = "info"
@@ -103,14 +104,39 @@ def aggregate(detectors: list[DetectorRun], policy: dict) -> tuple[str, str]:
             raise ValueError(f"finding {finding.rule_id}: unknown severity {finding.severity!r}")
         if severity_rank(finding.severity) > severity_rank(severity):
             severity = finding.severity
-    seen = {finding.verdict for finding in findings}
-    for verdict in policy["verdict"]["precedence"]:
-        if verdict in seen:
-            return verdict, severity
-    min_sites = policy["verdict"].get("min_sites_assessed", 1)
-    if any(run.status == "ok" and len(run.sites) >= min_sites for run in detectors):
-        return "clean", severity
-    return "not-assessed", severity
+    precedence = policy["verdict"]["precedence"]
+
+    def strongest(verdict: str):
+        return next((f for f in findings if f.verdict == verdict), None) if verdict in precedence else None
+
+    backdoor = strongest("backdoored")
+    if backdoor is not None:
+        return "backdoored", severity, f"{backdoor.rule_id}: {backdoor.message}"
+    failed = [run for run in detectors if run.status == "error"]
+    if failed:
+        return "not-assessed", severity, "; ".join(f"{run.name} failed: {run.note}" for run in failed)
+    if incomplete:
+        return "not-assessed", severity, "the scan was interrupted before every detector ran"
+    suspicion = strongest("suspicious")
+    if suspicion is not None:
+        return "suspicious", severity, f"{suspicion.rule_id}: {suspicion.message}"
+    if not detectors:
+        return "not-assessed", severity, "no detector ran"
+    open_sites = [s for s in sites if not any(run.status == "ok" and s in run.cleared_sites for run in detectors)]
+    if not open_sites and sites:
+        return "clean", severity, f"no backdoor evidence at {', '.join(sites)}"
+    return "not-assessed", severity, _open_reason(detectors, open_sites or ["any site"])
+
+
+def _open_reason(detectors: list[DetectorRun], open_sites: list[str]) -> str:
+    clearing = [run for run in detectors if run.can_clear]
+    if not clearing:
+        names = [run.name for run in detectors if run.name != "files"]  # the inventory always runs
+        what = "static checks only" if names == ["static"] else f"only flag-only detectors ran ({', '.join(names)})"
+        return f"{what}: they can flag a model but not clear it; nothing searched {', '.join(open_sites)}"
+    why = "; ".join(f"{run.name} {run.status}: {run.note}" if run.status != "ok" else f"{run.name}: {run.uncleared_reason}"
+                    for run in clearing if run.status != "ok" or run.uncleared_reason)
+    return f"{', '.join(open_sites)} not searched to budget" + (f" ({why})" if why else "")
 
 
 def fails(report: Report, fail_on: str, policy: dict) -> bool:
@@ -142,12 +168,4 @@ def exit_code(report: Report, fail_on: str | None = None, policy: dict | None = 
 
 def not_assessed_reason(report: Report) -> str:
     """One line saying why a report has no verdict (for the text report and logs)."""
-    if not report.detectors:
-        return "no detector ran"
-    parts = []
-    for run in report.detectors:
-        if run.status == "ok" and not run.sites:
-            parts.append(f"{run.name}: no feature site assessed")
-        elif run.status != "ok":
-            parts.append(f"{run.name}: {run.status}" + (f" ({run.note})" if run.note else ""))
-    return "; ".join(parts) or "no detector assessed the model"
+    return report.reason or "no detector assessed the model"
