@@ -1,10 +1,13 @@
-"""Result cache: finished reports keyed by weights, lmscan version and scan configuration.
+"""Result cache: finished reports keyed by everything that decides a scan's result.
 
-An entry is ``<dir>/results/<key>.json`` with ``key`` = sha256 of a canonical JSON
-of (model sha256, lmscan version, scan config). A new lmscan version or any change
-to the configuration therefore misses the cache instead of returning a stale
-verdict. Writes are atomic (temporary file + ``os.replace``); an unreadable or
-corrupt entry is deleted and treated as a miss, never an error.
+An entry is ``<dir>/results/<key>.json`` with ``key`` = sha256 of a canonical JSON of
+:func:`scan_identity`: the sha256 of every weight file and of every file that changes
+what the model computes (config, tokenizer, pooling/head configs), the effective
+settings after every rules file was merged, the content of the rules in force, the
+probe corpus, the word list, lmscan's version and a digest of its source, and the
+torch/transformers versions. Any change there misses the cache instead of returning
+a stale verdict. Writes are atomic (temporary file + ``os.replace``); an unreadable
+or corrupt entry is deleted and treated as a miss, never an error.
 
 Directory: ``$LMSCAN_CACHE_DIR``, else ``cache_dir`` from the project config, else
 ``$XDG_CACHE_HOME/lmscan``, else ``~/.cache/lmscan``.
@@ -12,9 +15,11 @@ Directory: ``$LMSCAN_CACHE_DIR``, else ``cache_dir`` from the project config, el
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import platform
 import re
 import tempfile
 from pathlib import Path
@@ -23,7 +28,10 @@ from lmscan import __version__
 from lmscan.findings import Report
 from lmscan.report.json_report import from_dict, jsonable, to_dict
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+# Rules files whose content can change a verdict (profiles and engines also reach the
+# key through the effective settings; their whole content is cheap to add).
+RULES_IN_KEY = ("profiles", "engines", "policy", "rule_catalog")
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -56,12 +64,11 @@ class ResultCache:
     def from_config(cls, config: dict | None = None) -> ResultCache:
         return cls(default_cache_dir(config))
 
-    def key(self, model_sha256: str, config: dict) -> str:
-        """sha256 over (model sha256, lmscan version, canonical JSON of the scan config)."""
-        if not model_sha256:
-            raise ValueError("model_sha256 is required for a cache key")
-        payload = canonical_json({"model_sha256": model_sha256, "lmscan_version": __version__, "config": config})
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    def key(self, identity: dict) -> str:
+        """sha256 over the canonical JSON of a scan identity (see :func:`scan_identity`)."""
+        if not identity.get("weights"):
+            raise ValueError("the weights' sha256 is required for a cache key")
+        return hashlib.sha256(canonical_json(identity).encode("utf-8")).hexdigest()
 
     def path(self, key: str) -> Path:
         if not _KEY_RE.match(key or ""):
@@ -137,3 +144,59 @@ class ResultCache:
             return False
         except OSError:
             return False
+
+
+def scan_identity(resolved, config, settings: dict, detectors: list[str]) -> dict:
+    """Everything that decides a scan's result besides chance: see the module docstring.
+    Output options, the cache folder and the model's path or name do not belong here."""
+    import torch
+    import transformers
+
+    from lmscan.device import native_bf16, pick_device
+    from lmscan.rules_data import load_rules
+
+    device = pick_device(config.device)
+    return {
+        "weights": dict(resolved.weight_sha256),
+        "files": dict(resolved.file_sha256),
+        "scan": {"profile": config.profile, "engine": config.engine, "detectors": list(detectors),
+                 "sites": config.sites, "seed": config.seed, "text_column": config.text_column},
+        "settings": settings,
+        "rules": {name: load_rules(name, config.rules_dir) for name in RULES_IN_KEY},
+        "probes": _probes_digest(config.probes_file),
+        "word_list": _word_list_digest(),
+        # The sweep's first stage runs in bf16 where the hardware has it; that ranks slightly differently.
+        "compute": {"device": device.type, "bf16": native_bf16(device)},
+        "code": {"lmscan": __version__, "source": source_digest(), "torch": torch.__version__,
+                 "transformers": transformers.__version__, "python": platform.python_version()},
+    }
+
+
+def _probes_digest(probes_file: str | None) -> str:
+    from lmscan.loading import sha256_file
+
+    if probes_file:
+        return sha256_file(Path(probes_file))
+    from lmscan.probes import load_builtin_probes
+
+    return hashlib.sha256("\n".join(load_builtin_probes()).encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _word_list_digest() -> str:
+    from lmscan.probes import word_list
+
+    return hashlib.sha256("\n".join(word_list()).encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """sha256 over lmscan's own files (code and bundled data): a change to the code that
+    keeps the version number still misses the cache."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".txt", ".csv", ".toml")
+                       and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(root).as_posix().encode("utf-8") + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()

@@ -181,24 +181,68 @@ def sample_report(verdict="backdoored") -> Report:
     )
 
 
-def test_cache_key_is_deterministic_and_covers_model_config_and_version(tmp_path, monkeypatch):
+def ident(weights=SHA, **over) -> dict:
+    """A scan identity as lmscan.cache.scan_identity builds it (the parts a test varies)."""
+    return {"weights": {"model.safetensors": weights}, "files": {"config.json": OTHER_SHA},
+            "scan": {"profile": "default", "detectors": ["static", "vocab-sweep"], "sites": ["cls"]},
+            "settings": {"vocab-sweep": {"batch_size": 512}}, **over}
+
+
+def test_cache_key_is_deterministic_and_covers_what_decides_the_result(tmp_path):
     cache = ResultCache(tmp_path)
-    config = {"profile": "default", "detectors": ["static", "vocab-sweep"], "sites": ["cls"], "path": Path("/x")}
-    key = cache.key(SHA, config)
+    key = cache.key(ident())
     assert len(key) == 64 and int(key, 16) >= 0
-    assert cache.key(SHA, dict(reversed(list(config.items())))) == key  # key order does not matter
-    assert ResultCache(tmp_path / "elsewhere").key(SHA, config) == key
-    assert cache.key(OTHER_SHA, config) != key
-    assert cache.key(SHA, {**config, "profile": "search"}) != key
-    monkeypatch.setattr(lmscan.cache, "__version__", "9.9.9")
-    assert cache.key(SHA, config) != key
+    assert cache.key(dict(reversed(list(ident().items())))) == key  # key order does not matter
+    assert ResultCache(tmp_path / "elsewhere").key(ident()) == key
+    assert cache.key(ident(weights=OTHER_SHA)) != key
+    assert cache.key(ident(files={"config.json": SHA})) != key
+    assert cache.key(ident(settings={"vocab-sweep": {"batch_size": 256}})) != key
     with pytest.raises(ValueError):
-        cache.key("", config)
+        cache.key({"weights": {}})
+
+
+def test_scan_identity_covers_files_rules_probes_and_code(tmp_path, monkeypatch):
+    """The parts of a real identity: a changed config or tokenizer file, rules content,
+    probe corpus or lmscan version each change the key."""
+    import shutil
+
+    from lmscan.api import ScanConfig, scan_settings
+    from lmscan.cache import scan_identity
+    from lmscan.loading import resolve_model
+    from tests.conftest import FIXTURES
+
+    model = tmp_path / "m"
+    shutil.copytree(FIXTURES / "tiny-bert", model)
+    cache = ResultCache(tmp_path / "c")
+
+    def key(config: ScanConfig) -> str:
+        resolved = resolve_model(str(model))
+        settings, names = scan_settings(config, resolved)
+        return cache.key(scan_identity(resolved, config, settings, names))
+
+    base = ScanConfig(model=str(model), device="cpu")
+    first = key(base)
+    assert key(base) == first
+    (model / "vocab.txt").write_text("\n".join(reversed((model / "vocab.txt").read_text().splitlines())) + "\n")
+    second = key(base)
+    assert second != first  # the tokenizer changed
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "profiles.toml").write_text("[fast.verify]\ncollapse_threshold = 0.2\n")
+    assert key(ScanConfig(model=str(model), device="cpu", rules_dir=str(rules))) != second
+    (rules / "profiles.toml").write_text("")
+    (rules / "policy.toml").write_text('[fail_on]\ndefault = "suspicious"\n')
+    assert key(ScanConfig(model=str(model), device="cpu", rules_dir=str(rules))) != second
+    probes = tmp_path / "probes.txt"
+    probes.write_text("one sentence here.\nanother one there.\n" * 300)
+    assert key(ScanConfig(model=str(model), device="cpu", probes_file=str(probes))) != second
+    monkeypatch.setattr(lmscan.cache, "__version__", "9.9.9")
+    assert key(base) != second
 
 
 def test_cache_put_get_clear(tmp_path):
     cache = ResultCache(tmp_path / "cache")
-    key = cache.key(SHA, {"profile": "default"})
+    key = cache.key(ident())
     assert cache.get(key) is None
     assert cache.clear() == 0
     report = sample_report()
@@ -211,7 +255,7 @@ def test_cache_put_get_clear(tmp_path):
     assert to_dict(cached) == {**to_dict(report), "from_cache": True}
     assert [p.name for p in (tmp_path / "cache" / "results").iterdir()] == [f"{key}.json"]  # no temp files left
 
-    second = cache.key(OTHER_SHA, {"profile": "default"})
+    second = cache.key(ident(weights=OTHER_SHA))
     cache.put(second, sample_report("clean"))
     cache.put(key, sample_report("suspicious"))  # replaces the entry
     assert cache.get(key).verdict == "suspicious"
@@ -228,11 +272,12 @@ def test_cache_put_get_clear(tmp_path):
 ])
 def test_corrupt_cache_entry_is_a_miss_and_is_deleted(tmp_path, content):
     cache = ResultCache(tmp_path)
-    key = cache.key(SHA, {"profile": "default"})
+    key = cache.key(ident())
     path = cache.path(key)
     path.parent.mkdir(parents=True)
     if content is None:
-        content = json.dumps({"format": 1, "key": key, "report": {**to_dict(sample_report()), "schema_version": "0.1"}})
+        content = json.dumps({"format": lmscan.cache.CACHE_FORMAT, "key": key,
+                              "report": {**to_dict(sample_report()), "schema_version": "0.1"}})
     if isinstance(content, bytes):
         path.write_bytes(content)
     else:
@@ -250,8 +295,8 @@ def test_cache_put_to_an_unwritable_place_reports_false(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     cache = ResultCache(blocker)
-    assert cache.put(cache.key(SHA, {}), sample_report()) is False
-    assert cache.get(cache.key(SHA, {})) is None
+    assert cache.put(cache.key(ident()), sample_report()) is False
+    assert cache.get(cache.key(ident())) is None
 
 
 def test_default_cache_dir_order(tmp_path, monkeypatch):

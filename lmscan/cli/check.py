@@ -42,11 +42,12 @@ def check(model, profile, engine, detectors, sites, fmt, output, fail_on, device
     bundled offline MiniLM. Exit codes: 0 clean, 1 finding at or above
     --fail-on, 2 error, 3 could not assess.
     """
-    from lmscan.api import ScanConfig, scan
-    from lmscan.cache import ResultCache
+    from lmscan.api import ScanConfig, check_request, model_info, scan, scan_settings
+    from lmscan.cache import ResultCache, scan_identity
     from lmscan.config import allowlist_reason, load_project_config
-    from lmscan.report.verdict import check_fail_on, exit_code, load_policy
+    from lmscan.loading import resolve_model
     from lmscan.report.progress import detector_progress
+    from lmscan.report.verdict import check_fail_on, exit_code, load_policy
 
     project = load_project_config(explicit=config_file)
     rules_dir = rules_dir or project.get("rules")
@@ -54,53 +55,80 @@ def check(model, profile, engine, detectors, sites, fmt, output, fail_on, device
     fail_on = check_fail_on(fail_on or project.get("fail_on") or policy["fail_on"]["default"], policy)
     config = ScanConfig(
         model=model, revision=revision, offline=offline, profile=profile or project.get("profile", "fast"),
-        engine=engine or project.get("engine", "fast"), detectors=split_option(detectors) or project.get("detectors"), sites=split_option(sites),
-        device=device or project.get("device", "auto"), seed=seed, rules_dir=str(rules_dir) if rules_dir else None,
+        engine=engine or project.get("engine", "fast"), detectors=split_option(detectors) or project.get("detectors"),
+        sites=split_option(sites), device=device or project.get("device", "auto"), seed=seed,
+        rules_dir=str(rules_dir) if rules_dir else None,
         probes_file=str(probes_file) if probes_file else None, text_column=text_column,
     )
-    report = None
+    # Everything that can be checked without the model is checked before it is touched.
+    check_writable(output)
+    check_request(config)
+    resolved = resolve_model(model, revision=revision, offline=offline)  # once: the cache and the scan share it
     cache = None if no_cache else ResultCache.from_config(project)
-    key = None
-    if cache is not None:
-        from lmscan.loading import resolve_model
-
-        resolved = resolve_model(model, revision=revision, offline=offline)
-        key = cache.key(resolved.model_sha256, _cache_identity(config))
-        report = cache.get(key)
+    try:
+        settings, names = scan_settings(config, resolved)
+        key = cache.key(scan_identity(resolved, config, settings, names)) if cache is not None else None
+        report = cache.get(key) if cache is not None else None
         if report is not None:
-            stderr.print(f"using cached result for weights {resolved.model_sha256[:12]} (--no-cache to rescan)")
-    if report is None:
-        with detector_progress(stderr) as progress:
-            report = scan(config, progress=progress)
-        if cache is not None and report.verdict != "not-assessed" and not cache.put(key, report):
-            stderr.print("[yellow]warning:[/] could not write the result cache")
+            # Same files, same settings, same code: the verdict holds, but the report names
+            # the model just given (its path or Hub id may differ from the cached scan's).
+            report.model.update(model_info(resolved))
+            stderr.print(f"using the cached result of an identical scan ({report.started_at}; --no-cache to rescan)")
+        else:
+            with detector_progress(stderr) as progress:
+                report = scan(config, progress=progress, resolved=resolved)
+            if cache is not None and report.verdict != "not-assessed" and not cache.put(key, report):
+                stderr.print("[yellow]warning:[/] could not write the result cache")
+    except LmscanError as exc:
+        # The model was named and found: CI still gets a document saying why there is no verdict.
+        _emit(failed_report(config, resolved, exc), fmt, output, rules_dir, quiet=True)
+        raise
     report.allowlisted = allowlist_reason(project, report.model["model_sha256"])
     _emit(report, fmt, output, rules_dir)
+    if report.incomplete:
+        click.echo("lmscan: interrupted; the report holds the detectors that finished", err=True)
+        sys.exit(130)
     sys.exit(exit_code(report, fail_on, policy))
 
 
-def _cache_identity(config) -> dict:
-    """What decides a scan's result besides the weights (device and output options do not)."""
+def check_writable(output: Path | None) -> None:
+    """-o must be writable before a scan of minutes starts."""
+    if output is None:
+        return
+    parent = output.expanduser().absolute().parent
+    if not parent.is_dir():
+        raise LmscanError(f"cannot write {output}: no such directory {parent}")
+    if not os.access(parent, os.W_OK):
+        raise LmscanError(f"cannot write {output}: {parent} is not writable")
+    if output.is_dir():
+        raise LmscanError(f"cannot write {output}: it is a directory")
+
+
+def failed_report(config, resolved, exc: LmscanError):
+    """A not-assessed report for a scan that stopped after the model was resolved."""
     import dataclasses
+    from datetime import datetime, timezone
 
-    identity = dataclasses.asdict(config)
-    for key in ("model", "revision", "offline", "device", "settings"):
-        identity.pop(key, None)
-    if config.probes_file:
-        from lmscan.loading import sha256_file
+    from lmscan.api import tool_info, model_info
+    from lmscan.findings import Report
 
-        identity["probes_sha256"] = sha256_file(Path(config.probes_file))
-    return identity
+    return Report(schema_version="1.0", tool=tool_info(), model=model_info(resolved),
+                  config=dataclasses.asdict(config), seed=config.seed, device=config.device, detectors=[],
+                  verdict="not-assessed", severity="info", timings={},
+                  started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  reason=f"{exc} (exit {exc.exit_code})")
 
 
-def _emit(report, fmt: str, output: Path | None, rules_dir) -> None:
-    """Write the report: stdout holds only the report; -o writes a file atomically."""
+def _emit(report, fmt: str, output: Path | None, rules_dir, quiet: bool = False) -> None:
+    """Write the report: stdout holds only the report; -o writes a file atomically.
+    ``quiet``: a failed scan's document, written beside the error line (text goes nowhere)."""
     from lmscan.report.json_report import to_json
     from lmscan.report.render import render_text
     from lmscan.report.sarif import to_sarif_json
 
     if fmt == "text" and output is None:
-        render_text(report, Console())
+        if not quiet:
+            render_text(report, Console())
         return
     if fmt == "text":
         console = Console(record=True, width=120, file=open(os.devnull, "w"))
@@ -117,4 +145,5 @@ def _emit(report, fmt: str, output: Path | None, rules_dir) -> None:
         os.replace(tmp, output)
     except OSError as exc:
         raise LmscanError(f"cannot write {output}: {exc.strerror or exc}") from None
-    stderr.print(f"wrote {output} ({report.verdict})")
+    if not quiet:
+        stderr.print(f"wrote {output} ({report.verdict})")

@@ -59,6 +59,12 @@ class ResolvedModel:
     local_dir: Path
     weight_files: list[Path] = field(default_factory=list)
     weight_sha256: dict[str, str] = field(default_factory=dict)
+    # Every other file that decides what the model computes (config, tokenizer, pooling
+    # and head configs): name -> sha256. With the weights they key the result cache.
+    file_sha256: dict[str, str] = field(default_factory=dict)
+    # Weight-like files in the folder that lmscan does not load (an extra pickle beside
+    # safetensors, TF/Flax/ONNX exports): name -> what the static pass found.
+    unloaded: dict[str, dict] = field(default_factory=dict)
 
     @property
     def model_sha256(self) -> str:
@@ -74,6 +80,21 @@ class ResolvedModel:
     @property
     def config_path(self) -> Path:
         return self.local_dir / CONFIG_FILE
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file. In a Hugging Face cache a snapshot file is a link to
+    ``blobs/<sha256>`` for LFS files (weights), a name huggingface_hub only gives after
+    checking the download's sha256, so the name is used instead of rereading GBs."""
+    path = Path(path)
+    if path.is_symlink():
+        target = path.resolve()
+        if target.parent.name == "blobs" and _SHA256_RE.match(target.name) and target.is_file():
+            return target.name
+    return sha256_file(path)
 
 
 def sha256_file(path: Path) -> str:
@@ -200,8 +221,59 @@ def _finish(resolved: ResolvedModel, label: str, weights: list[Path] | None) -> 
     if not has_config:
         raise InputError(f"{label} has weights but no config.json in {model_dir}; lmscan needs the model config")
     resolved.weight_files = weights
-    resolved.weight_sha256 = {_rel_name(f, model_dir): sha256_file(f) for f in weights}
+    resolved.weight_sha256 = {_rel_name(f, model_dir): file_digest(f) for f in weights}
+    resolved.file_sha256 = {_rel_name(f, model_dir): file_digest(f) for f in computation_files(model_dir)}
+    resolved.unloaded = inventory_unloaded(model_dir, weights)
     return resolved
+
+
+# Files besides the weights that change what a checkpoint computes: its config, the
+# tokenizer, and the sentence-transformers layout (modules.json names module folders
+# such as 1_Pooling/ whose config.json decides the pooled embedding).
+COMPUTATION_FILES = (
+    CONFIG_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "spm.model", "sentencepiece.bpe.model",
+    "tokenizer.model", "modules.json", "config_sentence_transformers.json", "sentence_bert_config.json",
+)
+
+
+def computation_files(model_dir: Path) -> list[Path]:
+    files = [model_dir / name for name in COMPUTATION_FILES if (model_dir / name).is_file()]
+    modules = model_dir / "modules.json"
+    if modules.is_file():
+        try:
+            entries = json.loads(modules.read_text(encoding="utf-8"))
+            folders = [e.get("path", "") for e in entries if isinstance(e, dict)]
+        except (OSError, ValueError, TypeError, AttributeError):
+            folders = []
+        for folder in folders:
+            sub = (model_dir / str(folder)).resolve()
+            if folder and sub.is_dir() and model_dir.resolve() in sub.parents:
+                files.extend(sorted(p for p in sub.glob("*.json") if p.is_file()))
+    return files
+
+
+# Weight-like files another tool may load even though lmscan reads something else.
+PICKLE_LIKE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".onnx", ".gguf", ".npz", ".npy", ".safetensors")
+
+
+def inventory_unloaded(model_dir: Path, loaded: list[Path]) -> dict[str, dict]:
+    """Every weight-like file in the folder (two levels deep) that is not among ``loaded``.
+    Pickle-like files get the same static opcode pass as a loaded pickle (nothing runs)."""
+    from lmscan.loading.safe_load import scan_pickle_file  # noqa: PLC0415 - torch import, only when needed
+
+    loaded_set = {Path(f).resolve() for f in loaded}
+    found: dict[str, dict] = {}
+    for path in sorted(list(model_dir.glob("*")) + list(model_dir.glob("*/*"))):
+        name = path.name.lower()
+        if not path.is_file() or path.resolve() in loaded_set or name.endswith(".index.json"):
+            continue
+        if name.endswith(PICKLE_LIKE_SUFFIXES):
+            found[_rel_name(path, model_dir)] = {"kind": "pickle", **scan_pickle_file(path)}
+        elif name.endswith(OTHER_WEIGHT_SUFFIXES):
+            found[_rel_name(path, model_dir)] = {"kind": name.rsplit(".", 1)[-1], "scanned": False}
+    return found
 
 
 def _rel_name(path: Path, base: Path) -> str:

@@ -139,6 +139,25 @@ def _as_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     raise InputError(f"{path}: the checkpoint is not a state dict (a mapping of names to tensors)")
 
 
+def scan_pickle_file(path: Path) -> dict:
+    """The static opcode pass alone, for a pickle lmscan does not load: what it imports.
+    Returns ``{"scanned": True, "code": bool, "detail": str}``; never runs the pickle."""
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            _scan_zip_checkpoint(path)
+        elif path.name.endswith(PICKLE_SUFFIXES):
+            _scan_legacy_checkpoint(path)
+        else:  # a plain pickle (.pkl, .pickle, .ckpt, .joblib): one stream
+            with open(path, "rb") as handle:
+                _scan_pickle_stream(handle, path, first=True)
+    except UnsafeCheckpointError as exc:
+        return {"scanned": True, "code": True, "detail": str(exc)}
+    except (InputError, OSError) as exc:
+        return {"scanned": True, "code": False, "detail": f"unreadable as a pickle: {exc}"}
+    return {"scanned": True, "code": False, "detail": "plain tensors only"}
+
+
 def _unsafe(path: Path, reason: str) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"refusing to load {path}: the pickle contains code/objects outside plain tensors ({reason}); "
