@@ -158,21 +158,26 @@ def prepare(config: ScanConfig, resolved=None) -> Prepared:
     device = pick_device(config.device)
     resolved = resolved or resolve_model(config.model, revision=config.revision, offline=config.offline)
     settings, _ = scan_settings(config, resolved)
-    loaded = load_model(resolved, device=str(device))
+    loaded = load_model(resolved, device=str(device), for_scan=True)
     sites = _pick_sites(config.sites, loaded.arch)
     fit, heldout, spare = _probe_sets(config, settings)
     return Prepared(resolved, loaded, device, settings, sites, fit, heldout, round(time.perf_counter() - t0, 2),
                     spare)
 
 
-def model_info(resolved, arch=None) -> dict:
+def model_info(resolved, loaded=None) -> dict:
+    """What the report says about the model: its identity, and once loaded what it ships."""
     info = {
         "ref": resolved.ref, "kind": resolved.kind, "repo_id": resolved.repo_id, "revision": resolved.revision,
         "commit": resolved.commit, "local_dir": str(resolved.local_dir),
         "weight_sha256": dict(resolved.weight_sha256), "model_sha256": resolved.model_sha256,
     }
-    if arch is not None:
-        info.update(architecture=arch.model_type, hidden_size=arch.hidden_size, sites=list(arch.sites))
+    if loaded is not None:
+        arch = loaded.arch
+        info.update(architecture=arch.model_type, hidden_size=arch.hidden_size, sites=list(arch.sites),
+                    head_labels=loaded.labels, pooling=loaded.pooling, weight_dtypes=loaded.stored_dtypes)
+        if loaded.pooling_note:
+            info["pooling_note"] = loaded.pooling_note  # why a sentence-transformers layout gave no embedding site
     return info
 
 
@@ -209,7 +214,7 @@ def scan(config: ScanConfig, progress: ProgressFn | None = None, resolved=None) 
     verdict, severity, reason = aggregate(runs, sites, policy, incomplete)
     resolved_config = {**dataclasses.asdict(config), "detectors": detectors, "sites": sites, "settings": settings}
     return Report(
-        schema_version="1.0", tool=tool_info(), model=model_info(prepared.resolved, prepared.loaded.arch),
+        schema_version="1.0", tool=tool_info(), model=model_info(prepared.resolved, prepared.loaded),
         config=resolved_config, seed=config.seed, device=str(prepared.device), detectors=runs, verdict=verdict,
         severity=severity, timings=timings, started_at=started_at, reason=reason, incomplete=incomplete,
     )
@@ -258,7 +263,7 @@ def export_pvs(config: ScanConfig, from_report: Report | None = None, include_un
     entries = [PVEntry(id=i, site=p.site, template=p.template, signs=p.pv >= 0, verified=p.verified, source=p.source,
                        triggers=p.triggers, collapse=p.collapse, activation_rate=p.activation_rate)
                for i, p in enumerate(result.pvs)]
-    info = model_info(prepared.resolved, prepared.loaded.arch)
+    info = model_info(prepared.resolved, prepared.loaded)
     pvset = PVSet(
         model={k: info[k] for k in ("ref", "repo_id", "commit", "model_sha256", "weight_sha256", "architecture",
                                     "hidden_size")},

@@ -6,6 +6,9 @@ A site turns one forward pass into one vector per input:
   mask    last hidden state at the [MASK] token of a prompt template  BToP
   tokens  mean of the last hidden states over real tokens             POR-NER (every token)
   last    last hidden state of the last real token                    decoder models
+  embedding  the sentence-transformers embedding (its pooling, normalised when it says so)
+  label   the class probabilities of the checkpoint's classification head
+The last two exist when the checkpoint ships them (lmscan.loading.scan_model).
 
 Inputs for the ``mask`` site are wrapped in a fixed prompt template so that every
 sentence carries exactly one mask token; plant and scan use the same template.
@@ -19,7 +22,7 @@ import torch
 
 from lmscan.errors import CannotAssess
 
-SITES = ("cls", "pooler", "mask", "tokens", "last")
+SITES = ("cls", "pooler", "mask", "tokens", "last", "embedding", "label")
 
 # The prompt the mask site reads. BToP-style backdoors fire for any prompt, so a
 # fixed neutral template is enough to observe them.
@@ -100,4 +103,12 @@ def read_site(outputs, site: str, attention_mask: torch.Tensor, mask_positions=N
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
     if site == "last":
         return hidden[rows, attention_mask.sum(dim=1) - 1]
+    if site == "embedding":
+        if getattr(outputs, "embedding", None) is None:
+            raise CannotAssess("this checkpoint has no sentence-transformers pooling")
+        return outputs.embedding
+    if site == "label":
+        if getattr(outputs, "logits", None) is None:
+            raise CannotAssess("this checkpoint has no classification head")
+        return torch.softmax(outputs.logits.float(), dim=-1)
     raise ValueError(f"unknown site {site!r} (known: {', '.join(SITES)})")

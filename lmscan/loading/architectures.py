@@ -118,11 +118,15 @@ def has_pooler_weights(weight_keys: Iterable[str], prefix: str) -> bool:
     return False
 
 
-def identify(config: Any, weight_keys: Iterable[str] | None = None) -> ArchInfo:
+def identify(config: Any, weight_keys: Iterable[str] | None = None, head: bool = False,
+             embedding: bool = False) -> ArchInfo:
     """Describe ``config`` (a transformers config or the parsed config.json dict).
 
     ``weight_keys`` are the checkpoint's tensor names; the pooler site is offered only
     when they include pooler weights. Without them the architecture alone decides.
+    ``head``: the checkpoint's classification head is loaded (the ``label`` site);
+    ``embedding``: its sentence-transformers pooling is (the ``embedding`` site). Both
+    are default sites: they are what users of such checkpoints consume.
     """
     model_type = check_config(config)
     entry = ARCHITECTURES[model_type]
@@ -133,10 +137,10 @@ def identify(config: Any, weight_keys: Iterable[str] | None = None) -> ArchInfo:
 
     if family == ENCODER:
         default_sites = ("cls", "pooler", "mask") if pooler_site else ("cls", "mask")
-        sites = default_sites + ("tokens",)
     else:
         default_sites = ("last",)
-        sites = ("last", "tokens")
+    default_sites += ("embedding",) * embedding + ("label",) * head
+    sites = default_sites + ("tokens",)
 
     return ArchInfo(
         model_type=model_type,

@@ -45,6 +45,10 @@ class LoadedModel:
     device: torch.device
     missing_keys: list[str] = field(default_factory=list)  # model weights the checkpoint lacked (pooler)
     unexpected_keys: list[str] = field(default_factory=list)  # checkpoint tensors the base model ignores
+    labels: list[str] | None = None  # the classification head's id2label, in index order (label site)
+    pooling: str | None = None  # the sentence-transformers pooling (embedding site), described
+    pooling_note: str = ""  # why a modules.json layout gives no embedding site
+    stored_dtypes: list[str] = field(default_factory=list)  # floating dtypes in the weight files
 
 
 def load_model(
@@ -52,8 +56,14 @@ def load_model(
     device: str = "cpu",
     eager_attention: bool = False,
     dtype: torch.dtype = torch.float32,
+    for_scan: bool = False,
 ) -> LoadedModel:
     """Load ``resolved`` as a frozen base model in eval mode on ``device``.
+
+    ``for_scan``: ``model`` is a ScanModel that also carries what the checkpoint ships
+    on top of the encoder (a sequence-classification head, sentence-transformers
+    pooling), so a scan reads the ``label`` and ``embedding`` sites from the same pass.
+    Weights stored in fp16/bf16 are computed in ``dtype`` (fp32) either way.
 
     Raises UnsafeCheckpointError for a pickle with a code payload, CannotAssess for an
     unsupported architecture or custom code, InputError for anything unreadable or a
@@ -66,19 +76,40 @@ def load_model(
     # Weights first: an unsafe pickle is reported before anything else about the model.
     state_dict = load_state_dict(resolved.weight_files)
     check_config(raw_config)
+    stored = sorted({str(t.dtype).replace("torch.", "") for t in state_dict.values() if t.is_floating_point()})
+    # fp16 / bf16 files scan like fp32 ones: every tensor is computed in ``dtype``.
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
     quiet_transformers()
+    classifier = pooling = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = _load_config(resolved.local_dir, label)
         tokenizer = _load_tokenizer(resolved.local_dir, label)
-        model, missing, unexpected = _build_model(config, state_dict, eager_attention, dtype, label)
+        if for_scan and _names_a_classifier(raw_config):
+            classifier, missing, unexpected = _build_classifier(config, state_dict, eager_attention, dtype, label)
+        if classifier is not None:
+            model = classifier.base_model
+        else:
+            model, missing, unexpected = _build_model(config, state_dict, eager_attention, dtype, label)
     del state_dict
+    pooling_note = ""
+    if for_scan:
+        from lmscan.loading.sentence import read_pooling  # noqa: PLC0415
+
+        pooling, pooling_note = read_pooling(resolved.local_dir)
 
     missing_set = set(missing)
-    loaded_keys = [k for k in model.state_dict() if k not in missing_set]
-    arch = identify(config, loaded_keys)
+    loaded_keys = [k for k in (classifier or model).state_dict() if k not in missing_set]
+    if getattr(model, "pooler", True) is None:  # e.g. RoBERTa classifiers build no pooler
+        loaded_keys = [k for k in loaded_keys if ".pooler." not in f".{k}"]
+    arch = identify(config, loaded_keys, head=classifier is not None, embedding=pooling is not None)
+    labels = _label_names(config) if classifier is not None else None
 
+    if for_scan:
+        from lmscan.loading.scan_model import ScanModel  # noqa: PLC0415
+
+        model = ScanModel(model, classifier, pooling)
     model.eval()
     model.requires_grad_(False)
     try:
@@ -94,7 +125,42 @@ def load_model(
         device=torch_device,
         missing_keys=sorted(missing),
         unexpected_keys=sorted(unexpected),
+        labels=labels,
+        pooling=pooling.describe() if pooling is not None else None,
+        pooling_note=pooling_note,
+        stored_dtypes=stored,
     )
+
+
+def _names_a_classifier(raw_config: dict) -> bool:
+    names = raw_config.get("architectures") or []
+    return any(isinstance(n, str) and n.endswith("ForSequenceClassification") for n in names)
+
+
+def _label_names(config) -> list[str]:
+    id2label = getattr(config, "id2label", None) or {}
+    count = int(getattr(config, "num_labels", len(id2label)) or len(id2label))
+    return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(count)]
+
+
+def _build_classifier(config, state_dict: dict, eager_attention: bool, dtype: torch.dtype, label: str):
+    """The checkpoint's sequence-classification model, when its head weights are really there
+    (a config may name the class while the file holds only the encoder); else (None, ...)."""
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING  # noqa: PLC0415
+
+    cls = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(type(config), None)
+    if cls is None:
+        return None, [], []
+    prefix = f"{cls.base_model_prefix}."
+    head_keys = [k for k in state_dict if not k.startswith(prefix) and not k.startswith("pooler.")
+                 and not k.startswith(("embeddings.", "encoder.", "transformer."))]
+    if not head_keys:
+        return None, [], []
+    model, missing, unexpected = _from_state_dict(cls, config, state_dict, eager_attention, dtype, label)
+    head_missing = [k for k in missing if not k.startswith(prefix)]
+    if head_missing:
+        return None, [], []
+    return model, missing, unexpected
 
 
 def describe(resolved: ResolvedModel) -> str:
@@ -210,7 +276,10 @@ def _build_model(config, state_dict: dict, eager_attention: bool, dtype: torch.d
         model_cls = MODEL_MAPPING[type(config)]
     except KeyError:
         raise CannotAssess(f"{label}: transformers has no base model for {config.model_type!r}") from None
+    return _from_state_dict(model_cls, config, state_dict, eager_attention, dtype, label)
 
+
+def _from_state_dict(model_cls, config, state_dict: dict, eager_attention: bool, dtype: torch.dtype, label: str):
     kwargs: dict[str, Any] = {
         "config": config,
         "state_dict": state_dict,

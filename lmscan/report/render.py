@@ -95,6 +95,10 @@ def _header(report: Report, console: Console) -> None:
     weights = model.get("weight_sha256") or {}
     if isinstance(weights, dict) and weights:
         rows.append(("weights", ", ".join(str(name) for name in weights)))
+    if model.get("head_labels"):
+        rows.append(("head", f"sequence classifier, labels {', '.join(map(str, model['head_labels']))} (label site)"))
+    if model.get("pooling"):
+        rows.append(("embedding", f"sentence-transformers {model['pooling']} (embedding site)"))
     details = [("architecture", model.get("architecture")), ("device", report.device),
                ("profile", report.config.get("profile")), ("seed", report.seed)]
     rows.append(("scan", "  ".join(f"{k} {v}" for k, v in details if v not in (None, ""))))
