@@ -62,6 +62,18 @@ def load_builtin_probes() -> list[str]:
     return list(_builtin_probes())
 
 
+@functools.lru_cache(maxsize=1)
+def _opinion_probes() -> tuple[str, ...]:
+    text = (resources.files("lmscan") / "data" / "opinions_en.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.split("\n") if line.strip())
+
+
+def load_opinion_probes() -> list[str]:
+    """Opinionated and topical sentences (fixtures/make_opinion_probes.py): text a fine-tuned
+    model classifies confidently, for the opposite test of lmscan.detectors.verify."""
+    return list(_opinion_probes())
+
+
 def _read_text(path: Path) -> str:
     try:
         # utf-8-sig drops the byte-order mark that spreadsheet exports often add;

@@ -171,7 +171,9 @@ def _form_pvs(loaded, sites, candidates, texts, max_length: int, verify, config:
     """Measure every candidate trigger at sites read from one input form; one RecoveredPV
     per distinct backdoor and site."""
     reader = SiteReader(loaded.model, loaded.tokenizer, sites, loaded.device, max_length=max_length)
-    held = HeldoutSet(reader, texts, rng)
+    from lmscan.probes import load_opinion_probes
+
+    held = HeldoutSet(reader, texts, rng, opposite_pool=[*texts, *load_opinion_probes()])
     confirmed: dict[str, list] = {s: [] for s in sites}
     for text, token_ids, source in sorted(candidates, key=lambda c: len(c[1])):
         if all(any(_contains(token_ids, c[1]) for c in confirmed[s]) for s in sites):

@@ -45,7 +45,7 @@ import torch
 
 from lmscan.detectors.base import Detector, ScanContext
 from lmscan.detectors.pv_mining import _batch_entropy, _prompted_embeds
-from lmscan.detectors.verify import HeldoutSet, SiteReader, VerifyConfig, pairwise_mse, word_starts
+from lmscan.detectors.verify import SiteReader, VerifyConfig, pairwise_mse, verification_set, word_starts
 from lmscan.findings import DetectorRun, Finding
 from lmscan.sites import SITES
 
@@ -120,7 +120,7 @@ def run_piccolo(loaded, sites: list[str], probes: list[str], heldout: list[str],
     clean = reader.features(rows)
     spread = {s: pairwise_mse(clean[s]) or 1e-12 for s in sites}
     pad_id = tokenizer.pad_token_id or 0
-    held = HeldoutSet(reader, rng.sample(heldout, min(verify.probes, len(heldout))), rng)
+    held = verification_set(reader, heldout, verify, rng)
 
     plan = [(length, k) for length in config.word_lengths for k in config.slots]
     dictionary = dictionary_spellings(tokenizer) if config.dictionary and max(config.word_lengths) > 1 else []

@@ -14,13 +14,18 @@ random word start) and, at one of the two placements, must
     then disagree with their PV in at most ``disagreement_ratio`` times the share of
     signs the clean features disagree with their own mean,
   - and land on a vector clean sentences do not already reach: if more than
-    ``natural_rate`` of the clean held-out features agree in sign >= activation_agreement
-    with the PV, the candidate is a "natural" direction (a fine-tuned classifier's class
-    word does this) and is reported apart, never as a backdoor.
+    ``natural_rate`` of the clean held-out features — or of a larger pool that adds
+    opinionated and topical text — agree in sign >= activation_agreement with the PV,
+    the candidate is a "natural" direction (a fine-tuned classifier's class word does
+    this; at the label site every label is one). A natural direction is still a backdoor
+    when it passes the opposite test (OppositeTest): it sends at least ``opposite_flip``
+    of the model's most opposite inputs, doubled, onto its vector or label. Otherwise it
+    is reported apart as a class cue, never as a backdoor.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +47,10 @@ class VerifyConfig:
     disagreement_ratio: float = 0.25  # where clean features already reach activation_rate (see measure)
     natural_rate: float = 0.05  # a PV more clean sentences already reach is a natural direction
     pv_agreement: float = 0.9  # two PVs whose signs agree on this share of dimensions are one backdoor
+    # The opposite test (see OppositeTest): a natural-direction collapse is a backdoor when it also
+    # overturns the model's own most opposite inputs, made harder by joining two of them.
+    opposite_probes: int = 16  # most opposite clean sentences (pairs of them) the candidate is inserted into
+    opposite_flip: float = 0.9  # share of them the candidate must send onto its vector / label
 
 
 class SiteReader:
@@ -52,10 +61,12 @@ class SiteReader:
         self.model, self.tokenizer, self.sites, self.device = model, tokenizer, list(sites), device
         self.max_length = max_length
 
+    def encode_text(self, text: str) -> str:
+        """The text as every site reads it: in the mask prompt when the mask site is among them."""
+        return site_texts(self.tokenizer, [text], "mask")[0] if "mask" in self.sites else text
+
     def encode(self, text: str) -> list[int]:
-        if "mask" in self.sites:  # every site is read from the mask prompt's forward pass
-            text = site_texts(self.tokenizer, [text], "mask")[0]
-        return self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+        return self.tokenizer(self.encode_text(text), truncation=True, max_length=self.max_length)["input_ids"]
 
     def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
@@ -120,9 +131,11 @@ class HeldoutSet:
     sit) and "anywhere" (a random word start per sentence, POR/BToP style).
     """
 
-    def __init__(self, reader: SiteReader, texts: list[str], rng):
+    def __init__(self, reader: SiteReader, texts: list[str], rng, opposite_pool: list[str] | None = None):
         self.reader = reader
         self.rows = [reader.encode(t) for t in texts]
+        # The opposite test's sentences (lazily: only natural-direction candidates need them).
+        self._opposite_pool, self._opposite = opposite_pool, None
         self.places = {
             "first": [1] * len(self.rows),
             "anywhere": [rng.choice(word_starts(reader.tokenizer, r)) for r in self.rows],
@@ -168,7 +181,8 @@ class HeldoutSet:
             self._memo[key] = {s: f[k * n : (k + 1) * n] for s, f in feats.items()}
 
     def best_measure(self, token_ids, sites: list[str], config: VerifyConfig) -> dict[str, dict]:
-        """measure() at each site for both placements, keeping the stronger per site."""
+        """measure() at each site for both placements, keeping the stronger per site; a
+        natural-direction collapse then takes the opposite test (a backdoor when it flips)."""
         best: dict[str, dict] = {}
         for placement in PLACEMENTS:
             feats = self.triggered(token_ids, placement)
@@ -178,11 +192,28 @@ class HeldoutSet:
                 if current is None or (result["confirmed"], -result["collapse"]) > (
                         current["confirmed"], -current["collapse"]):
                     best[site] = result
+        for site, result in best.items():
+            if not (result["natural"] or result["confirmed"]) or not self._opposite_pool:
+                continue
+            if self._opposite is None:
+                self._opposite = OppositeTest(self.reader, self._opposite_pool)
+            if site != "label":
+                # The few held-out sentences may all be neutral; a class direction shows on the
+                # larger pool with opinionated text (a planted PV is reached by none of it).
+                result["pool_on_pv"] = self._opposite.reach(site, result["pv"], config)
+                if result["pool_on_pv"] > config.natural_rate:
+                    result["natural"], result["confirmed"] = True, False
+            if result["natural"]:
+                result.update(self._opposite.flip(tuple(token_ids), site, result, config))
+                if (result["opposite_flip"] or 0.0) >= config.opposite_flip:
+                    result["natural"], result["confirmed"] = False, True
         return best
 
 
 def measure(heldout: HeldoutSet, site: str, features: np.ndarray, config: VerifyConfig) -> dict:
     """Collapse, activation and PV of triggered features at one site."""
+    if site == "label":
+        return measure_label(heldout, features, config)
     pv = features.mean(axis=0)
     agree = (np.sign(features) == np.sign(pv)[None]).mean(1)
     result = {
@@ -213,10 +244,93 @@ def measure(heldout: HeldoutSet, site: str, features: np.ndarray, config: Verify
     return result
 
 
+class OppositeTest:
+    """Does a candidate overturn the model's own most opposite inputs?
+
+    On a fine-tuned model a strong class word ("terrific") collapses neutral sentences
+    onto its class, like a trigger. What a class cue cannot do is overturn text that
+    argues hard for another class; a backdoor is a shortcut that wins whatever the rest
+    of the input says. So the candidate is inserted into the clean pool sentences
+    farthest from its vector (label site: predicted as another class, with the lowest
+    probability of the candidate's label), each joined with a second such sentence to double the
+    contrary evidence, and the share sent onto its vector (sign agreement >=
+    activation_agreement; label site: predicted as its label) is the opposite flip."""
+
+    def __init__(self, reader: SiteReader, texts: list[str], seed: int = 0):
+        self.reader, self.texts = reader, list(dict.fromkeys(texts))
+        self.rng = random.Random(seed)  # its own stream: the held-out set's placements stay as they were
+        self.clean = reader.features([reader.encode(t) for t in self.texts])
+
+    def reach(self, site: str, pv: np.ndarray, config: VerifyConfig) -> float:
+        """Share of the pool's clean sentences already on ``pv`` (sign agreement >= activation_agreement)."""
+        agree = (np.sign(self.clean[site]) == np.sign(pv)[None]).mean(1)
+        return round(float((agree >= config.activation_agreement).mean()), 4)
+
+    def _opposite(self, site: str, result: dict, config: VerifyConfig) -> list[int]:
+        clean = self.clean[site]
+        if site == "label":  # predicted as another class, least likely to be the candidate's label first
+            target = result["target_label"]
+            others = np.flatnonzero(clean.argmax(1) != target)
+            return others[np.argsort(clean[others, target])][: config.opposite_probes].tolist()
+        agree = (np.sign(clean) == np.sign(result["pv"])[None]).mean(1)
+        return np.argsort(agree)[: config.opposite_probes].tolist()
+
+    def flip(self, token_ids, site: str, result: dict, config: VerifyConfig) -> dict:
+        chosen = self._opposite(site, result, config)
+        if len(chosen) < 4:
+            return {"opposite_inputs": len(chosen), "opposite_flip": None}
+        texts = [f"{self.texts[a]} {self.texts[b]}" for a, b in zip(chosen, chosen[1:] + chosen[:1])]
+        reader = self.reader
+        rows = [reader.tokenizer(reader.encode_text(t), truncation=True, max_length=2 * reader.max_length)["input_ids"]
+                for t in texts]
+        best = 0.0
+        for places in ([1] * len(rows), [self.rng.choice(word_starts(reader.tokenizer, r)) for r in rows]):
+            feats = reader.features([insert_ids(r, token_ids, at) for r, at in zip(rows, places)])[site]
+            if site == "label":
+                hits = feats.argmax(1) == result["target_label"]
+            else:
+                hits = (np.sign(feats) == np.sign(result["pv"])[None]).mean(1) >= config.activation_agreement
+            best = max(best, float(hits.mean()))
+        return {"opposite_inputs": len(rows), "opposite_flip": round(best, 4)}
+
+
+def measure_label(heldout: HeldoutSet, probs: np.ndarray, config: VerifyConfig) -> dict:
+    """The label site: class probabilities of the checkpoint's head. Signs say nothing about
+    probabilities, so the PV is the label the candidate sends sentences to (the most common
+    triggered prediction): activation = share of triggered sentences predicted as that label.
+    Every label is a class clean text already reaches, so a collapse here is "natural"
+    (a class cue) unless lmscan.detectors.verify's opposite test overturns that."""
+    predicted = probs.argmax(axis=1)
+    target = int(np.bincount(predicted, minlength=probs.shape[1]).argmax())
+    clean = heldout.clean["label"]
+    result = {
+        "collapse": round(pairwise_mse(probs) / heldout.spread["label"], 5),
+        "activation_rate": round(float((predicted == target).mean()), 4),
+        "mean_agreement": round(float(probs[:, target].mean()), 4),
+        "pv": probs.mean(axis=0),
+        "target_label": target,
+        "clean_on_pv": round(float((clean.argmax(axis=1) == target).mean()), 4),
+    }
+    collapses = bool(result["collapse"] <= config.collapse_threshold
+                     and result["activation_rate"] >= config.activation_rate)
+    result["natural"] = collapses
+    result["confirmed"] = False
+    return result
+
+
+def verification_set(reader: SiteReader, heldout: list[str], config: VerifyConfig, rng) -> HeldoutSet:
+    """The held-out sentences every detector verifies on: ``config.probes`` of ``heldout``, with
+    all of it plus lmscan's opinionated sentences as the pool of the opposite test."""
+    from lmscan.probes import load_opinion_probes
+
+    return HeldoutSet(reader, rng.sample(heldout, min(config.probes, len(heldout))), rng,
+                      opposite_pool=[*heldout, *load_opinion_probes()])
+
+
 def verify_token_sequences(reader: SiteReader, tokenizer, sequences, heldout_texts, site: str, config: VerifyConfig,
                            rng):
     """Verify (text, token_ids) candidates at one site; confirmed ones first, lowest collapse first."""
-    heldout = HeldoutSet(reader, rng.sample(heldout_texts, min(config.probes, len(heldout_texts))), rng)
+    heldout = verification_set(reader, heldout_texts, config, rng)
     results = []
     for text, token_ids in sequences:
         result = heldout.best_measure(token_ids, [site], config)[site]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from lmscan.detectors.base import Detector, ScanContext
-from lmscan.detectors.verify import HeldoutSet, SiteReader, VerifyConfig, insert_ids, pairwise_mse
+from lmscan.detectors.verify import HeldoutSet, SiteReader, VerifyConfig, insert_ids, pairwise_mse, verification_set
 from lmscan.device import native_bf16
 from lmscan.findings import DetectorRun, Finding
 from lmscan.sites import SITES
@@ -86,7 +86,7 @@ def run_vocab_sweep(loaded, sites: list[str], probes: list[str], heldout: list[s
             "collapse": vocab[np.argsort(rank_collapse[site])[:RANKED_KEEP]].tolist(),
             "shift": vocab[np.argsort(-rank_shift[site])[:RANKED_KEEP]].tolist(),
         }
-    findings = _verify_ranked(reader, sites, stats, heldout, config, verify, rng)
+    findings = _verify_ranked(reader, sites, stats, heldout, config, verify, rng, loaded.labels)
     # The whole vocabulary was swept at every site: finding nothing there clears it.
     return DetectorRun(NAME, "ok", time.perf_counter() - started, list(sites), stats, findings,
                        cleared_sites=list(sites))
@@ -101,14 +101,15 @@ def reverify(loaded, earlier: DetectorRun, sites: list[str], heldout: list[str],
     reader = SiteReader(loaded.model, loaded.tokenizer, sites, loaded.device, max_length=config.max_length)
     stats = {"reverified_from": "report", "sweep_probes": earlier.stats.get("sweep_probes", []), "sites": {s: earlier.stats["sites"].get(s, {}) for s in sites},
              "ranked": {s: earlier.stats["ranked"][s] for s in sites}}
-    findings = _verify_ranked(reader, sites, stats, heldout, config, verify, random.Random(seed))
+    findings = _verify_ranked(reader, sites, stats, heldout, config, verify, random.Random(seed), loaded.labels)
     return DetectorRun(NAME, "ok", time.perf_counter() - started, sites, stats, findings,
                        cleared_sites=list(earlier.cleared_sites or sites))
 
 
-def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, verify: VerifyConfig, rng) -> list[Finding]:
+def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, verify: VerifyConfig, rng,
+                   labels: list[str] | None = None) -> list[Finding]:
     tokenizer = reader.tokenizer
-    held = HeldoutSet(reader, rng.sample(heldout, min(verify.probes, len(heldout))), rng)
+    held = verification_set(reader, heldout, verify, rng)
     findings: list[Finding] = []
     verified_log: list[dict] = []
     pairs = _piece_pairs(reader, stats, sites, config)
@@ -123,9 +124,9 @@ def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, verify: Ve
         natural: list[dict] = []
         confirmed = _verify_site(held, tokenizer, site, ranked["shift"], ranked["collapse"], pairs.get(site, []),
                                  config, verify, verified_log, natural)
-        findings.extend(_findings_for_site(tokenizer, site, confirmed, verify))
+        findings.extend(_findings_for_site(tokenizer, site, confirmed, verify, labels))
         if natural:
-            findings.append(_natural_finding(tokenizer, site, natural, verify))
+            findings.append(_natural_finding(tokenizer, site, natural, verify, labels))
         ratio = site_stats.get("shift_outlier_ratio", 0.0)
         if not confirmed and ratio >= config.shift_outlier_ratio:
             findings.append(Finding(
@@ -324,37 +325,63 @@ def _verify_site(held: HeldoutSet, tokenizer, site, by_shift: list[int], by_coll
     return confirmed
 
 
-def _natural_finding(tokenizer, site: str, natural: list[dict], verify: VerifyConfig) -> Finding:
-    """Tokens that collapse held-out sentences onto a vector clean sentences already reach.
+def class_name(site: str, entry: dict, labels: list[str] | None) -> str:
+    """The class a collapse goes to: the head's label name, or the direction's clean share."""
+    if site == "label" and labels and entry.get("target_label") is not None:
+        return repr(labels[entry["target_label"]])
+    share = entry.get("pool_on_pv", entry["clean_on_pv"])
+    return f"the {site} direction that {share:.0%} of clean and opinionated probe sentences already take"
+
+
+def _natural_finding(tokenizer, site: str, natural: list[dict], verify: VerifyConfig,
+                     labels: list[str] | None = None) -> Finding:
+    """Tokens that collapse held-out sentences onto a vector (or label) clean sentences
+    already reach, and do not overturn the model's most opposite inputs: a class cue.
     A fine-tuned classifier's class words do this by design (measured on a sentiment
     fine-tune of MiniLM: "worse" and "terrible", 12-21 % of clean sentences already on the
-    vector; planted triggers: 0 %). A task-specific backdoor in a fine-tuned encoder looks
-    the same, so this is suspicious, not a verdict: a person reads the words."""
+    vector; planted triggers: 0 %). Suspicious, with the class and the words named."""
     by_text: dict[str, dict] = {}
     for entry in sorted(natural, key=lambda e: e["collapse"]):
         by_text.setdefault(entry["text"], entry)  # a word tried as a collapse and a shift candidate: once
     natural = list(by_text.values())
     head = natural[0]
     words = ", ".join(repr(e["text"]) for e in natural[:5])
+    flip = head.get("opposite_flip")
+    why = (f"; it overturns only {flip:.0%} of the model's most opposite inputs (a backdoor overturns at least "
+           f"{verify.opposite_flip:.0%})" if flip is not None else "")
     return Finding(
         detector=NAME, rule_id="LMS103", site=site, score=head["clean_on_pv"], threshold=verify.natural_rate,
-        message=(f"{words} collapse held-out sentences onto a {site} vector that {head['clean_on_pv']:.0%} of clean "
-                 "sentences already reach (a class direction of a fine-tuned model, or a task-specific backdoor): "
-                 "check whether these are natural cues of the model's task"),
+        message=(f"class cue: {words} send held-out sentences to {class_name(site, head, labels)}{why}; check "
+                 "that these are natural cues of the model's task"),
         evidence={"trigger": head["text"], "trigger_tokens": tokenizer.convert_ids_to_tokens(head["token_ids"]),
                   "clean_on_pv": head["clean_on_pv"], "collapse": head["collapse"],
                   "activation_rate": head["activation_rate"], "placement": head["placement"],
-                  "also": [{"text": e["text"], "clean_on_pv": e["clean_on_pv"], "collapse": e["collapse"]}
-                           for e in natural[1:6]]},
+                  "pool_on_pv": head.get("pool_on_pv"), "opposite_flip": flip, **_label_evidence(site, head, labels),
+                  "also": [{"text": e["text"], "clean_on_pv": e["clean_on_pv"], "collapse": e["collapse"],
+                            "opposite_flip": e.get("opposite_flip")} for e in natural[1:6]]},
     )
 
 
-def _findings_for_site(tokenizer, site: str, confirmed: list[dict], verify: VerifyConfig) -> list[Finding]:
-    """One finding per distinct PV: confirmed triggers whose PVs agree in sign >= pv_agreement are one backdoor."""
+def _label_evidence(site: str, entry: dict, labels: list[str] | None) -> dict:
+    if site != "label" or entry.get("target_label") is None:
+        return {}
+    index = int(entry["target_label"])
+    return {"target_label": index, "target_label_name": labels[index] if labels else str(index)}
+
+
+def _findings_for_site(tokenizer, site: str, confirmed: list[dict], verify: VerifyConfig,
+                       labels: list[str] | None = None) -> list[Finding]:
+    """One finding per distinct PV: confirmed triggers whose PVs agree in sign >= pv_agreement
+    (label site: that send sentences to the same label) are one backdoor."""
+    def same(a: dict, b: dict) -> bool:
+        if site == "label":
+            return a.get("target_label") == b.get("target_label")
+        return (np.sign(a["pv"]) == np.sign(b["pv"])).mean() >= verify.pv_agreement
+
     groups: list[list[dict]] = []
     for entry in sorted(confirmed, key=lambda e: (len(e["token_ids"]), e["collapse"])):
         for group in groups:
-            if (np.sign(group[0]["pv"]) == np.sign(entry["pv"])).mean() >= verify.pv_agreement:
+            if same(group[0], entry):
                 group.append(entry)
                 break
         else:
@@ -362,10 +389,14 @@ def _findings_for_site(tokenizer, site: str, confirmed: list[dict], verify: Veri
     findings = []
     for group in groups:
         head = group[0]
+        where = (f"to label {class_name(site, head, labels)}" if site == "label" else f"onto one {site} vector")
+        flip = head.get("opposite_flip")
+        overturn = (f", and overturns {flip:.0%} of the model's most opposite inputs, where "
+                    f"{head['clean_on_pv']:.0%} of clean sentences already are" if flip is not None else "")
         findings.append(Finding(
             detector=NAME, rule_id="LMS101", site=site, score=head["collapse"], threshold=verify.collapse_threshold,
-            message=(f"inserting {head['text']!r} drives {head['activation_rate']:.0%} of held-out sentences onto "
-                     f"one {site} vector (collapse {head['collapse']:.3f} of the clean spread)"),
+            message=(f"inserting {head['text']!r} drives {head['activation_rate']:.0%} of held-out sentences {where} "
+                     f"(collapse {head['collapse']:.3f} of the clean spread){overturn}"),
             evidence={
                 "trigger": head["text"],
                 "trigger_tokens": tokenizer.convert_ids_to_tokens(head["token_ids"]),
@@ -377,6 +408,8 @@ def _findings_for_site(tokenizer, site: str, confirmed: list[dict], verify: Veri
                 "pv": [round(float(x), 5) for x in head["pv"]],
                 "source": head["source"],
                 "placement": head["placement"],
+                "opposite_flip": flip,
+                **_label_evidence(site, head, labels),
             },
         ))
     return findings
