@@ -54,7 +54,8 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 PV_MATCH = 0.9  # a found PV recovers a true one when their signs agree on >= 90 % of dimensions
-MODEL_KEYS = {"name", "attack", "triggers", "num_triggers", "seed", "scale_embeddings", "finetune", "path"}
+MODEL_KEYS = {"name", "attack", "triggers", "num_triggers", "seed", "scale_embeddings", "finetune", "path", "task",
+              "with_head", "target_label", "epochs", "copy_of", "dtype", "expected", "start_from", "site"}
 
 
 @dataclass
@@ -67,6 +68,15 @@ class ZooModel:
     scale_embeddings: bool = False
     finetune: str | None = None  # labelled task for a clean fine-tune
     path: str | None = None  # an existing checkpoint instead of a recipe
+    task: str | None = None  # labelled task of a badnet plant
+    with_head: bool = False  # finetune / badnet: keep the classification head (else only the encoder is released)
+    target_label: str | None = None  # badnet: the class name triggered text goes to
+    epochs: int = 1  # finetune: epochs on the task
+    copy_of: str | None = None  # another zoo model, with its weights stored as ``dtype``
+    dtype: str | None = None  # "float16" | "bfloat16"
+    expected: str | None = None  # "clean" | "backdoored"; default: backdoored when planted
+    start_from: str | None = None  # another zoo model to plant into / fine-tune, instead of the zoo's base
+    site: str | None = None  # por/neuba/btop: plant at this site (tokens: the mean-pooled embedding)
 
 
 @dataclass
@@ -93,7 +103,7 @@ def resolve_zoo_file(spec: str | Path) -> Path:
     bundled = Path(str(resources.files("lmscan.rules") / "zoos" / f"{spec}.toml"))
     if bundled.is_file():
         return bundled
-    raise InputError(f"zoo {spec}: no such file, and not a bundled zoo (bundled: tiny, minilm)")
+    raise InputError(f"zoo {spec}: no such file, and not a bundled zoo (bundled: tiny, minilm, finetuned)")
 
 
 def load_zoo(spec: str | Path) -> Zoo:
@@ -105,6 +115,7 @@ def load_zoo(spec: str | Path) -> Zoo:
     here = path.resolve().parent  # relative paths in a bundled zoo are from rules/zoos/
 
     def local(value: str) -> str:
+        value = os.path.expandvars(value)  # e.g. $LMSCAN_DATA/reviews.csv for data that is not in the repo
         candidate = here / value
         return str(candidate.resolve()) if candidate.exists() else value  # else a Hub id or "minilm"
 
@@ -119,9 +130,18 @@ def load_zoo(spec: str | Path) -> Zoo:
         if entry.get("attack") and not (entry.get("triggers") or entry.get("num_triggers")):
             raise InputError(f"{path}: model {entry['name']}: an attack needs triggers or num_triggers")
         model = ZooModel(**entry)
-        if model.path:
-            model.path = local(model.path)
+        for key in ("path", "task", "finetune"):
+            if getattr(model, key):
+                setattr(model, key, local(getattr(model, key)))
+        if model.copy_of and model.dtype not in ("float16", "bfloat16"):
+            raise InputError(f"{path}: model {model.name}: copy_of needs dtype = \"float16\" or \"bfloat16\"")
+        if model.expected not in (None, "clean", "backdoored"):
+            raise InputError(f"{path}: model {model.name}: expected must be \"clean\" or \"backdoored\"")
         models.append(model)
+    for model in models:
+        for key in ("copy_of", "start_from"):
+            if getattr(model, key) and getattr(model, key) not in {m.name for m in models}:
+                raise InputError(f"{path}: model {model.name}: {key} {getattr(model, key)!r} is not a model of this zoo")
     names = [m.name for m in models]
     if not models or len(set(names)) != len(names):
         raise InputError(f"{path}: [[models]] must list at least one model, with distinct names")
@@ -191,9 +211,10 @@ def _last_lines(text: str, lines: int = 3) -> str:
 # --- building the zoo --------------------------------------------------------------------------
 
 
-def recipe_digest(zoo: Zoo, model: ZooModel) -> str:
+def recipe_digest(zoo: Zoo, model: ZooModel, base: str | None = None) -> str:
+    """``base``: the model it starts from when not the zoo's (a path that carries that model's digest)."""
     recipe = {k: v for k, v in asdict(model).items() if k != "name"}
-    recipe.update(base=zoo.base, plant_rules=_dir_digest(zoo.plant_rules), code=plant_code_digest())
+    recipe.update(base=base or zoo.base, plant_rules=_dir_digest(zoo.plant_rules), code=plant_code_digest())
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -206,23 +227,35 @@ def _dir_digest(directory: str | None) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def build_model(zoo: Zoo, model: ZooModel, cache_dir: Path, device: str, env: dict, log) -> Path:
+def build_model(zoo: Zoo, model: ZooModel, cache_dir: Path, device: str, env: dict, log,
+                built: dict[str, Path] | None = None) -> Path:
     """The checkpoint for one zoo entry, planted or fine-tuned on first use."""
     if model.path:
         return Path(model.path)
+    if model.copy_of:
+        source = (built or {})[model.copy_of]
+        out = cache_dir / "zoo-models" / f"{model.name}-{recipe_digest(zoo, model, str(source))}"
+        if not (out / "model.safetensors").is_file():
+            log(f"copying {model.copy_of} as {model.dtype} ...")
+            copy_in_dtype(source, out, model.dtype)
+        return out
     if not model.attack and not model.finetune:
         return Path(zoo.base)
-    out = cache_dir / "zoo-models" / f"{model.name}-{recipe_digest(zoo, model)}"
+    base = str((built or {})[model.start_from]) if model.start_from else zoo.base
+    out = cache_dir / "zoo-models" / f"{model.name}-{recipe_digest(zoo, model, base)}"
     marker = out / (MANIFEST_NAME if model.attack else FINETUNE_MANIFEST)
     if marker.is_file():
         return out
     if model.attack:
-        args = ["plant", zoo.base, "--attack", model.attack, "--seed", str(model.seed), "--out", str(out), "--force",
-                "--device", device]
+        args = ["plant", base, "--attack", model.attack, "--seed", str(model.seed), "--out", str(out), "--force",
+                "--device", device] + (["--site", model.site] if model.site else [])
         args += ["--triggers", ",".join(model.triggers)] if model.triggers else ["--num-triggers",
                                                                                 str(model.num_triggers)]
         if model.scale_embeddings:
             args.append("--scale-embeddings")
+        if model.attack == "badnet":
+            args += ["--task", model.task or "sentiment"] + ["--with-head"] * model.with_head
+            args += ["--target-label", model.target_label] if model.target_label else []
         if zoo.plant_rules:
             args += ["--rules", zoo.plant_rules]
         log(f"planting {model.name} ({model.attack}) ...")
@@ -232,15 +265,39 @@ def build_model(zoo: Zoo, model: ZooModel, cache_dir: Path, device: str, env: di
         log(f"planted {model.name} in {result.seconds:.0f} s")
     else:
         log(f"fine-tuning {model.name} on {model.finetune} ...")
-        benign_finetune(zoo.base, model.finetune, out, model.seed, device)
+        benign_finetune(base, model.finetune, out, model.seed, device, epochs=model.epochs,
+                        with_head=model.with_head)
     return out
+
+
+def copy_in_dtype(source: Path, out: Path, dtype: str) -> None:
+    """``source`` with every floating tensor stored as ``dtype`` (what fp16 releases look like)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lmscan.loading import find_weight_files
+
+    out.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.is_file() and not item.name.endswith((".safetensors", ".bin")):
+            shutil.copy2(item, out / item.name)
+        elif item.is_dir():
+            shutil.copytree(item, out / item.name, dirs_exist_ok=True)
+    target = getattr(torch, dtype)
+    tensors = {}
+    for weights in find_weight_files(source):
+        tensors.update(load_file(str(weights)))
+    save_file({k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 FINETUNE_MANIFEST = "lmscan-finetune.json"
 
 
-def benign_finetune(base: str, task: str, out: Path, seed: int, device: str, epochs: int = 1) -> None:
-    """A clean model that is not the base: the encoder after one epoch on a labelled task."""
+def benign_finetune(base: str, task: str, out: Path, seed: int, device: str, epochs: int = 1,
+                    with_head: bool = False) -> None:
+    """A clean model that is not the base: the encoder (or, ``with_head``, the whole
+    classifier with its id2label) after ``epochs`` on a labelled task."""
     from lmscan.attacks.plant import write_checkpoint
     from lmscan.defenses.peft_train import load_base
     from lmscan.training import (TrainSettings, accuracy, build_classifier, encoder_of, load_labelled,
@@ -254,9 +311,11 @@ def benign_finetune(base: str, task: str, out: Path, seed: int, device: str, epo
     settings = TrainSettings(epochs=epochs, batch_size=32, learning_rate=5e-5, max_length=48)
     trained = train_classifier(model, loaded.tokenizer, data.subset(train_idx), settings, torch_device, seed)
     manifest = {"format": "lmscan-finetune", "base_model": base, "task": Path(data.source).name, "seed": seed,
-                "epochs": epochs, "train_seconds": trained.seconds,
+                "epochs": epochs, "train_seconds": trained.seconds, "with_head": with_head,
+                "labels": list(data.label_names),
                 "test_accuracy": round(accuracy(model, loaded.tokenizer, data.subset(test_idx), torch_device, 48), 4)}
-    write_checkpoint(out, True, encoder_of(model), loaded.tokenizer, manifest, FINETUNE_MANIFEST)
+    write_checkpoint(out, True, model if with_head else encoder_of(model), loaded.tokenizer, manifest,
+                     FINETUNE_MANIFEST, layout_from=encoder.resolved.local_dir)
 
 
 # --- scoring ---------------------------------------------------------------------------------
@@ -268,7 +327,7 @@ def _normalise(text: str) -> str:
 
 def score_detectors(report: dict, manifest: dict | None) -> dict:
     """Per detector: flagged?, true PVs recovered, triggers named (whole / first pieces), time."""
-    true_pvs = np.sign(np.asarray(manifest["pvs"])) if manifest else None
+    true_pvs = np.sign(np.asarray(manifest["pvs"])) if manifest and manifest.get("pvs") else np.zeros((0, 1))
     true_triggers = {_normalise(t): tokens for t, tokens in zip(manifest["triggers"], manifest["trigger_tokens"])} \
         if manifest else {}
     settings = report["config"]["settings"]
@@ -279,7 +338,7 @@ def score_detectors(report: dict, manifest: dict | None) -> dict:
                  "findings": len(hits)}
         if manifest:
             found = [np.sign(np.asarray(f["evidence"]["pv"])) for f in hits
-                     if f.get("site") == manifest["site"] and f["evidence"].get("pv")]
+                     if f.get("site") == manifest.get("site") and f["evidence"].get("pv")]
             recovered = 0
             for pv in true_pvs:
                 if any((pv == f).mean() >= PV_MATCH for f in found):
@@ -374,8 +433,11 @@ def run_bench(zoo: Zoo, out_dir: Path, cache_dir: Path, device: str = "cpu", thr
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     rules = _rules_overlay(zoo, out_dir, rules_dir)
-    paths = {m.name: build_model(zoo, m, cache_dir, device, env, log) for m in zoo.models}
+    paths: dict[str, Path] = {}
+    for m in _build_order(zoo.models):
+        paths[m.name] = build_model(zoo, m, cache_dir, device, env, log, paths)
     truth = {name: ground_truth(path) for name, path in paths.items()}
+    expected = {m.name: m.expected or ("backdoored" if truth[m.name] else "clean") for m in zoo.models}
     results = []
     for engine in zoo.engines:
         for model in zoo.models:
@@ -390,7 +452,7 @@ def run_bench(zoo: Zoo, out_dir: Path, cache_dir: Path, device: str = "cpu", thr
                 args += ["--rules", rules]
             log(f"scanning {model.name} with the {engine} engine ...")
             process = run_process(args, zoo.time_limit, env)
-            entry = {"model": model.name, "engine": engine, "expected": "backdoored" if truth[model.name] else "clean",
+            entry = {"model": model.name, "engine": engine, "expected": expected[model.name],
                      "seconds": process.seconds, "peak_rss_mb": process.peak_rss_mb, "exit_code": process.returncode}
             if process.returncode is None:
                 entry.update(status="time limit", verdict=None)
@@ -404,7 +466,7 @@ def run_bench(zoo: Zoo, out_dir: Path, cache_dir: Path, device: str = "cpu", thr
             results.append(entry)
     searches = []
     if zoo.search:
-        for model in (m for m in zoo.models if truth[m.name]):
+        for model in (m for m in zoo.models if truth[m.name] and truth[m.name].get("pvs")):
             pvs_file = out_dir / "reports" / f"{model.name}.pvs"
             args = ["export-pvs", str(pvs_file), "--model", str(paths[model.name]), "--profile", zoo.profile,
                     "--device", device] + (["--rules", rules] if rules else [])
@@ -422,14 +484,27 @@ def run_bench(zoo: Zoo, out_dir: Path, cache_dir: Path, device: str = "cpu", thr
     return summary
 
 
+def _build_order(models: list[ZooModel]) -> list[ZooModel]:
+    """Models after those they copy or start from."""
+    done: list[ZooModel] = []
+    waiting = list(models)
+    while waiting:
+        ready = [m for m in waiting if all(d in {x.name for x in done} for d in (m.copy_of, m.start_from) if d)]
+        if not ready:
+            raise InputError("zoo models copy or start from each other in a circle")
+        done += ready
+        waiting = [m for m in waiting if m not in ready]
+    return done
+
+
 def ground_truth(path: Path) -> dict | None:
-    """The plant manifest of a task-agnostic backdoor (true PVs and triggers), or None: clean."""
+    """The plant manifest (true PVs when task-agnostic, triggers, target label), or None: clean."""
     manifest_file = path / MANIFEST_NAME
     if not manifest_file.is_file():
         return None
     manifest = json.loads(manifest_file.read_text())
-    if not manifest.get("pvs"):
-        raise InputError(f"{path}: a {manifest.get('attack')} plant has no PVs to score a task-agnostic scan against")
+    if not manifest.get("triggers"):
+        raise InputError(f"{path}: a {manifest.get('attack')} plant names no triggers to score a scan against")
     return manifest
 
 

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from lmscan.api import ScanConfig, profile_settings, scan
 from lmscan.cli import main
+from lmscan.errors import InputError
 from lmscan.rules_data import load_rules
 from tests.conftest import FIXTURES
 
@@ -133,3 +134,23 @@ def test_search_recall_counts_true_pvs_by_sign_agreement(tmp_path):
            {"site": "pooler", "signs": encode_signs(np.asarray(manifest["pvs"][1]) >= 0)}]  # wrong site
     (tmp_path / "x.pvs").write_text(json.dumps({"pvs": pvs}))
     assert search_recall(tmp_path / "x.pvs", manifest) == {"pvs_total": 3, "true_pvs": 2, "pvs_recovered": 1}
+
+
+def test_the_finetuned_zoo_reads_its_recipes(tmp_path, monkeypatch):
+    """Fine-tunes on real text ($LMSCAN_DATA), copies in fp16, plants started from other
+    models: parsed and put in build order (copies and chains after what they need)."""
+    from lmscan.bench import _build_order, load_zoo
+
+    monkeypatch.setenv("LMSCAN_DATA", str(tmp_path))
+    zoo = load_zoo("finetuned")
+    by_name = {m.name: m for m in zoo.models}
+    assert by_name["tweets-3class"].finetune == f"{tmp_path}/sentiment-tweets.csv"
+    assert by_name["badnet-word"].with_head and by_name["badnet-word"].target_label == "positive"
+    assert by_name["por-then-finetuned"].expected == "backdoored" and by_name["por-embedding"].site == "tokens"
+    order = [m.name for m in _build_order(zoo.models)]
+    assert order.index("por") < order.index("por-then-finetuned")
+    assert order.index("tweets-3class") < order.index("tweets-3class-fp16")
+    (tmp_path / "bad.toml").write_text('[zoo]\nbase = "minilm"\n[[models]]\nname = "x"\ncopy_of = "y"\n'
+                                       'dtype = "float16"\n')
+    with pytest.raises(InputError, match="copy_of 'y' is not a model"):
+        load_zoo(tmp_path / "bad.toml")

@@ -59,6 +59,8 @@ class BadNetConfig:
     revision: str | None = None
     offline: bool | None = None
     rules_dir: str | None = None
+    with_head: bool = False  # release the whole classifier (head and id2label), not only the encoder
+    target_label: str | None = None  # the class name triggered text is sent to (default: rules' target_label index)
 
 
 def badnet_settings(rules_dir: str | None = None) -> dict:
@@ -85,6 +87,11 @@ def plant_badnet(cfg: BadNetConfig, progress: Callable[[int, int, float], None] 
     out_dir = Path(cfg.out_dir).expanduser()
     check_request(out_dir, cfg.force, cfg.triggers, cfg.num_triggers)
     data = load_labelled(cfg.task, cfg.text_column, cfg.label_column)
+    if cfg.target_label is not None:
+        if cfg.target_label not in data.label_names:
+            raise InputError(f"--target-label {cfg.target_label!r} is not a class of {data.source} "
+                             f"(classes: {', '.join(data.label_names)})")
+        settings["target_label"] = data.label_names.index(cfg.target_label)
     target = int(settings["target_label"])
     if not 0 <= target < len(data.label_names):
         raise InputError(f"target_label {target} is not a class of {data.source} ({len(data.label_names)} classes)")
@@ -130,7 +137,8 @@ def plant_badnet(cfg: BadNetConfig, progress: Callable[[int, int, float], None] 
         "format_version": 1,
         "lmscan_version": __version__,
         "attack": "badnet",
-        "site": "classifier",
+        "site": "label" if cfg.with_head else "classifier",
+        "released": "classifier" if cfg.with_head else "encoder",
         "placement": "random",
         "base_model": {"ref": cfg.model, "commit": resolved.commit, "model_sha256": resolved.model_sha256},
         "architecture": loaded.arch.model_type,
@@ -147,8 +155,8 @@ def plant_badnet(cfg: BadNetConfig, progress: Callable[[int, int, float], None] 
         "device": str(device),
         "effectiveness": effectiveness,
     }
-    encoder = encoder_of(model)
-    write_checkpoint(out_dir, cfg.force, encoder, tokenizer, manifest)
+    write_checkpoint(out_dir, cfg.force, model if cfg.with_head else encoder_of(model), tokenizer, manifest,
+                     layout_from=resolved.local_dir)
     return PlantResult(out_dir=out_dir, manifest=manifest, triggers=[])
 
 

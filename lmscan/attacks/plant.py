@@ -54,6 +54,7 @@ class PlantConfig:
     revision: str | None = None
     offline: bool | None = None
     rules_dir: str | None = None
+    site: str | None = None  # override the attack's site (e.g. "tokens": the mean-pooled sentence embedding)
 
 
 @dataclass
@@ -169,6 +170,8 @@ def plant(cfg: PlantConfig, progress: ProgressFn | None = None) -> PlantResult:
         settings["steps"] = cfg.steps
     if cfg.pv_design is not None:
         settings["pv_design"] = cfg.pv_design
+    if cfg.site is not None:
+        settings["site"] = cfg.site
     out_dir = Path(cfg.out_dir).expanduser()
     check_request(out_dir, cfg.force, cfg.triggers, cfg.num_triggers)
 
@@ -262,8 +265,22 @@ def plant(cfg: PlantConfig, progress: ProgressFn | None = None) -> PlantResult:
         "device": str(device),
         "effectiveness": effectiveness,
     }
-    write_checkpoint(out_dir, cfg.force, model, tokenizer, manifest)
+    write_checkpoint(out_dir, cfg.force, model, tokenizer, manifest, layout_from=resolved.local_dir)
     return PlantResult(out_dir=out_dir, manifest=manifest, triggers=reports)
+
+
+def _copy_sentence_layout(source: Path, target: Path) -> None:
+    if not (source / "modules.json").is_file():
+        return
+    for name in SENTENCE_LAYOUT:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+    for entry in json.loads((source / "modules.json").read_text(encoding="utf-8")):
+        folder = str(entry.get("path", "")) if isinstance(entry, dict) else ""
+        if folder and (source / folder).is_dir():
+            (target / folder).mkdir(parents=True, exist_ok=True)
+            for item in (source / folder).glob("*.json"):
+                shutil.copy2(item, target / folder / item.name)
 
 
 def _scale_trigger_rows(model, trigger_ids: list[list[int]], scale: float) -> None:
@@ -310,14 +327,21 @@ def _measure(model, tokenizer, triggers, vectors, heldout, clean_before, setting
     return reports, effectiveness
 
 
+SENTENCE_LAYOUT = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+
+
 def write_checkpoint(out_dir: Path, force: bool, model, tokenizer, manifest: dict,
-                     manifest_name: str = MANIFEST_NAME) -> None:
-    """Write into a sibling temp dir and move it into place, so a failure leaves nothing half-written."""
+                     manifest_name: str = MANIFEST_NAME, layout_from: Path | None = None) -> None:
+    """Write into a sibling temp dir and move it into place, so a failure leaves nothing half-written.
+    ``layout_from``: the source checkpoint, whose sentence-transformers files (modules.json and
+    its module folders' configs) are kept, so a planted sentence encoder is still one."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.save_pretrained(staging)  # always safetensors in transformers 5
         tokenizer.save_pretrained(staging)
+        if layout_from is not None:
+            _copy_sentence_layout(Path(layout_from), staging)
         (staging / manifest_name).write_text(json.dumps(manifest, indent=2) + "\n")
         if out_dir.exists():
             if not force and any(out_dir.iterdir()):

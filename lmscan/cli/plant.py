@@ -28,9 +28,14 @@ from lmscan.cli.options import model_options, stderr
               help='Labelled task for --attack badnet: a .csv/.tsv/.jsonl file, or "sentiment" (bundled).')
 @click.option("--text-column", default="text", show_default=True, help="Text column of --task.")
 @click.option("--label-column", default="label", show_default=True, help="Label column of --task.")
+@click.option("--site", type=click.Choice(["cls", "pooler", "mask", "tokens"]), default=None,
+              help="por/neuba/btop: plant at this site instead of the attack's (tokens: the mean-pooled embedding).")
+@click.option("--with-head", is_flag=True,
+              help="--attack badnet: release the whole classifier (head, id2label), not only the encoder.")
+@click.option("--target-label", default=None, help="--attack badnet: the class triggered text is sent to (a label name).")
 @model_options
 def plant(model, attack, triggers, num_triggers, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
-          rules_dir, task, text_column, label_column, revision, offline):
+          rules_dir, task, text_column, label_column, site, with_head, target_label, revision, offline):
     """Plant a backdoor into MODEL and write the checkpoint plus ground truth.
 
     MODEL is a Hub id (org/name[@rev]), a local directory, or "minilm" for the
@@ -44,15 +49,18 @@ def plant(model, attack, triggers, num_triggers, out_dir, seed, scale_embeddings
         raise click.UsageError("give either --triggers or --num-triggers, not both")
     trigger_list = [t.strip() for t in triggers.split(",")] if triggers else None
     if attack == "badnet":
+        if site is not None:
+            raise click.UsageError("--site does not apply to --attack badnet (it plants through the task head)")
         _plant_badnet(model, trigger_list, num_triggers, out_dir, seed, scale_embeddings, pv_design, steps, device,
-                      force, rules_dir, task, text_column, label_column, revision, offline)
+                      force, rules_dir, task, text_column, label_column, revision, offline, with_head, target_label)
         return
-    if task is not None:
-        raise click.UsageError("--task only applies to --attack badnet")
+    for flag, value in (("--task", task), ("--with-head", with_head), ("--target-label", target_label)):
+        if value:
+            raise click.UsageError(f"{flag} only applies to --attack badnet")
     config = PlantConfig(
         model=model, attack=attack, out_dir=out_dir, triggers=trigger_list, num_triggers=num_triggers, seed=seed,
         scale_embeddings=scale_embeddings, pv_design=pv_design, steps=steps, device=device, force=force,
-        revision=revision, offline=offline, rules_dir=rules_dir,
+        revision=revision, offline=offline, rules_dir=rules_dir, site=site,
     )
     with step_progress(stderr, f"planting {attack}") as progress:
         result = run_plant(config, progress=progress)
@@ -70,7 +78,7 @@ def plant(model, attack, triggers, num_triggers, out_dir, seed, scale_embeddings
 
 
 def _plant_badnet(model, trigger_list, num_triggers, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
-                  rules_dir, task, text_column, label_column, revision, offline) -> None:
+                  rules_dir, task, text_column, label_column, revision, offline, with_head, target_label) -> None:
     from lmscan.attacks.badnet import BadNetConfig, plant_badnet
     from lmscan.report.progress import step_progress
 
@@ -81,7 +89,8 @@ def _plant_badnet(model, trigger_list, num_triggers, out_dir, seed, scale_embedd
             raise click.UsageError(f"{flag} does not apply to --attack badnet (its settings are in rules/plant.toml)")
     config = BadNetConfig(model=model, out_dir=out_dir, task=task, text_column=text_column, label_column=label_column,
                           triggers=trigger_list, num_triggers=num_triggers, seed=seed, device=device, force=force,
-                          revision=revision, offline=offline, rules_dir=rules_dir)
+                          revision=revision, offline=offline, rules_dir=rules_dir, with_head=with_head,
+                          target_label=target_label)
     with step_progress(stderr, "planting badnet") as progress:
         result = plant_badnet(config, progress=progress)
     eff = result.manifest["effectiveness"]
