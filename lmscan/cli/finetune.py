@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from lmscan.cli.options import labelled_data_options, model_options, split_option, stderr, training_options
+from lmscan.cli.options import emit_training_report, labelled_data_options, model_options, split_option, stderr, training_options
 from lmscan.errors import InputError
 
 
@@ -69,9 +68,4 @@ def finetune(model, train_file, text_column, label_column, peft_kind, defense, o
                               triggers=split_option(triggers) or [], pvs=pvs_file, settings=settings,
                               obliviate=obliviate, muscle=muscle, device=device, seed=seed, force=force,
                               revision=revision, offline=offline, progress=progress)
-    report = result.report
-    stderr.print(f"wrote {result.out_dir} ({report['seconds']} s)")
-    if fmt == "json":
-        click.echo(json.dumps(report, indent=1))
-    else:
-        print_finetune(report)
+    report = emit_training_report(result, fmt, print_finetune)

@@ -41,3 +41,17 @@ def labelled_data_options(func):
     func = click.option("--train", "train_file", required=True,
                         help='Labelled data (.csv, .tsv or .jsonl), or "sentiment" for the bundled task.')(func)
     return func
+
+
+def emit_training_report(result, fmt: str, print_table) -> dict:
+    """What a command that trains and writes --out prints: where it wrote, then the report
+    (the JSON, or ``print_table``'s table) on stdout."""
+    import json
+
+    report = result.report
+    stderr.print(f"wrote {result.out_dir} ({report['seconds']} s)")
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=1))
+    else:
+        print_table(report)
+    return report

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
-from lmscan.cli.options import model_options, split_option, stderr, training_options
+from lmscan.cli.options import emit_training_report, model_options, split_option, stderr, training_options
 
 
 @click.command()
@@ -53,12 +52,7 @@ def purify(model, train_file, text_column, label_column, out_dir, validation_fil
         result = run_purify(model, train_file, out_dir, config, text_column=text_column, label_column=label_column,
                             validation=validation_file, triggers=split_option(triggers), pvs=pvs_file, device=device,
                             seed=seed, force=force, revision=revision, offline=offline, progress=progress)
-    report = result.report
-    stderr.print(f"wrote {result.out_dir} ({report['seconds']} s)")
-    if fmt == "json":
-        click.echo(json.dumps(report, indent=1))
-    else:
-        print_purify(report)
+    report = emit_training_report(result, fmt, print_purify)
     utility = report["utility"]
     if not utility["ok"]:
         click.echo(f"lmscan: purify: the purified model's validation accuracy {utility['validation_accuracy']:.3f} "
