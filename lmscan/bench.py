@@ -55,7 +55,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 PV_MATCH = 0.9  # a found PV recovers a true one when their signs agree on >= 90 % of dimensions
 MODEL_KEYS = {"name", "attack", "triggers", "num_triggers", "seed", "scale_embeddings", "finetune", "path", "task",
-              "with_head", "target_label", "epochs", "copy_of", "dtype", "expected", "start_from", "site"}
+              "with_head", "target_label", "epochs", "copy_of", "dtype", "expected", "start_from", "site",
+              "objective"}
 
 
 @dataclass
@@ -77,6 +78,7 @@ class ZooModel:
     expected: str | None = None  # "clean" | "backdoored"; default: backdoored when planted
     start_from: str | None = None  # another zoo model to plant into / fine-tune, instead of the zoo's base
     site: str | None = None  # por/neuba/btop: plant at this site (tokens: the mean-pooled embedding)
+    objective: str = "classify"  # finetune: "classify" (its labels) | "simcse" (its text only, contrastive)
 
 
 @dataclass
@@ -93,6 +95,21 @@ class Zoo:
     plant_rules: str | None = None
     engine_variants: dict = field(default_factory=dict)
     description: str = ""
+    scan_only: list[str] | None = None  # scan these models (and build what they copy or start from); None: all
+
+    def scanned(self) -> list[ZooModel]:
+        return [m for m in self.models if self.scan_only is None or m.name in self.scan_only]
+
+    def needed(self) -> list[ZooModel]:
+        """The scanned models and, transitively, those they copy or start from."""
+        by_name = {m.name: m for m in self.models}
+        wanted, queue = set(), [m.name for m in self.scanned()]
+        while queue:
+            name = queue.pop()
+            if name not in wanted:
+                wanted.add(name)
+                queue += [d for d in (by_name[name].copy_of, by_name[name].start_from) if d]
+        return [m for m in self.models if m.name in wanted]
 
 
 def resolve_zoo_file(spec: str | Path) -> Path:
@@ -135,6 +152,8 @@ def load_zoo(spec: str | Path) -> Zoo:
                 setattr(model, key, local(getattr(model, key)))
         if model.copy_of and model.dtype not in ("float16", "bfloat16"):
             raise InputError(f"{path}: model {model.name}: copy_of needs dtype = \"float16\" or \"bfloat16\"")
+        if model.objective not in ("classify", "simcse") or (model.objective == "simcse" and model.with_head):
+            raise InputError(f"{path}: model {model.name}: objective must be \"classify\" or \"simcse\" (no head)")
         if model.expected not in (None, "clean", "backdoored"):
             raise InputError(f"{path}: model {model.name}: expected must be \"clean\" or \"backdoored\"")
         models.append(model)
@@ -265,8 +284,11 @@ def build_model(zoo: Zoo, model: ZooModel, cache_dir: Path, device: str, env: di
         log(f"planted {model.name} in {result.seconds:.0f} s")
     else:
         log(f"fine-tuning {model.name} on {model.finetune} ...")
-        benign_finetune(base, model.finetune, out, model.seed, device, epochs=model.epochs,
-                        with_head=model.with_head)
+        if model.objective == "simcse":
+            contrastive_finetune(base, model.finetune, out, model.seed, device, epochs=model.epochs)
+        else:
+            benign_finetune(base, model.finetune, out, model.seed, device, epochs=model.epochs,
+                            with_head=model.with_head)
     return out
 
 
@@ -316,6 +338,28 @@ def benign_finetune(base: str, task: str, out: Path, seed: int, device: str, epo
                 "test_accuracy": round(accuracy(model, loaded.tokenizer, data.subset(test_idx), torch_device, 48), 4)}
     write_checkpoint(out, True, model if with_head else encoder_of(model), loaded.tokenizer, manifest,
                      FINETUNE_MANIFEST, layout_from=encoder.resolved.local_dir)
+
+
+def contrastive_finetune(base: str, task: str, out: Path, seed: int, device: str, epochs: int = 1) -> None:
+    """A benign sentence encoder: unsupervised SimCSE on the task's text (its labels unused),
+    released with the base's sentence-transformers layout (pooling files) kept."""
+    from lmscan.attacks.plant import write_checkpoint
+    from lmscan.defenses.peft_train import load_base
+    from lmscan.training import TrainSettings, load_labelled, pair_separation, train_simcse
+
+    data = load_labelled(task)
+    encoder = load_base(base, device, seed, what="a contrastive fine-tune")
+    loaded, torch_device = encoder.loaded, encoder.device
+    before = pair_separation(loaded.model, loaded.tokenizer, data.texts, torch_device, 48, seed)
+    settings = TrainSettings(epochs=epochs, batch_size=64, learning_rate=3e-5, max_length=48)
+    trained = train_simcse(loaded.model, loaded.tokenizer, data.texts, settings, torch_device, seed)
+    manifest = {"format": "lmscan-finetune", "base_model": base, "task": Path(data.source).name, "seed": seed,
+                "epochs": epochs, "objective": "simcse", "train_seconds": trained.seconds,
+                "history": trained.history, "pair_separation_before": before,
+                "pair_separation": pair_separation(loaded.model, loaded.tokenizer, data.texts, torch_device, 48,
+                                                   seed)}
+    write_checkpoint(out, True, loaded.model, loaded.tokenizer, manifest, FINETUNE_MANIFEST,
+                     layout_from=encoder.resolved.local_dir)
 
 
 # --- scoring ---------------------------------------------------------------------------------
@@ -434,13 +478,13 @@ def run_bench(zoo: Zoo, out_dir: Path, cache_dir: Path, device: str = "cpu", thr
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     rules = _rules_overlay(zoo, out_dir, rules_dir)
     paths: dict[str, Path] = {}
-    for m in _build_order(zoo.models):
+    for m in _build_order(zoo.needed()):
         paths[m.name] = build_model(zoo, m, cache_dir, device, env, log, paths)
     truth = {name: ground_truth(path) for name, path in paths.items()}
-    expected = {m.name: m.expected or ("backdoored" if truth[m.name] else "clean") for m in zoo.models}
+    expected = {m.name: m.expected or ("backdoored" if truth[m.name] else "clean") for m in zoo.scanned()}
     results = []
     for engine in zoo.engines:
-        for model in zoo.models:
+        for model in zoo.scanned():
             report_file = out_dir / "reports" / f"{model.name}.{engine}.json"
             report_file.parent.mkdir(parents=True, exist_ok=True)
             report_file.unlink(missing_ok=True)
@@ -466,7 +510,7 @@ def run_bench(zoo: Zoo, out_dir: Path, cache_dir: Path, device: str = "cpu", thr
             results.append(entry)
     searches = []
     if zoo.search:
-        for model in (m for m in zoo.models if truth[m.name] and truth[m.name].get("pvs")):
+        for model in (m for m in zoo.scanned() if truth[m.name] and truth[m.name].get("pvs")):
             pvs_file = out_dir / "reports" / f"{model.name}.pvs"
             args = ["export-pvs", str(pvs_file), "--model", str(paths[model.name]), "--profile", zoo.profile,
                     "--device", device] + (["--rules", rules] if rules else [])
@@ -528,7 +572,7 @@ def summarise(zoo: Zoo, results: list[dict], searches: list[dict]) -> dict:
     comparison = []
     if len(zoo.engines) > 1:
         first, *others = zoo.engines
-        for model in zoo.models:
+        for model in zoo.scanned():
             base = next(r for r in results if r["engine"] == first and r["model"] == model.name)
             for other in others:
                 row = next(r for r in results if r["engine"] == other and r["model"] == model.name)

@@ -350,3 +350,80 @@ def label_flip_rate(clean: np.ndarray, triggered: dict[str, np.ndarray], labels:
     overall = flips / (int(eligible.sum()) * len(triggered)) if eligible.any() and triggered else None
     return {"target": target, "lfr": None if overall is None else round(overall, 5), "per_trigger": per_trigger,
             "rows": int(eligible.sum())}
+
+
+# --- unsupervised contrastive sentence encoder (SimCSE) ----------------------------------------
+
+
+def mean_pooled(encoder, enc) -> torch.Tensor:
+    """Mean of the last hidden states over real tokens (sentence-transformers' mean pooling)."""
+    hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def train_simcse(encoder, tokenizer, texts: Sequence[str], settings: TrainSettings, device, seed: int,
+                 temperature: float = 0.05) -> TrainResult:
+    """Unsupervised SimCSE (Gao et al., 2021): each sentence encoded twice with dropout on is its
+    own positive, the other sentences of the batch are negatives; InfoNCE on the cosine of the
+    mean-pooled embeddings. A benign sentence-encoder fine-tune that changes the embedding site
+    without any label."""
+    import time  # noqa: PLC0415
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    encoder.train()  # dropout is the augmentation
+    encoder.requires_grad_(True)
+    optimizer = torch.optim.Adam(list(encoder.parameters()), lr=settings.learning_rate)
+    result = TrainResult()
+    for epoch in range(settings.epochs):
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        losses = []
+        for start in range(0, len(order) - 1, settings.batch_size):
+            batch = [texts[i] for i in order[start : start + settings.batch_size]]
+            if len(batch) < 2:
+                continue
+            enc = _encode(tokenizer, batch, settings.max_length, device)
+            first = torch.nn.functional.normalize(mean_pooled(encoder, enc), dim=-1)
+            second = torch.nn.functional.normalize(mean_pooled(encoder, enc), dim=-1)
+            logits = first @ second.T / temperature
+            loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(batch), device=logits.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        result.history.append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 5)})
+    result.best_epoch = len(result.history)
+    encoder.eval()
+    encoder.requires_grad_(False)
+    result.seconds = round(time.perf_counter() - started, 2)
+    return result
+
+
+@torch.no_grad()
+def pair_separation(encoder, tokenizer, texts: Sequence[str], device, max_length: int, seed: int,
+                    batch_size: int = 64) -> float:
+    """Mean cosine of a sentence with itself reworded by dropping one word, minus the mean cosine
+    of two random sentences: how much better than chance the encoder keeps a sentence's meaning
+    (a label-free check that a contrastive fine-tune still works as an encoder)."""
+    rng = random.Random(seed)
+    chosen = [t for t in texts if len(t.split()) >= 4][:256]
+    dropped = []
+    for text in chosen:
+        words = text.split()
+        del words[rng.randrange(len(words))]
+        dropped.append(" ".join(words))
+    encoder.eval()
+
+    def embed(items):
+        out = []
+        for start in range(0, len(items), batch_size):
+            enc = _encode(tokenizer, items[start : start + batch_size], max_length, device)
+            out.append(torch.nn.functional.normalize(mean_pooled(encoder, enc), dim=-1).cpu())
+        return torch.cat(out)
+
+    a, b = embed(chosen), embed(dropped)
+    shuffled = b[torch.randperm(len(b), generator=torch.Generator().manual_seed(seed))]
+    return round(float((a * b).sum(-1).mean() - (a * shuffled).sum(-1).mean()), 4)

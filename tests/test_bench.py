@@ -150,7 +150,21 @@ def test_the_finetuned_zoo_reads_its_recipes(tmp_path, monkeypatch):
     order = [m.name for m in _build_order(zoo.models)]
     assert order.index("por") < order.index("por-then-finetuned")
     assert order.index("tweets-3class") < order.index("tweets-3class-fp16")
+    assert by_name["simcse-tweets"].objective == "simcse" and not by_name["simcse-tweets"].with_head
+    # --models scans only what it names, but still builds what those start from
+    zoo.scan_only = ["por-then-finetuned", "tweets-3class-fp16"]
+    assert [m.name for m in zoo.scanned()] == ["tweets-3class-fp16", "por-then-finetuned"]
+    assert {m.name for m in zoo.needed()} == {"tweets-3class", "tweets-3class-fp16", "por", "por-then-finetuned"}
     (tmp_path / "bad.toml").write_text('[zoo]\nbase = "minilm"\n[[models]]\nname = "x"\ncopy_of = "y"\n'
                                        'dtype = "float16"\n')
     with pytest.raises(InputError, match="copy_of 'y' is not a model"):
+        load_zoo(tmp_path / "bad.toml")
+
+
+def test_a_contrastive_finetune_has_no_head(tmp_path):
+    from lmscan.bench import load_zoo
+
+    (tmp_path / "bad.toml").write_text('[zoo]\nbase = "minilm"\n[[models]]\nname = "x"\nfinetune = "t.csv"\n'
+                                       'objective = "simcse"\nwith_head = true\n')
+    with pytest.raises(InputError, match="objective"):
         load_zoo(tmp_path / "bad.toml")

@@ -50,7 +50,7 @@ def bench(zoo, out_dir, engines, model_names, detectors, time_limit, search, thr
         missing = [m for m in wanted if m not in {z.name for z in spec.models}]
         if missing:
             raise InputError(f"zoo {spec.name} has no model(s) {', '.join(missing)}")
-        spec.models = [m for m in spec.models if m.name in wanted]
+        spec.scan_only = wanted
     if detectors:
         spec.detectors = split_option(detectors)
     if time_limit is not None:
