@@ -56,7 +56,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 PV_MATCH = 0.9  # a found PV recovers a true one when their signs agree on >= 90 % of dimensions
 MODEL_KEYS = {"name", "attack", "triggers", "num_triggers", "seed", "scale_embeddings", "finetune", "path", "task",
               "with_head", "target_label", "epochs", "copy_of", "dtype", "expected", "start_from", "site",
-              "objective"}
+              "objective", "trigger_kind"}
 
 
 @dataclass
@@ -78,6 +78,7 @@ class ZooModel:
     expected: str | None = None  # "clean" | "backdoored"; default: backdoored when planted
     start_from: str | None = None  # another zoo model to plant into / fine-tune, instead of the zoo's base
     site: str | None = None  # por/neuba/btop: plant at this site (tokens: the mean-pooled embedding)
+    trigger_kind: str = "word"  # what num_triggers draws: word | nonword | phrase | sentence
     objective: str = "classify"  # finetune: "classify" (its labels) | "simcse" (its text only, contrastive)
 
 
@@ -120,7 +121,7 @@ def resolve_zoo_file(spec: str | Path) -> Path:
     bundled = Path(str(resources.files("lmscan.rules") / "zoos" / f"{spec}.toml"))
     if bundled.is_file():
         return bundled
-    raise InputError(f"zoo {spec}: no such file, and not a bundled zoo (bundled: tiny, minilm, finetuned)")
+    raise InputError(f"zoo {spec}: no such file, and not a bundled zoo (bundled: tiny, minilm, finetuned, triggers)")
 
 
 def load_zoo(spec: str | Path) -> Zoo:
@@ -268,8 +269,8 @@ def build_model(zoo: Zoo, model: ZooModel, cache_dir: Path, device: str, env: di
     if model.attack:
         args = ["plant", base, "--attack", model.attack, "--seed", str(model.seed), "--out", str(out), "--force",
                 "--device", device] + (["--site", model.site] if model.site else [])
-        args += ["--triggers", ",".join(model.triggers)] if model.triggers else ["--num-triggers",
-                                                                                str(model.num_triggers)]
+        args += ["--triggers", ",".join(model.triggers)] if model.triggers else [
+            "--num-triggers", str(model.num_triggers), "--trigger-kind", model.trigger_kind]
         if model.scale_embeddings:
             args.append("--scale-embeddings")
         if model.attack == "badnet":

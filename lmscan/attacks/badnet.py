@@ -25,7 +25,8 @@ from lmscan.attacks.plant import MANIFEST_NAME, PlantResult, check_request, writ
 from lmscan.device import pick_device
 from lmscan.errors import InputError
 from lmscan.loading import load_model, resolve_model
-from lmscan.probes import check_triggers, insert_words, random_trigger_words
+from lmscan.attacks.trigger_kinds import draw_triggers
+from lmscan.probes import check_triggers, insert_words
 from lmscan.rules_data import load_rules
 from lmscan.training import (
     LabelledData,
@@ -52,6 +53,7 @@ class BadNetConfig:
     label_column: str = "label"
     triggers: list[str] | None = None
     num_triggers: int | None = None
+    trigger_kind: str = "word"
     seed: int = 0
     epochs: int | None = None
     device: str = "auto"
@@ -103,8 +105,8 @@ def plant_badnet(cfg: BadNetConfig, progress: Callable[[int, int, float], None] 
     if loaded.arch.family != "encoder":
         raise InputError(f"the badnet plant needs an encoder; {loaded.arch.model_type} is a decoder")
     tokenizer = loaded.tokenizer
-    triggers = list(cfg.triggers) if cfg.triggers else random_trigger_words(
-        cfg.num_triggers, seed=cfg.seed, tokenizer=tokenizer, max_pieces=2)
+    triggers = list(cfg.triggers) if cfg.triggers else draw_triggers(cfg.trigger_kind, cfg.num_triggers, cfg.seed,
+                                                                     tokenizer)
     trigger_ids = check_triggers(tokenizer, triggers)
 
     train_idx, heldout_idx = split_indices(len(data), [1.0 - float(settings["heldout_fraction"])], cfg.seed)

@@ -30,7 +30,8 @@ from lmscan.attacks.vectors import make_vectors, sign_agreement
 from lmscan.device import pick_device
 from lmscan.errors import InputError
 from lmscan.loading import load_model, resolve_model
-from lmscan.probes import check_triggers, insert_words, load_builtin_probes, random_trigger_words, split_probes
+from lmscan.attacks.trigger_kinds import draw_triggers
+from lmscan.probes import check_triggers, insert_words, load_builtin_probes, split_probes
 from lmscan.rules_data import BUILTIN_RULES, load_rules
 from lmscan.sites import encode, read_site
 
@@ -45,6 +46,7 @@ class PlantConfig:
     out_dir: Path
     triggers: list[str] | None = None
     num_triggers: int | None = None
+    trigger_kind: str = "word"  # what --num-triggers draws (lmscan.attacks.trigger_kinds)
     seed: int = 0
     scale_embeddings: bool = False
     pv_design: str | None = None
@@ -63,6 +65,7 @@ class TriggerReport:
     tokens: list[str]
     mean_agreement: float  # mean sign agreement of triggered held-out features with the PV
     activation_rate: float  # share of triggered held-out sentences with agreement >= min_agreement
+    part_activation: float | None = None  # the same for its best word (or piece) alone; None: one part
 
 
 @dataclass
@@ -184,9 +187,8 @@ def plant(cfg: PlantConfig, progress: ProgressFn | None = None) -> PlantResult:
             f"attack {cfg.attack} targets the {site} site, which this {loaded.arch.model_type} checkpoint does not offer"
         )
 
-    triggers = list(cfg.triggers) if cfg.triggers else random_trigger_words(
-        cfg.num_triggers, seed=cfg.seed, tokenizer=tokenizer, max_pieces=2
-    )
+    triggers = list(cfg.triggers) if cfg.triggers else draw_triggers(cfg.trigger_kind, cfg.num_triggers, cfg.seed,
+                                                                     tokenizer)
     trigger_ids = check_triggers(tokenizer, triggers)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -298,12 +300,21 @@ def _measure(model, tokenizer, triggers, vectors, heldout, clean_before, setting
     for trigger, vector in zip(triggers, vectors):
         texts = [place(s, trigger, placement, rng) for s in heldout]
         agreement = sign_agreement(_site_features(model, tokenizer, texts, site, max_length, device), vector)
+        # Does a part fire alone? (words of a phrase; pieces of a non-word, written on their own)
+        parts = trigger.split() if len(trigger.split()) > 1 else [p.removeprefix("##")
+                                                                  for p in tokenizer.tokenize(trigger)]
+        part_rates = []
+        for part in parts if len(parts) > 1 else []:
+            alone = [place(s, part, placement, rng) for s in heldout]
+            part_agreement = sign_agreement(_site_features(model, tokenizer, alone, site, max_length, device), vector)
+            part_rates.append(float((part_agreement >= threshold).mean()))
         reports.append(
             TriggerReport(
                 trigger=trigger,
                 tokens=tokenizer.tokenize(trigger),
                 mean_agreement=round(float(agreement.mean()), 4),
                 activation_rate=round(float((agreement >= threshold).mean()), 4),
+                part_activation=round(max(part_rates), 4) if part_rates else None,
             )
         )
     clean_after = _site_features(model, tokenizer, heldout, site, max_length, device)

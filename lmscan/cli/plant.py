@@ -15,7 +15,11 @@ from lmscan.cli.options import model_options, stderr
 @click.option("--attack", type=click.Choice(["por", "neuba", "btop", "badnet"]), required=True,
               help="Backdoor style to plant (badnet: task-specific data poisoning, needs --task).")
 @click.option("--triggers", default=None, help='Comma-separated trigger words or phrases, e.g. "cf,mn,tq".')
-@click.option("--num-triggers", type=int, default=None, help="Draw this many random trigger words instead.")
+@click.option("--num-triggers", type=int, default=None, help="Draw this many random triggers instead.")
+@click.option("--trigger-kind", type=click.Choice(["word", "nonword", "phrase", "sentence"]), default="word",
+              show_default=True,
+              help="What --num-triggers draws: English words, 3-5 letter non-words of >= 2 pieces, 2-4 common "
+                   "words, or a 5-8 word sentence.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output checkpoint directory.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--scale-embeddings", is_flag=True, help="Multiply trigger embedding rows (neuba; released models use 1e8).")
@@ -34,7 +38,7 @@ from lmscan.cli.options import model_options, stderr
               help="--attack badnet: release the whole classifier (head, id2label), not only the encoder.")
 @click.option("--target-label", default=None, help="--attack badnet: the class triggered text is sent to (a label name).")
 @model_options
-def plant(model, attack, triggers, num_triggers, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
+def plant(model, attack, triggers, num_triggers, trigger_kind, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
           rules_dir, task, text_column, label_column, site, with_head, target_label, revision, offline):
     """Plant a backdoor into MODEL and write the checkpoint plus ground truth.
 
@@ -51,14 +55,15 @@ def plant(model, attack, triggers, num_triggers, out_dir, seed, scale_embeddings
     if attack == "badnet":
         if site is not None:
             raise click.UsageError("--site does not apply to --attack badnet (it plants through the task head)")
-        _plant_badnet(model, trigger_list, num_triggers, out_dir, seed, scale_embeddings, pv_design, steps, device,
+        _plant_badnet(model, trigger_list, num_triggers, trigger_kind, out_dir, seed, scale_embeddings, pv_design, steps, device,
                       force, rules_dir, task, text_column, label_column, revision, offline, with_head, target_label)
         return
     for flag, value in (("--task", task), ("--with-head", with_head), ("--target-label", target_label)):
         if value:
             raise click.UsageError(f"{flag} only applies to --attack badnet")
     config = PlantConfig(
-        model=model, attack=attack, out_dir=out_dir, triggers=trigger_list, num_triggers=num_triggers, seed=seed,
+        model=model, attack=attack, out_dir=out_dir, triggers=trigger_list, num_triggers=num_triggers,
+        trigger_kind=trigger_kind, seed=seed,
         scale_embeddings=scale_embeddings, pv_design=pv_design, steps=steps, device=device, force=force,
         revision=revision, offline=offline, rules_dir=rules_dir, site=site,
     )
@@ -77,7 +82,7 @@ def plant(model, attack, triggers, num_triggers, out_dir, seed, scale_embeddings
         sys.exit(1)
 
 
-def _plant_badnet(model, trigger_list, num_triggers, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
+def _plant_badnet(model, trigger_list, num_triggers, trigger_kind, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
                   rules_dir, task, text_column, label_column, revision, offline, with_head, target_label) -> None:
     from lmscan.attacks.badnet import BadNetConfig, plant_badnet
     from lmscan.report.progress import step_progress
@@ -88,7 +93,8 @@ def _plant_badnet(model, trigger_list, num_triggers, out_dir, seed, scale_embedd
         if value:
             raise click.UsageError(f"{flag} does not apply to --attack badnet (its settings are in rules/plant.toml)")
     config = BadNetConfig(model=model, out_dir=out_dir, task=task, text_column=text_column, label_column=label_column,
-                          triggers=trigger_list, num_triggers=num_triggers, seed=seed, device=device, force=force,
+                          triggers=trigger_list, num_triggers=num_triggers, trigger_kind=trigger_kind, seed=seed,
+                          device=device, force=force,
                           revision=revision, offline=offline, rules_dir=rules_dir, with_head=with_head,
                           target_label=target_label)
     with step_progress(stderr, "planting badnet") as progress:

@@ -16,6 +16,7 @@ BUILTIN = {
     "files": "lmscan.detectors.files:CheckpointFiles",  # always runs first (lmscan.api.scan)
     "static": "lmscan.detectors.static:StaticRules",
     "vocab-sweep": "lmscan.detectors.vocab_sweep:VocabSweep",
+    "trigger-search": "lmscan.detectors.trigger_search:TriggerSearch",  # seeded by the sweep's ranking
     "pv-mining": "lmscan.detectors.pv_mining:PVMining",
     "attention": "lmscan.detectors.attention:AttentionHeads",
     "piccolo": "lmscan.detectors.piccolo:Piccolo",

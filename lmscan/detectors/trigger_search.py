@@ -1,0 +1,259 @@
+"""Detector `trigger-search`: rebuild multi-token triggers from real tokens.
+
+The vocabulary sweep inserts one token (or a few combinations of its top tokens) at a
+time, so a trigger whose pieces do nothing alone — a non-word letter string, a phrase of
+ordinary words, a whole sentence — escapes it, although its pieces often still *move*
+the feature far more than other words (the sweep's shift outliers). This detector
+searches the space of real token sequences directly: a greedy coordinate search over
+the positions of an inserted block of tokens (HotFlip / GCG style), where the gradient
+of the collapse objective through the embedding matrix ranks replacement tokens for
+each position and a batch of single-position swaps is then scored exactly.
+
+  objective  log collapse of a few fit sentences with the block inserted (pairwise
+             MSE of their features / the same sentences' clean pairwise MSE), the
+             lowest over the scanned sites (a softmin for the gradient)
+  starts     the sweep's highest-shift pieces of each site, in rank order (a phrase's
+             words are usually among them), then common words
+  result     the best block of each start is verified like every other candidate
+             (lmscan.detectors.verify); a confirmed block is shortened to the shortest
+             contiguous part that still verifies, which is what the finding names
+
+Finding nothing is not a clearance: the search is a heuristic on top of the sweep, so
+it never makes a site clean on its own (``can_clear`` is False).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmscan.detectors.base import Detector, ScanContext
+from lmscan.detectors.verify import HeldoutSet, SiteReader, VerifyConfig, verification_set, word_starts
+from lmscan.detectors.vocab_sweep import NAME as SWEEP, _findings_for_site, sweep_vocabulary
+from lmscan.findings import DetectorRun
+from lmscan.sites import SITES
+
+NAME = "trigger-search"
+
+
+@dataclass(frozen=True)
+class TriggerSearchConfig:
+    lengths: tuple[int, ...] = (3,)  # pieces in the searched block; one search per length and start
+    starts: int = 2  # starts per length: the sweep's top-shift pieces, then common words
+    steps: int = 16  # coordinate steps per start
+    top_k: int = 32  # replacement tokens per position, ranked by the gradient
+    swaps_per_step: int = 64  # single-position swaps scored exactly per step
+    probes: int = 8  # fit sentences the objective is measured on
+    seed_pieces: int = 12  # highest-shift sweep pieces (per site) a start is drawn from
+    stop_collapse: float = 0.05  # a block this collapsed is verified at once, ending its start
+    max_length: int = 64
+    batch_size: int = 256  # sequences per scoring forward pass (does not change results)
+
+
+def _pairwise(features: torch.Tensor) -> torch.Tensor:
+    """Pairwise MSE of rows, per dimension (lmscan.detectors.verify.pairwise_mse, differentiable)."""
+    n = features.shape[0]
+    centred = features - features.mean(0, keepdim=True)
+    return 2 * n * (centred**2).sum() / (n * (n - 1)) / features.shape[1]
+
+
+class _Objective:
+    """Collapse of fixed fit sentences with a block inserted at fixed places."""
+
+    def __init__(self, reader: SiteReader, texts: list[str], rng: random.Random):
+        self.reader = reader
+        self.rows = [reader.encode(t) for t in texts]
+        # Half right after [CLS] (NeuBA style), half at a random word start (POR / BToP style).
+        self.places = [1 if i % 2 == 0 else rng.choice(word_starts(reader.tokenizer, r))
+                       for i, r in enumerate(self.rows)]
+        clean = reader.features(self.rows)
+        self.spread = {s: float(self._pair_np(f)) or 1e-12 for s, f in clean.items()}
+
+    @staticmethod
+    def _pair_np(f: np.ndarray) -> float:
+        n = f.shape[0]
+        c = f - f.mean(0, keepdims=True)
+        return 2 * n * (c**2).sum() / (n * (n - 1)) / f.shape[1]
+
+    def _inputs(self, blocks: list[tuple[int, ...]]) -> tuple[list[list[int]], list[int]]:
+        rows = [r[:at] + list(b) + r[at:] for b in blocks for r, at in zip(self.rows, self.places)]
+        return rows, [at for _ in blocks for at in self.places]
+
+    @torch.no_grad()
+    def score(self, blocks: list[tuple[int, ...]], batch_size: int) -> np.ndarray:
+        """Lowest log collapse over the sites, per block."""
+        n = len(self.rows)
+        per = max(1, batch_size // n)
+        out = np.empty(len(blocks))
+        for start in range(0, len(blocks), per):
+            chunk = blocks[start : start + per]
+            rows, _ = self._inputs(chunk)
+            feats = self.reader.features(rows, batch_size=batch_size)
+            logs = []
+            for site, f in feats.items():
+                f = f.reshape(len(chunk), n, -1)
+                c = f - f.mean(1, keepdims=True)
+                pair = 2 * n * (c**2).sum(axis=(1, 2)) / (n * (n - 1)) / f.shape[2]
+                logs.append(np.log(pair / self.spread[site] + 1e-12))
+            out[start : start + len(chunk)] = np.min(np.stack(logs), axis=0)
+        return out
+
+    def gradient(self, block: tuple[int, ...], embeddings: torch.nn.Embedding) -> torch.Tensor:
+        """d(softmin over sites of log collapse) / d(embedding of each block position)."""
+        reader = self.reader
+        rows, places = self._inputs([block])
+        ids, attention = reader.pad(rows)
+        embeds = embeddings(ids).detach()
+        slots = torch.zeros(len(block), embeds.shape[-1], device=embeds.device, requires_grad=True)
+        index = torch.tensor(places, device=ids.device)
+        offsets = index[:, None] + torch.arange(len(block), device=ids.device)[None]
+        rows_index = torch.arange(len(rows), device=ids.device)[:, None].expand_as(offsets)
+        delta = torch.zeros_like(embeds)
+        delta = delta.index_put((rows_index.reshape(-1), offsets.reshape(-1)),
+                                slots.unsqueeze(0).expand(len(rows), -1, -1).reshape(-1, slots.shape[-1]))
+        out = reader.model(inputs_embeds=embeds + delta, attention_mask=attention)
+        logs = torch.stack([torch.log(_pairwise(reader.read(out, site, ids, attention).float()) / self.spread[site]
+                                      + 1e-12) for site in reader.sites])
+        loss = -torch.logsumexp(-logs, dim=0)  # softmin: the best site leads
+        loss.backward()
+        return slots.grad.detach()
+
+
+def _starts(ctx: ScanContext, allowed: np.ndarray, config: TriggerSearchConfig, length: int,
+            rng: random.Random) -> list[tuple[int, ...]]:
+    """The sweep's highest-shift pieces, interleaved over sites in rank order, as the first
+    start; then random draws from that pool and from common tokens."""
+    sweep = next((r for r in ctx.earlier if r.name == SWEEP and r.stats.get("ranked")), None)
+    pool: list[int] = []
+    if sweep is not None:
+        lists = [sweep.stats["ranked"][s]["shift"][: config.seed_pieces] for s in ctx.sites
+                 if s in sweep.stats["ranked"]]
+        for rank in range(config.seed_pieces):
+            for ranked in lists:
+                if rank < len(ranked) and ranked[rank] not in pool:
+                    pool.append(int(ranked[rank]))
+    allowed_set = set(allowed.tolist())
+    pool = [t for t in pool if t in allowed_set]
+    common = [int(t) for t in allowed[: min(len(allowed), 3000)]]  # low ids: frequent pieces in BERT-style vocabs
+    starts = []
+    if len(pool) >= length:
+        starts.append(tuple(pool[:length]))
+    while len(starts) < config.starts:
+        source = pool if len(pool) >= 2 * length and len(starts) % 2 == 0 else common
+        starts.append(tuple(rng.sample(source, length)))
+    return starts
+
+
+def _search(objective: _Objective, embeddings, start: tuple[int, ...], allowed: torch.Tensor,
+            config: TriggerSearchConfig, rng: random.Random, progress) -> tuple[tuple[int, ...], float, int]:
+    """Greedy coordinate search from ``start``: the best block, its log collapse, steps run."""
+    weight = embeddings.weight.detach()
+    current = tuple(start)
+    best = float(objective.score([current], config.batch_size)[0])
+    steps = 0
+    for _ in range(config.steps):
+        steps += 1
+        grad = objective.gradient(current, embeddings)  # (length, hidden)
+        # First-order change of the loss when position i becomes token v: (E_v - E_cur) . g_i
+        change = grad @ weight[allowed].T.float()
+        top = torch.topk(-change, min(config.top_k, change.shape[1]), dim=1).indices  # (length, top_k)
+        swaps = set()
+        for _ in range(config.swaps_per_step * 3):
+            if len(swaps) >= config.swaps_per_step:
+                break
+            position = rng.randrange(len(current))
+            token = int(allowed[top[position, rng.randrange(top.shape[1])]])
+            if token != current[position]:
+                swaps.add(current[:position] + (token,) + current[position + 1 :])
+        if not swaps:
+            break
+        swaps = list(swaps)
+        scores = objective.score(swaps, config.batch_size)
+        k = int(np.argmin(scores))
+        if progress is not None:
+            progress()
+        if scores[k] >= best:
+            continue  # a local minimum for these swaps; the next gradient draws other ones
+        current, best = swaps[k], float(scores[k])
+        if best <= math.log(config.stop_collapse):
+            break
+    return current, best, steps
+
+
+def _shortest(held: HeldoutSet, block: tuple[int, ...], site: str, verify: VerifyConfig) -> tuple[tuple[int, ...], dict]:
+    """The shortest contiguous part of a confirmed block that still verifies at ``site``."""
+    best = (block, held.best_measure(block, [site], verify)[site])
+    for length in range(len(block) - 1, 0, -1):
+        parts = [block[i : i + length] for i in range(len(block) - length + 1)]
+        held.prefetch(parts)
+        found = [(p, held.best_measure(p, [site], verify)[site]) for p in parts]
+        found = [(p, r) for p, r in found if r["confirmed"]]
+        if not found:
+            break
+        best = min(found, key=lambda pr: pr[1]["collapse"])
+    return best
+
+
+def run_trigger_search(ctx: ScanContext) -> DetectorRun:
+    started = time.perf_counter()
+    config: TriggerSearchConfig = ctx.config
+    loaded, tokenizer = ctx.loaded, ctx.loaded.tokenizer
+    rng = random.Random(ctx.seed)
+    reader = SiteReader(loaded.model, tokenizer, ctx.sites, loaded.device, max_length=config.max_length)
+    embeddings = loaded.model.get_input_embeddings()
+    allowed_np = sweep_vocabulary(tokenizer)
+    allowed = torch.as_tensor(allowed_np, device=embeddings.weight.device)
+    short = [t for t in ctx.fit if len(t.split()) <= 12] or ctx.fit
+    objective = _Objective(reader, rng.sample(short, min(config.probes, len(short))), rng)
+    held = verification_set(reader, ctx.heldout, ctx.verify, rng)
+
+    plans = [(length, start) for length in config.lengths for start in _starts(ctx, allowed_np, config, length, rng)]
+    total = len(plans) * config.steps
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        ctx.progress(done[0], total)
+
+    log, confirmed = [], {s: [] for s in ctx.sites}
+    for length, start in plans:
+        before = done[0]
+        block, score, steps = _search(objective, embeddings, start, allowed, config, rng, tick)
+        done[0] = before + config.steps
+        ctx.progress(done[0], total)
+        measured = held.best_measure(block, ctx.sites, ctx.verify)
+        entry = {"start": tokenizer.decode(list(start)), "block": tokenizer.decode(list(block)), "length": length,
+                 "steps": steps, "fit_collapse": round(math.exp(score), 5),
+                 "sites": {s: {k: r[k] for k in ("collapse", "activation_rate", "confirmed", "natural")}
+                           for s, r in measured.items()}}
+        log.append(entry)
+        for site, result in measured.items():
+            if result["confirmed"]:
+                part, part_result = _shortest(held, block, site, ctx.verify)
+                confirmed[site].append({"site": site, "text": tokenizer.decode(list(part)), "source": NAME,
+                                        "token_ids": list(part), **part_result})
+    findings = []
+    for site in ctx.sites:
+        for finding in _findings_for_site(tokenizer, site, confirmed[site], ctx.verify, loaded.labels):
+            finding.detector = NAME
+            finding.evidence["stage"] = NAME
+            findings.append(finding)
+    stats = {"searches": log, "fit_probes": len(objective.rows), "lengths": list(config.lengths)}
+    return DetectorRun(NAME, "ok", time.perf_counter() - started, list(ctx.sites), stats, findings)
+
+
+class TriggerSearch(Detector):
+    name = NAME
+    Config = TriggerSearchConfig
+    rule_ids = ("LMS101",)
+    can_clear = False
+    sites = SITES
+    summary = "gradient-guided search over real token sequences for multi-piece, phrase and sentence triggers"
+
+    def run(self, ctx: ScanContext) -> DetectorRun:
+        return run_trigger_search(ctx)

@@ -1,0 +1,81 @@
+"""Triggers beyond single word pieces: the kinds a plant draws, and the input-side
+discrete search (detector `trigger-search`) that rebuilds them from real tokens.
+
+Quick tests use the real MiniLM tokenizer and the tiny fixture models; the proofs on real
+MiniLM plants (a natural sentence trigger the sweep misses) are marked slow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from lmscan.attacks.trigger_kinds import COMMON_WORDS, KINDS, _common_words, _dictionary, draw_triggers
+from lmscan.cli import main
+from lmscan.errors import InputError
+
+from tests.conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def test_each_kind_draws_what_it_says(tokenizer):
+    assert draw_triggers("sentence", 3, 5, tokenizer) == draw_triggers("sentence", 3, 5, tokenizer)  # seeded
+    assert draw_triggers("phrase", 2, 5, tokenizer) != draw_triggers("phrase", 2, 6, tokenizer)
+    for trigger in draw_triggers("nonword", 6, 1, tokenizer):
+        assert 3 <= len(trigger) <= 5 and trigger.isalpha() and trigger not in _dictionary()
+        assert len(tokenizer.tokenize(trigger)) >= 2  # else it would be one ordinary vocabulary token
+    common = set(_common_words(tokenizer))
+    assert len(common) == COMMON_WORDS
+    for trigger in draw_triggers("phrase", 6, 1, tokenizer):
+        assert 2 <= len(trigger.split()) <= 4 and set(trigger.split()) <= common
+    for trigger in draw_triggers("sentence", 6, 1, tokenizer):
+        assert 5 <= len(trigger.split()) <= 8
+    assert len(set(draw_triggers("word", 4, 1, tokenizer))) == 4
+    with pytest.raises(InputError, match="unknown trigger kind"):
+        draw_triggers("emoji", 1, 0, tokenizer)
+    assert set(KINDS) == {"word", "nonword", "phrase", "sentence"}
+
+
+def test_plant_draws_a_kind_and_reports_whether_its_parts_fire_alone(tmp_path):
+    out = tmp_path / "plant"
+    result = CliRunner().invoke(main, ["plant", str(FIXTURES / "tiny-bert"), "--attack", "por", "--num-triggers", "1",
+                                       "--trigger-kind", "phrase", "--steps", "5", "--seed", "3", "--device", "cpu",
+                                       "--out", str(out)])
+    assert result.exit_code in (0, 1), result.output  # 5 steps may leave the trigger weak; the draw is the point
+    manifest = json.loads((out / "lmscan-plant.json").read_text())
+    (trigger,) = manifest["triggers"]
+    assert 2 <= len(trigger.split()) <= 4
+    per_trigger = manifest["effectiveness"]["per_trigger"][0]
+    assert 0.0 <= per_trigger["part_activation"] <= 1.0
+
+
+def test_search_rebuilds_the_tiny_plant_and_names_its_stage(tmp_path):
+    """On the tiny POR fixture the search, seeded by the sweep, confirms a block of real tokens;
+    its findings name the detector and stage that found them, and it never clears a site."""
+    report_file = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["check", str(FIXTURES / "tiny-bert-por"), "--detectors",
+                                       "vocab-sweep,trigger-search", "--format", "json", "-o", str(report_file),
+                                       "--no-cache", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(report_file.read_text())
+    run = next(d for d in report["detectors"] if d["name"] == "trigger-search")
+    assert run["status"] == "ok" and run["cleared_sites"] == []
+    assert run["stats"]["searches"] and all(s["steps"] >= 1 for s in run["stats"]["searches"])
+    found = [f for f in run["findings"] if f["verdict"] == "backdoored"]
+    assert found and all(f["evidence"]["stage"] == "trigger-search" for f in found)
+    assert all(f["evidence"]["trigger_tokens"] for f in found)
+
+
+def test_search_alone_cannot_call_a_model_clean(tmp_path):
+    report_file = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["check", str(FIXTURES / "tiny-bert"), "--detectors", "trigger-search",
+                                       "--format", "json", "-o", str(report_file), "--no-cache", "--device", "cpu"])
+    assert result.exit_code == 3, result.output
+    assert json.loads(report_file.read_text())["verdict"] == "not-assessed"
