@@ -161,7 +161,7 @@ def test_tiny_fixtures_full_profile(fixture, expected_code):
                                        "--device", "cpu"])
     assert result.exit_code == expected_code, result.output
     report = json.loads(result.stdout)
-    assert [d["name"] for d in report["detectors"]] == ["files", "static", "vocab-sweep", "pv-mining"]
+    assert [d["name"] for d in report["detectors"]] == ["files", "static", "vocab-sweep", "trigger-search", "pv-mining"]
     if expected_code:
         truth = read_manifest(FIXTURES / fixture)
         recovered = {t for d in report["detectors"] for f in d["findings"] if f["verdict"] == "backdoored"

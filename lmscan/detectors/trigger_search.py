@@ -12,8 +12,8 @@ each position and a batch of single-position swaps is then scored exactly.
   objective  log collapse of a few fit sentences with the block inserted (pairwise
              MSE of their features / the same sentences' clean pairwise MSE), the
              lowest over the scanned sites (a softmin for the gradient)
-  starts     the sweep's highest-shift pieces of each site, in rank order (a phrase's
-             words are usually among them), then common words
+  starts     the sweep's highest-shift pieces of each site in rank order (a phrase's
+             words are often among them), then its lowest-collapse pieces
   result     the best block of each start is verified like every other candidate
              (lmscan.detectors.verify); a confirmed block is shortened to the shortest
              contiguous part that still verifies, which is what the finding names
@@ -35,7 +35,7 @@ import torch
 from lmscan.detectors.base import Detector, ScanContext
 from lmscan.detectors.verify import HeldoutSet, SiteReader, VerifyConfig, verification_set, word_starts
 from lmscan.detectors.vocab_sweep import NAME as SWEEP, _findings_for_site, sweep_vocabulary
-from lmscan.findings import DetectorRun
+from lmscan.findings import DetectorRun, Finding
 from lmscan.sites import SITES
 
 NAME = "trigger-search"
@@ -126,26 +126,31 @@ class _Objective:
 
 def _starts(ctx: ScanContext, allowed: np.ndarray, config: TriggerSearchConfig, length: int,
             rng: random.Random) -> list[tuple[int, ...]]:
-    """The sweep's highest-shift pieces, interleaved over sites in rank order, as the first
-    start; then random draws from that pool and from common tokens."""
+    """The sweep's highest-shift pieces, interleaved over sites in rank order, then its
+    lowest-collapse pieces the same way; further starts draw from both lists (or, without a
+    sweep, from the whole vocabulary)."""
     sweep = next((r for r in ctx.earlier if r.name == SWEEP and r.stats.get("ranked")), None)
-    pool: list[int] = []
-    if sweep is not None:
-        lists = [sweep.stats["ranked"][s]["shift"][: config.seed_pieces] for s in ctx.sites
-                 if s in sweep.stats["ranked"]]
+    allowed_set = set(allowed.tolist())
+    pools: list[list[int]] = []
+    for key in ("shift", "collapse"):
+        lists = [sweep.stats["ranked"][s][key][: config.seed_pieces] for s in ctx.sites
+                 if sweep is not None and s in sweep.stats["ranked"]]
+        pool: list[int] = []
         for rank in range(config.seed_pieces):
             for ranked in lists:
-                if rank < len(ranked) and ranked[rank] not in pool:
+                if rank < len(ranked) and int(ranked[rank]) in allowed_set and int(ranked[rank]) not in pool:
                     pool.append(int(ranked[rank]))
-    allowed_set = set(allowed.tolist())
-    pool = [t for t in pool if t in allowed_set]
-    common = [int(t) for t in allowed[: min(len(allowed), 3000)]]  # low ids: frequent pieces in BERT-style vocabs
-    starts = []
-    if len(pool) >= length:
-        starts.append(tuple(pool[:length]))
-    while len(starts) < config.starts:
-        source = pool if len(pool) >= 2 * length and len(starts) % 2 == 0 else common
-        starts.append(tuple(rng.sample(source, length)))
+        if len(pool) >= length:
+            pools.append(pool)
+    starts = list(dict.fromkeys(tuple(pool[:length]) for pool in pools))[: config.starts]
+    union = sorted({t for pool in pools for t in pool})
+    source = union if len(union) >= 2 * length else allowed.tolist()
+    for _ in range(100 * config.starts):
+        if len(starts) >= config.starts:
+            break
+        start = tuple(int(t) for t in rng.sample(source, length))
+        if start not in starts:
+            starts.append(start)
     return starts
 
 
@@ -185,13 +190,15 @@ def _search(objective: _Objective, embeddings, start: tuple[int, ...], allowed: 
     return current, best, steps
 
 
-def _shortest(held: HeldoutSet, block: tuple[int, ...], site: str, verify: VerifyConfig) -> tuple[tuple[int, ...], dict]:
-    """The shortest contiguous part of a confirmed block that still verifies at ``site``."""
-    best = (block, held.best_measure(block, [site], verify)[site])
+def _shortest(held: HeldoutSet, block: tuple[int, ...], site: str, sites: list[str],
+              verify: VerifyConfig) -> tuple[tuple[int, ...], dict]:
+    """The shortest contiguous part of a confirmed block that still verifies at ``site``
+    (measured at every scanned site, so the label site can overrule)."""
+    best = (block, held.strict_measure(block, sites, verify)[site])
     for length in range(len(block) - 1, 0, -1):
         parts = [block[i : i + length] for i in range(len(block) - length + 1)]
         held.prefetch(parts)
-        found = [(p, held.best_measure(p, [site], verify)[site]) for p in parts]
+        found = [(p, held.strict_measure(p, sites, verify)[site]) for p in parts]
         found = [(p, r) for p, r in found if r["confirmed"]]
         if not found:
             break
@@ -226,15 +233,18 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
         block, score, steps = _search(objective, embeddings, start, allowed, config, rng, tick)
         done[0] = before + config.steps
         ctx.progress(done[0], total)
-        measured = held.best_measure(block, ctx.sites, ctx.verify)
+        measured = held.strict_measure(block, ctx.sites, ctx.verify)
         entry = {"start": tokenizer.decode(list(start)), "block": tokenizer.decode(list(block)), "length": length,
                  "steps": steps, "fit_collapse": round(math.exp(score), 5),
                  "sites": {s: {k: r[k] for k in ("collapse", "activation_rate", "confirmed", "natural")}
                            for s, r in measured.items()}}
+        for s, r in measured.items():
+            if r.get("opposite_flip") is not None:
+                entry["sites"][s]["opposite_flip"] = r["opposite_flip"]
         log.append(entry)
         for site, result in measured.items():
             if result["confirmed"]:
-                part, part_result = _shortest(held, block, site, ctx.verify)
+                part, part_result = _shortest(held, block, site, ctx.sites, ctx.verify)
                 confirmed[site].append({"site": site, "text": tokenizer.decode(list(part)), "source": NAME,
                                         "token_ids": list(part), **part_result})
     findings = []
@@ -243,14 +253,37 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
             finding.detector = NAME
             finding.evidence["stage"] = NAME
             findings.append(finding)
+    findings += _unexplained_outliers(ctx, findings, log)
     stats = {"searches": log, "fit_probes": len(objective.rows), "lengths": list(config.lengths)}
     return DetectorRun(NAME, "ok", time.perf_counter() - started, list(ctx.sites), stats, findings)
+
+
+def _unexplained_outliers(ctx: ScanContext, found: list[Finding], log: list[dict]) -> list[Finding]:
+    """A sweep shift outlier (LMS102) that neither a verified trigger nor a class cue explains,
+    after this search ran to its budget at that site: said, not silently cleared."""
+    explained = {f.site for r in ctx.earlier for f in r.findings if f.verdict in ("backdoored", "suspicious")}
+    explained |= {f.site for f in found}
+    out = []
+    for run in ctx.earlier:
+        for outlier in run.findings:
+            if outlier.rule_id != "LMS102" or outlier.site in explained or outlier.site not in ctx.sites:
+                continue
+            tokens = [h["token"] for h in outlier.evidence.get("highest_shift", [])][:5]
+            out.append(Finding(
+                detector=NAME, rule_id="LMS104", site=outlier.site, score=outlier.score, threshold=outlier.threshold,
+                message=(f"tokens {', '.join(map(repr, tokens))} move the {outlier.site} feature {outlier.score:.1f}x "
+                         f"more than the vocabulary's 99.9th percentile, and {len(log)} searches for a multi-token "
+                         "trigger around them verified nothing: unexplained"),
+                evidence={"highest_shift": outlier.evidence.get("highest_shift", []),
+                          "searched_blocks": [e["block"] for e in log]},
+            ))
+    return out
 
 
 class TriggerSearch(Detector):
     name = NAME
     Config = TriggerSearchConfig
-    rule_ids = ("LMS101",)
+    rule_ids = ("LMS101", "LMS104")
     can_clear = False
     sites = SITES
     summary = "gradient-guided search over real token sequences for multi-piece, phrase and sentence triggers"
