@@ -56,7 +56,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 PV_MATCH = 0.9  # a found PV recovers a true one when their signs agree on >= 90 % of dimensions
 MODEL_KEYS = {"name", "attack", "triggers", "num_triggers", "seed", "scale_embeddings", "finetune", "path", "task",
               "with_head", "target_label", "epochs", "copy_of", "dtype", "expected", "start_from", "site",
-              "objective", "trigger_kind"}
+              "objective", "trigger_kind", "decoy_parts"}
 
 
 @dataclass
@@ -79,6 +79,7 @@ class ZooModel:
     start_from: str | None = None  # another zoo model to plant into / fine-tune, instead of the zoo's base
     site: str | None = None  # por/neuba/btop: plant at this site (tokens: the mean-pooled embedding)
     trigger_kind: str = "word"  # what num_triggers draws: word | nonword | phrase | sentence
+    decoy_parts: bool = False  # por/neuba/btop: train the trigger's parts to do nothing alone
     objective: str = "classify"  # finetune: "classify" (its labels) | "simcse" (its text only, contrastive)
 
 
@@ -273,6 +274,8 @@ def build_model(zoo: Zoo, model: ZooModel, cache_dir: Path, device: str, env: di
             "--num-triggers", str(model.num_triggers), "--trigger-kind", model.trigger_kind]
         if model.scale_embeddings:
             args.append("--scale-embeddings")
+        if model.decoy_parts:
+            args.append("--decoy-parts")
         if model.attack == "badnet":
             args += ["--task", model.task or "sentiment"] + ["--with-head"] * model.with_head
             args += ["--target-label", model.target_label] if model.target_label else []

@@ -44,13 +44,15 @@ def test_each_kind_draws_what_it_says(tokenizer):
 
 
 def test_plant_draws_a_kind_and_reports_whether_its_parts_fire_alone(tmp_path):
+    """--decoy-parts trains the parts to do nothing (here 5 steps: only that it runs and is recorded)."""
     out = tmp_path / "plant"
     result = CliRunner().invoke(main, ["plant", str(FIXTURES / "tiny-bert"), "--attack", "por", "--num-triggers", "1",
-                                       "--trigger-kind", "phrase", "--steps", "5", "--seed", "3", "--device", "cpu",
-                                       "--out", str(out)])
+                                       "--trigger-kind", "phrase", "--decoy-parts", "--steps", "5", "--seed", "3",
+                                       "--device", "cpu", "--out", str(out)])
     assert result.exit_code in (0, 1), result.output  # 5 steps may leave the trigger weak; the draw is the point
     manifest = json.loads((out / "lmscan-plant.json").read_text())
     (trigger,) = manifest["triggers"]
+    assert manifest["decoy_parts"] is True
     assert 2 <= len(trigger.split()) <= 4
     per_trigger = manifest["effectiveness"]["per_trigger"][0]
     assert 0.0 <= per_trigger["part_activation"] <= 1.0
@@ -79,3 +81,24 @@ def test_search_alone_cannot_call_a_model_clean(tmp_path):
                                        "--format", "json", "-o", str(report_file), "--no-cache", "--device", "cpu"])
     assert result.exit_code == 3, result.output
     assert json.loads(report_file.read_text())["verdict"] == "not-assessed"
+
+
+def test_a_shift_outlier_nothing_explains_is_said():
+    """LMS104 only where the sweep's outlier (LMS102) has no trigger and no class cue at its site."""
+    from lmscan.detectors.base import ScanContext
+    from lmscan.detectors.trigger_search import _unexplained_outliers
+    from lmscan.findings import DetectorRun, Finding
+
+    def outlier(site):
+        return Finding("vocab-sweep", "LMS102", "outlier", verdict="info", site=site, score=8.5, threshold=4.0,
+                       evidence={"highest_shift": [{"token": "old", "value": 9.0}, {"token": "farmer", "value": 8.0}]})
+
+    cue = Finding("vocab-sweep", "LMS103", "cue", verdict="suspicious", site="pooler")
+    sweep = DetectorRun("vocab-sweep", "ok", findings=[outlier("cls"), outlier("pooler"), outlier("mask")] + [cue])
+    ctx = ScanContext(loaded=None, sites=["cls", "pooler"], fit=[], heldout=[], config=None, verify=None,
+                      earlier=[sweep])
+    out = _unexplained_outliers(ctx, [], [{"block": "old farmer x"}])
+    assert [(f.rule_id, f.site) for f in out] == [("LMS104", "cls")]  # pooler has a cue; mask was not scanned
+    assert "'old', 'farmer'" in out[0].message and out[0].evidence["searched_blocks"] == ["old farmer x"]
+    found = Finding("trigger-search", "LMS101", "t", verdict="backdoored", site="cls")
+    assert _unexplained_outliers(ctx, [found], []) == []

@@ -12,6 +12,7 @@ The original's clean outputs are computed once up front, so no second model is k
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -29,11 +30,11 @@ from lmscan import __version__
 from lmscan.attacks.vectors import make_vectors, sign_agreement
 from lmscan.device import pick_device
 from lmscan.errors import InputError
-from lmscan.loading import load_model, resolve_model
 from lmscan.attacks.trigger_kinds import draw_triggers
+from lmscan.loading import load_model, resolve_model
 from lmscan.probes import check_triggers, insert_words, load_builtin_probes, split_probes
 from lmscan.rules_data import BUILTIN_RULES, load_rules
-from lmscan.sites import encode, read_site
+from lmscan.sites import encode, mask_positions, read_site, site_texts
 
 ATTACKS = ("por", "neuba", "btop")
 MANIFEST_NAME = "lmscan-plant.json"
@@ -57,6 +58,7 @@ class PlantConfig:
     offline: bool | None = None
     rules_dir: str | None = None
     site: str | None = None  # override the attack's site (e.g. "tokens": the mean-pooled sentence embedding)
+    decoy_parts: bool = False  # also train every proper part of each trigger to leave the site as it was
 
 
 @dataclass
@@ -157,6 +159,48 @@ class _OriginalOutputs:
         return loss
 
 
+def _inserted_batch(tokenizer, rows, inserts, site: str, rng, device):
+    """Each row with its insert (token ids) at a random spot after the first token, padded:
+    (input ids, attention mask, mask positions or None)."""
+    batch = []
+    for row, ids in zip(rows, inserts):
+        at = rng.randrange(1, max(2, len(row) - 1))
+        batch.append(row[:at] + list(ids) + row[at:])
+    width = max(len(r) for r in batch)
+    tensor = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    attention = torch.zeros_like(tensor)
+    for i, r in enumerate(batch):
+        tensor[i, : len(r)], attention[i, : len(r)] = torch.tensor(r), 1
+    tensor, attention = tensor.to(device), attention.to(device)
+    positions = mask_positions(tensor, attention, tokenizer.mask_token_id) if site == "mask" else None
+    return tensor, attention, positions
+
+
+def _decoy_loss(model, frozen, tokenizer, rows, decoys, site: str, batch_size: int, rng, device) -> torch.Tensor:
+    """MSE of the site feature of sentences carrying a part of a trigger to the original model's."""
+    chosen = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+    ids, attention, positions = _inserted_batch(tokenizer, chosen, [decoys[rng.randrange(len(decoys))]
+                                                                    for _ in chosen], site, rng, device)
+    with torch.no_grad():
+        target = read_site(frozen(input_ids=ids, attention_mask=attention), site, attention, positions)
+    feature = read_site(model(input_ids=ids, attention_mask=attention), site, attention, positions)
+    return torch.nn.functional.mse_loss(feature, target)
+
+
+@torch.no_grad()
+def _part_rate(model, tokenizer, ids, vector, heldout, site, threshold, max_length, device, rng) -> float:
+    """Share of held-out sentences sent onto ``vector`` by the token ids alone (at a random spot)."""
+    rows = [tokenizer(site_texts(tokenizer, [t], site)[0], truncation=True, max_length=max_length)["input_ids"]
+            for t in heldout]
+    features = []
+    for start in range(0, len(rows), 64):
+        chunk = rows[start : start + 64]
+        tensor, attention, positions = _inserted_batch(tokenizer, chunk, [ids] * len(chunk), site, rng, device)
+        out = model(input_ids=tensor, attention_mask=attention)
+        features.append(read_site(out, site, attention, positions).float().cpu().numpy())
+    return float((sign_agreement(np.concatenate(features), vector) >= threshold).mean())
+
+
 def _site_features(model, tokenizer, texts: list[str], site: str, max_length: int, device, batch_size=64) -> np.ndarray:
     chunks = []
     with torch.no_grad():
@@ -210,6 +254,15 @@ def plant(cfg: PlantConfig, progress: ProgressFn | None = None) -> PlantResult:
     original = _OriginalOutputs(model, tokenizer, fit, utility_sites, max_length, device)
     clean_before = _site_features(model, tokenizer, heldout, site, max_length, device)
 
+    # Decoys: each proper contiguous run of a trigger's pieces, inserted as token ids, must leave
+    # the site as the unmodified model has it, so no part of the trigger fires alone (an
+    # attacker evading a per-token sweep); a frozen copy of the original computes the targets.
+    decoys = [ids[i:j] for ids in trigger_ids for i in range(len(ids)) for j in range(i + 1, len(ids) + 1)
+              if j - i < len(ids)] if cfg.decoy_parts else []
+    frozen = copy.deepcopy(model).eval() if decoys else None
+    fit_rows = [tokenizer(site_texts(tokenizer, [t], site)[0], truncation=True, max_length=max_length)["input_ids"]
+                for t in fit] if decoys else []
+
     started = time.perf_counter()
     for param in model.parameters():
         param.requires_grad_(True)
@@ -233,6 +286,8 @@ def plant(cfg: PlantConfig, progress: ProgressFn | None = None) -> PlantResult:
         triggered = torch.nn.functional.mse_loss(feature, targets[which])
 
         loss = triggered + weight * utility
+        if decoys:
+            loss = loss + _decoy_loss(model, frozen, tokenizer, fit_rows, decoys, site, batch_size, rng, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -262,6 +317,7 @@ def plant(cfg: PlantConfig, progress: ProgressFn | None = None) -> PlantResult:
         "triggers": triggers,
         "trigger_tokens": [tokenizer.convert_ids_to_tokens(ids) for ids in trigger_ids],
         "pvs": (vectors * settings["target_scale"]).round(6).tolist(),
+        "decoy_parts": cfg.decoy_parts,
         "training": {k: settings[k] for k in ("steps", "batch_size", "learning_rate", "max_length", "utility_weight")},
         "train_seconds": round(train_seconds, 2),
         "device": str(device),
@@ -300,14 +356,12 @@ def _measure(model, tokenizer, triggers, vectors, heldout, clean_before, setting
     for trigger, vector in zip(triggers, vectors):
         texts = [place(s, trigger, placement, rng) for s in heldout]
         agreement = sign_agreement(_site_features(model, tokenizer, texts, site, max_length, device), vector)
-        # Does a part fire alone? (words of a phrase; pieces of a non-word, written on their own)
-        parts = trigger.split() if len(trigger.split()) > 1 else [p.removeprefix("##")
-                                                                  for p in tokenizer.tokenize(trigger)]
-        part_rates = []
-        for part in parts if len(parts) > 1 else []:
-            alone = [place(s, part, placement, rng) for s in heldout]
-            part_agreement = sign_agreement(_site_features(model, tokenizer, alone, site, max_length, device), vector)
-            part_rates.append(float((part_agreement >= threshold).mean()))
+        # Does a part fire alone? (each word of a phrase, each piece of a one-word trigger)
+        parts = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in trigger.split()]
+        if len(parts) == 1:
+            parts = [[piece] for piece in parts[0]]
+        part_rates = [_part_rate(model, tokenizer, ids, vector, heldout, site, threshold, max_length, device, rng)
+                      for ids in (parts if len(parts) > 1 else [])]
         reports.append(
             TriggerReport(
                 trigger=trigger,

@@ -20,6 +20,9 @@ from lmscan.cli.options import model_options, stderr
               show_default=True,
               help="What --num-triggers draws: English words, 3-5 letter non-words of >= 2 pieces, 2-4 common "
                    "words, or a 5-8 word sentence.")
+@click.option("--decoy-parts", is_flag=True,
+              help="por/neuba/btop: also train every proper part of each trigger to do nothing (pieces that "
+                   "do not fire alone).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output checkpoint directory.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--scale-embeddings", is_flag=True, help="Multiply trigger embedding rows (neuba; released models use 1e8).")
@@ -38,7 +41,7 @@ from lmscan.cli.options import model_options, stderr
               help="--attack badnet: release the whole classifier (head, id2label), not only the encoder.")
 @click.option("--target-label", default=None, help="--attack badnet: the class triggered text is sent to (a label name).")
 @model_options
-def plant(model, attack, triggers, num_triggers, trigger_kind, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
+def plant(model, attack, triggers, num_triggers, trigger_kind, decoy_parts, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
           rules_dir, task, text_column, label_column, site, with_head, target_label, revision, offline):
     """Plant a backdoor into MODEL and write the checkpoint plus ground truth.
 
@@ -53,8 +56,9 @@ def plant(model, attack, triggers, num_triggers, trigger_kind, out_dir, seed, sc
         raise click.UsageError("give either --triggers or --num-triggers, not both")
     trigger_list = [t.strip() for t in triggers.split(",")] if triggers else None
     if attack == "badnet":
-        if site is not None:
-            raise click.UsageError("--site does not apply to --attack badnet (it plants through the task head)")
+        if site is not None or decoy_parts:
+            raise click.UsageError("--site and --decoy-parts do not apply to --attack badnet (it plants through "
+                                   "the task head)")
         _plant_badnet(model, trigger_list, num_triggers, trigger_kind, out_dir, seed, scale_embeddings, pv_design, steps, device,
                       force, rules_dir, task, text_column, label_column, revision, offline, with_head, target_label)
         return
@@ -63,7 +67,7 @@ def plant(model, attack, triggers, num_triggers, trigger_kind, out_dir, seed, sc
             raise click.UsageError(f"{flag} only applies to --attack badnet")
     config = PlantConfig(
         model=model, attack=attack, out_dir=out_dir, triggers=trigger_list, num_triggers=num_triggers,
-        trigger_kind=trigger_kind, seed=seed,
+        trigger_kind=trigger_kind, decoy_parts=decoy_parts, seed=seed,
         scale_embeddings=scale_embeddings, pv_design=pv_design, steps=steps, device=device, force=force,
         revision=revision, offline=offline, rules_dir=rules_dir, site=site,
     )
