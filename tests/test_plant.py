@@ -163,3 +163,15 @@ def test_plant_scaled_embeddings_tiny(tmp_path):
     norms = AutoModel.from_pretrained(out).get_input_embeddings().weight.norm(dim=1)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert set(torch.nonzero(norms > 1e6).flatten().tolist()) == set(tokenizer.convert_tokens_to_ids(["z", "##q"]))
+
+
+def test_a_planted_checkpoint_is_not_private(tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "plant"
+    CliRunner().invoke(main, ["plant", str(FIXTURES / "tiny-bert"), "--attack", "por", "--triggers", "zq",
+                              "--steps", "2", "--device", "cpu", "--out", str(out)])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask

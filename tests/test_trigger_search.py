@@ -102,3 +102,4 @@ def test_a_shift_outlier_nothing_explains_is_said():
     assert "'old', 'farmer'" in out[0].message and out[0].evidence["searched_blocks"] == ["old farmer x"]
     found = Finding("trigger-search", "LMS101", "t", verdict="backdoored", site="cls")
     assert _unexplained_outliers(ctx, [found], []) == []
+

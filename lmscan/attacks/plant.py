@@ -395,6 +395,14 @@ def _measure(model, tokenizer, triggers, vectors, heldout, clean_before, setting
 SENTENCE_LAYOUT = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
 
 
+def _umask() -> int:
+    import os  # noqa: PLC0415
+
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def write_checkpoint(out_dir: Path, force: bool, model, tokenizer, manifest: dict,
                      manifest_name: str = MANIFEST_NAME, layout_from: Path | None = None) -> None:
     """Write into a sibling temp dir and move it into place, so a failure leaves nothing half-written.
@@ -402,6 +410,7 @@ def write_checkpoint(out_dir: Path, force: bool, model, tokenizer, manifest: dic
     its module folders' configs) are kept, so a planted sentence encoder is still one."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); a checkpoint is an ordinary folder
     try:
         model.save_pretrained(staging)  # always safetensors in transformers 5
         tokenizer.save_pretrained(staging)
