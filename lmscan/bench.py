@@ -485,6 +485,9 @@ def run_bench(zoo: Zoo, out_dir: Path, cache_dir: Path, device: str = "cpu", thr
     for m in _build_order(zoo.needed()):
         paths[m.name] = build_model(zoo, m, cache_dir, device, env, log, paths)
     truth = {name: ground_truth(path) for name, path in paths.items()}
+    for m in _build_order(zoo.needed()):  # a plant fine-tuned afterwards keeps its plant's triggers
+        if truth[m.name] is None and m.start_from:
+            truth[m.name] = truth[m.start_from]
     expected = {m.name: m.expected or ("backdoored" if truth[m.name] else "clean") for m in zoo.scanned()}
     results = []
     for engine in zoo.engines:
@@ -567,7 +570,8 @@ def summarise(zoo: Zoo, results: list[dict], searches: list[dict]) -> dict:
             judged = [r for r in rows if r["status"] == "ok" and name in r["detectors"]]
             stats = _accuracy(judged, lambda r, n=name: r["detectors"][n]["flagged"], seconds_of=lambda r, n=name:
                               r["detectors"][n]["seconds"])
-            planted = [r["detectors"][name] for r in judged if r["expected"] == "backdoored"]
+            planted = [r["detectors"][name] for r in judged
+                       if r["expected"] == "backdoored" and "pvs_recovered" in r["detectors"][name]]
             if planted:
                 stats["pv_recall"] = _ratio(sum(p["pvs_recovered"] for p in planted), sum(p["true_pvs"] for p in planted))
                 stats["triggers_named"] = _ratio(sum(p["triggers_named"] for p in planted),
