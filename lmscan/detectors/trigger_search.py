@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from lmscan.detectors.base import Detector, ScanContext
-from lmscan.detectors.verify import HeldoutSet, SiteReader, VerifyConfig, verification_set, word_starts
+from lmscan.detectors.verify import (HeldoutSet, SiteReader, VerifyConfig, pairwise_mse, verification_set,
+                                    word_starts)
 from lmscan.detectors.vocab_sweep import NAME as SWEEP, _findings_for_site, sweep_vocabulary
 from lmscan.findings import DetectorRun, Finding
 from lmscan.sites import SITES
@@ -72,13 +73,7 @@ class _Objective:
         self.places = [1 if i % 2 == 0 else rng.choice(word_starts(reader.tokenizer, r))
                        for i, r in enumerate(self.rows)]
         clean = reader.features(self.rows)
-        self.spread = {s: float(self._pair_np(f)) or 1e-12 for s, f in clean.items()}
-
-    @staticmethod
-    def _pair_np(f: np.ndarray) -> float:
-        n = f.shape[0]
-        c = f - f.mean(0, keepdims=True)
-        return 2 * n * (c**2).sum() / (n * (n - 1)) / f.shape[1]
+        self.spread = {s: pairwise_mse(f) or 1e-12 for s, f in clean.items()}
 
     def _inputs(self, blocks: list[tuple[int, ...]]) -> tuple[list[list[int]], list[int]]:
         rows = [r[:at] + list(b) + r[at:] for b in blocks for r, at in zip(self.rows, self.places)]
