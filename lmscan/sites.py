@@ -74,6 +74,17 @@ def encode(tokenizer, texts: list[str], site: str, max_length: int = 128) -> Sit
     return SiteBatch(enc["input_ids"], enc["attention_mask"], positions)
 
 
+def pad_rows(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows right-padded to the longest: (input ids, attention mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+    return ids.to(device), attention.to(device)
+
+
 def mask_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_id: int) -> torch.Tensor:
     """Index of the mask token in each row."""
     is_mask = input_ids == mask_token_id

@@ -34,7 +34,7 @@ from lmscan.attacks.trigger_kinds import draw_triggers
 from lmscan.loading import load_model, resolve_model
 from lmscan.probes import check_triggers, insert_words, load_builtin_probes, split_probes
 from lmscan.rules_data import BUILTIN_RULES, load_rules
-from lmscan.sites import encode, mask_positions, read_site, site_texts
+from lmscan.sites import encode, mask_positions, pad_rows, read_site, site_texts
 
 ATTACKS = ("por", "neuba", "btop")
 MANIFEST_NAME = "lmscan-plant.json"
@@ -166,12 +166,7 @@ def _inserted_batch(tokenizer, rows, inserts, site: str, rng, device):
     for row, ids in zip(rows, inserts):
         at = rng.randrange(1, max(2, len(row) - 1))
         batch.append(row[:at] + list(ids) + row[at:])
-    width = max(len(r) for r in batch)
-    tensor = torch.full((len(batch), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-    attention = torch.zeros_like(tensor)
-    for i, r in enumerate(batch):
-        tensor[i, : len(r)], attention[i, : len(r)] = torch.tensor(r), 1
-    tensor, attention = tensor.to(device), attention.to(device)
+    tensor, attention = pad_rows(batch, tokenizer.pad_token_id or 0, device)
     positions = mask_positions(tensor, attention, tokenizer.mask_token_id) if site == "mask" else None
     return tensor, attention, positions
 

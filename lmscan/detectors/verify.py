@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmscan.sites import read_site, site_texts
+from lmscan.sites import pad_rows, read_site, site_texts
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,7 @@ class SiteReader:
         return self.tokenizer(self.encode_text(text), truncation=True, max_length=self.max_length)["input_ids"]
 
     def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            attention[i, : len(row)] = 1
-        return ids.to(self.device), attention.to(self.device)
+        return pad_rows(rows, self.tokenizer.pad_token_id or 0, self.device)
 
     def read(self, outputs, site: str, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         mask_positions = (ids == self.tokenizer.mask_token_id).float().argmax(1) if site == "mask" else None
