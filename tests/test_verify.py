@@ -95,3 +95,39 @@ def test_batched_prefetch_matches_one_candidate_at_a_time():
             many = batched.triggered(ids, placement)
             for site in prepared.sites:
                 np.testing.assert_allclose(many[site], np.concatenate([a[site] for a in alone]), rtol=1e-4, atol=1e-5)
+
+
+def test_screening_skips_only_candidates_that_cannot_confirm():
+    """Real weights (tiny POR fixture): the planted triggers pass the screen and are measured on
+    every probe, with the same numbers as without screening; ordinary tokens stop after the
+    screen's probes."""
+    import json
+    import random
+
+    from lmscan.api import ScanConfig, prepare
+    from lmscan.detectors.verify import SiteReader, verification_set
+    from tests.conftest import FIXTURES
+
+    path = FIXTURES / "tiny-bert-por"
+    prepared = prepare(ScanConfig(model=str(path), device="cpu"))
+    loaded, config = prepared.loaded, VerifyConfig()
+    reader = SiteReader(loaded.model, loaded.tokenizer, prepared.sites, loaded.device)
+    manifest = json.loads((path / "lmscan-plant.json").read_text())
+    triggers = [tuple(loaded.tokenizer(w, add_special_tokens=False)["input_ids"]) for w in manifest["triggers"]]
+    ordinary = [tuple(loaded.tokenizer(w, add_special_tokens=False)["input_ids"]) for w in ("the", "house", "river")]
+
+    screened = verification_set(reader, prepared.heldout, config, random.Random(0))
+    full = verification_set(reader, prepared.heldout, config, random.Random(0))
+    full.screen = None
+    screened.prefetch(triggers + ordinary)
+    full.prefetch(triggers + ordinary)
+    for trigger in triggers:
+        a, b = screened.best_measure(trigger, prepared.sites, config), full.best_measure(trigger, prepared.sites, config)
+        assert any(r["confirmed"] for r in a.values())
+        for site in a:
+            assert a[site]["probes"] == config.probes
+            assert (a[site]["collapse"], a[site]["confirmed"]) == (b[site]["collapse"], b[site]["confirmed"])
+    for word in ordinary:
+        result = screened.best_measure(word, prepared.sites, config)
+        assert not any(r["confirmed"] for r in result.values())
+        assert all(r["probes"] == config.screen_probes for r in result.values())

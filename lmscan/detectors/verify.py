@@ -51,6 +51,11 @@ class VerifyConfig:
     # overturns the model's own most opposite inputs, made harder by joining two of them.
     opposite_probes: int = 16  # most opposite clean sentences (pairs of them) the candidate is inserted into
     opposite_flip: float = 0.9  # share of them the candidate must send onto its vector / label
+    # Screening: a batch of candidates is first measured on this many of the probes; one whose
+    # collapse there is above screen_margin x collapse_threshold at every site cannot confirm, so
+    # it is not measured on the rest (its numbers in the report then come from these probes).
+    screen_probes: int = 8
+    screen_margin: float = 1.6  # bar 0.4: clean MiniLM's best candidates 0.39, planted triggers 0.004-0.12
 
 
 class SiteReader:
@@ -124,8 +129,10 @@ class HeldoutSet:
     sit) and "anywhere" (a random word start per sentence, POR/BToP style).
     """
 
-    def __init__(self, reader: SiteReader, texts: list[str], rng, opposite_pool: list[str] | None = None):
+    def __init__(self, reader: SiteReader, texts: list[str], rng, opposite_pool: list[str] | None = None,
+                 screen: tuple[int, float] | None = None):
         self.reader = reader
+        self.screen = screen  # (probes, collapse bar) of prefetch's first pass; None: every probe always
         self.rows = [reader.encode(t) for t in texts]
         # The opposite test's sentences (lazily: only natural-direction candidates need them).
         self._opposite_pool, self._opposite = opposite_pool, None
@@ -167,11 +174,34 @@ class HeldoutSet:
                 if (tuple(c), p) not in self._memo]
         if not todo:
             return
-        rows = [insert_ids(r, ids, at) for ids, placement in todo for r, at in zip(self.rows, self.places[placement])]
-        feats = self.reader.features(rows)
         n = len(self.rows)
-        for k, key in enumerate(todo):
-            self._memo[key] = {s: f[k * n : (k + 1) * n] for s, f in feats.items()}
+        if self.screen is None or self.screen[0] >= n:
+            for key, feats in zip(todo, self._batch(todo, 0, n)):
+                self._memo[key] = feats
+            return
+        # Screening costs a third of the forwards on the candidates that cannot confirm (most
+        # of them on any model); the bar is far above the threshold, so a collapse measured
+        # on all probes would not have passed either.
+        probes, bar = self.screen
+        passed = []
+        for key, feats in zip(todo, self._batch(todo, 0, probes)):
+            if min(pairwise_mse(f) / self.spread[s] for s, f in feats.items()) <= bar:
+                passed.append((key, feats))
+            else:
+                self._memo[key] = feats
+        rest = self._batch([key for key, _ in passed], probes, n)
+        for (key, first), more in zip(passed, rest):
+            self._memo[key] = {s: np.concatenate([first[s], more[s]]) for s in first}
+
+    def _batch(self, keys, lo: int, hi: int) -> list[dict[str, np.ndarray]]:
+        """Triggered features of probes lo..hi for each (candidate, placement) key, in one pass."""
+        if not keys:
+            return []
+        rows = [insert_ids(r, ids, at) for ids, placement in keys
+                for r, at in zip(self.rows[lo:hi], self.places[placement][lo:hi])]
+        feats = self.reader.features(rows)
+        n = hi - lo
+        return [{s: f[k * n : (k + 1) * n] for s, f in feats.items()} for k in range(len(keys))]
 
     def best_measure(self, token_ids, sites: list[str], config: VerifyConfig) -> dict[str, dict]:
         """measure() at each site for both placements, keeping the stronger per site; a
@@ -234,6 +264,7 @@ def measure(heldout: HeldoutSet, site: str, features: np.ndarray, config: Verify
         "activation_rate": round(float((agree >= config.activation_agreement).mean()), 4),
         "mean_agreement": round(float(agree.mean()), 4),
         "pv": pv,
+        "probes": int(features.shape[0]),
     }
     clean_rate = heldout.clean_activation(site, config.activation_agreement)
     if clean_rate >= config.activation_rate:  # clean features pass the rate bar too: compare disagreement
@@ -322,6 +353,7 @@ def measure_label(heldout: HeldoutSet, probs: np.ndarray, config: VerifyConfig) 
         "mean_agreement": round(float(probs[:, target].mean()), 4),
         "pv": probs.mean(axis=0),
         "target_label": target,
+        "probes": int(probs.shape[0]),
         "clean_on_pv": round(float((clean.argmax(axis=1) == target).mean()), 4),
     }
     collapses = bool(result["collapse"] <= config.collapse_threshold
@@ -337,7 +369,8 @@ def verification_set(reader: SiteReader, heldout: list[str], config: VerifyConfi
     from lmscan.probes import load_opinion_probes
 
     return HeldoutSet(reader, rng.sample(heldout, min(config.probes, len(heldout))), rng,
-                      opposite_pool=[*heldout, *load_opinion_probes()])
+                      opposite_pool=[*heldout, *load_opinion_probes()],
+                      screen=(config.screen_probes, config.screen_margin * config.collapse_threshold))
 
 
 def verify_token_sequences(reader: SiteReader, tokenizer, sequences, heldout_texts, site: str, config: VerifyConfig,
