@@ -163,8 +163,7 @@ class HeldoutSet:
     def triggered(self, token_ids, placement: str) -> dict[str, np.ndarray]:
         key = (tuple(token_ids), placement)
         if key not in self._memo:
-            places = self.places[placement]
-            self._memo[key] = self.reader.features([insert_ids(r, token_ids, at) for r, at in zip(self.rows, places)])
+            self._memo[key] = self._batch([key], 0, len(self.rows))[0]
         return self._memo[key]
 
     def prefetch(self, candidates) -> None:
