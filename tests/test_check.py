@@ -190,6 +190,28 @@ def test_result_cache_and_allowlist(tmp_path, monkeypatch):
     assert cleared.exit_code == 0 and "removed 1" in cleared.output
 
 
+def test_group_testing_confirms_what_the_exhaustive_sweep_confirms():
+    """Stage 1 by groups of 8 tokens, decoding only the 2 most extreme groups per site and
+    statistic, scores a fraction of the vocabulary alone and still confirms the planted triggers."""
+    from lmscan.api import ScanConfig, prepare
+    from lmscan.detectors.verify import VerifyConfig
+    from lmscan.detectors.vocab_sweep import VocabSweepConfig, run_vocab_sweep
+
+    prepared = prepare(ScanConfig(model=str(FIXTURES / "tiny-bert-por"), device="cpu"))
+    trigger_of = {p: i for i, word in enumerate(read_manifest(FIXTURES / "tiny-bert-por")["trigger_tokens"]) for p in word}
+    found, alone = {}, {}
+    for size in (1, 8):
+        config = VocabSweepConfig(group_size=size, group_rounds=1, group_keep=2, population_sample=64)
+        run = run_vocab_sweep(prepared.loaded, prepared.sites, prepared.fit, prepared.heldout, config, VerifyConfig())
+        # Per site, the planted triggers a confirmed finding holds a piece of (which piece, and
+        # the combinations tried around it, may differ: they come from each run's ranked lists).
+        found[size] = sorted({(f.site, trigger_of[t]) for f in run.findings if f.rule_id == "LMS101"
+                              for t in f.evidence["trigger_tokens"] if t in trigger_of})
+        alone[size] = run.stats["scored_alone"]
+    assert found[8] and found[8] == found[1]
+    assert alone[1] == run.stats["swept_tokens"] and alone[8] < alone[1] / 2
+
+
 def test_first_stage_precision_keeps_the_verdict_and_is_reported():
     """Stage 1 of the sweep ranks under bf16 where the hardware has it; the confirmed
     triggers (verified in fp32) must be the same as with an all-fp32 sweep."""

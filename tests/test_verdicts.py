@@ -260,3 +260,22 @@ def test_bad_options_fail_before_the_model_is_loaded(monkeypatch, args, message)
     result = check(CLEAN, *args, "--no-cache")
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_threads_option_on_every_command():
+    """`--threads N` sets torch's CPU threads for the command; 0 is a usage error, not a traceback."""
+    import click
+
+    cli = main
+    commands = [c for c in cli.commands.values() if not isinstance(c, click.Group)]
+    assert all(any(p.name == "threads" for p in c.params) for c in commands)
+    before = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(cli, ["check", str(FIXTURES / "tiny-bert"), "--detectors", "static", "--no-cache",
+                                          "--device", "cpu", "--format", "json", "--threads", "1"])
+        assert result.exit_code == 3, result.output  # static checks alone cannot clear
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    bad = CliRunner().invoke(cli, ["check", str(FIXTURES / "tiny-bert"), "--threads", "0"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output

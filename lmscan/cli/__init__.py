@@ -10,6 +10,7 @@ usage, 3 could not assess.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -62,7 +63,33 @@ from lmscan.cli import (  # noqa: E402
     purify,
 )
 
+
+def _with_threads(command: click.Command) -> click.Command:
+    """Give a command ``--threads N``: the CPU threads torch computes with (default: all cores).
+    bench has its own, passed to each scan it starts."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _with_threads(sub)
+        return command
+    if any(p.name == "threads" for p in command.params):
+        return command
+    command.params.append(click.Option(["--threads"], type=click.IntRange(min=1), default=None,
+                                       help="CPU threads to compute with (default: all cores)."))
+    callback = command.callback
+
+    @functools.wraps(callback)
+    def run(*args, threads=None, **kwargs):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        return callback(*args, **kwargs)
+
+    command.callback = run
+    return command
+
+
 for _command in (plant.plant, check.check, demo.demo, export_pvs.export_pvs_command, monitor.monitor, heads.heads,
                  invert.invert, purify.purify, bench.bench, cache.cache, finetune.finetune, psim.psim):
-    main.add_command(_command)
+    main.add_command(_with_threads(_command))
 del _command

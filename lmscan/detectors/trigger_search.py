@@ -36,6 +36,7 @@ from lmscan.detectors.base import Detector, ScanContext
 from lmscan.detectors.verify import (HeldoutSet, SiteReader, VerifyConfig, pairwise_mse, verification_set,
                                     word_starts)
 from lmscan.detectors.vocab_sweep import NAME as SWEEP, _findings_for_site, sweep_vocabulary
+from lmscan.device import native_bf16
 from lmscan.findings import DetectorRun, Finding
 from lmscan.sites import SITES
 
@@ -54,6 +55,8 @@ class TriggerSearchConfig:
     stop_collapse: float = 0.05  # a block this collapsed is verified at once, ending its start
     max_length: int = 64
     batch_size: int = 256  # sequences per scoring forward pass (does not change results)
+    swap_bf16: bool = True  # swaps are ranked under bf16 autocast where the hardware has bf16; the
+    # gradient and the verification of every block stay fp32
 
 
 def _pairwise(features: torch.Tensor) -> torch.Tensor:
@@ -66,8 +69,8 @@ def _pairwise(features: torch.Tensor) -> torch.Tensor:
 class _Objective:
     """Collapse of fixed fit sentences with a block inserted at fixed places."""
 
-    def __init__(self, reader: SiteReader, texts: list[str], rng: random.Random):
-        self.reader = reader
+    def __init__(self, reader: SiteReader, texts: list[str], rng: random.Random, bf16: bool = False):
+        self.reader, self.bf16 = reader, bf16
         self.rows = [reader.encode(t) for t in texts]
         # Half right after [CLS] (NeuBA style), half at a random word start (POR / BToP style).
         self.places = [1 if i % 2 == 0 else rng.choice(word_starts(reader.tokenizer, r))
@@ -88,7 +91,8 @@ class _Objective:
         for start in range(0, len(blocks), per):
             chunk = blocks[start : start + per]
             rows, _ = self._inputs(chunk)
-            feats = self.reader.features(rows, batch_size=batch_size)
+            with torch.autocast(torch.device(self.reader.device).type, dtype=torch.bfloat16, enabled=self.bf16):
+                feats = self.reader.features(rows, batch_size=batch_size)
             logs = []
             for site, f in feats.items():
                 f = f.reshape(len(chunk), n, -1)
@@ -211,7 +215,8 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
     allowed_np = sweep_vocabulary(tokenizer)
     allowed = torch.as_tensor(allowed_np, device=embeddings.weight.device)
     short = [t for t in ctx.fit if len(t.split()) <= 12] or ctx.fit
-    objective = _Objective(reader, rng.sample(short, min(config.probes, len(short))), rng)
+    objective = _Objective(reader, rng.sample(short, min(config.probes, len(short))), rng,
+                           bf16=config.swap_bf16 and native_bf16(reader.device))
     held = verification_set(reader, ctx.heldout, ctx.verify, rng)
 
     plans = [(length, start) for length in config.lengths for start in _starts(ctx, allowed_np, config, length, rng)]

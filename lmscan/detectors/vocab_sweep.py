@@ -40,12 +40,14 @@ NAME = "vocab-sweep"
 class VocabSweepConfig:
     sweep_probes: int = 2  # stage 1: sentences every vocabulary token is inserted into
     probe_max_words: int = 6  # short probes keep the sweep cheap
-    rescore_top: int = 200  # stage 2: this many lowest-collapse and highest-shift tokens ...
+    rescore_top: int = 64  # stage 2: this many lowest-collapse and highest-shift tokens ...
     rescore_probes: int = 8  # ... are scored again on more sentences
     batch_size: int = 512  # sequences per forward pass (ranking only: does not change results)
     candidates_per_site: int = 12  # lowest-collapse tokens verified per site
     shift_top: int = 8  # highest-shift tokens combined into pairs / triples
     combo_max_len: int = 3
+    combos_verified: int = 16  # of those combinations (80 at fast), the lowest-collapse on the sweep's
+    # first-stage sentences go on to verification; 0: all of them
     shift_outlier_ratio: float = 4.0  # top shift / 99.9th percentile: reported (info)
     shift_outlier_quantile: float = 99.9  # the percentile of the vocabulary's shifts that ratio is taken against
     piece_pool: int = 12  # top-ranked word starts (per statistic and site) completed to whole words ...
@@ -54,6 +56,14 @@ class VocabSweepConfig:
     max_length: int = 64
     first_stage_bf16: bool = True  # stage 1 ranks under bf16 autocast where the hardware has bf16 (stage 2 and
     # verification stay fp32, so every number a verdict rests on is fp32)
+    # Group testing in stage 1: the vocabulary is split at random into groups of this many tokens, each
+    # group inserted as one sequence; a trigger dominates its group's feature. The members of the
+    # group_keep most extreme groups (per round, site and statistic) are then scored one by one, with a random
+    # population_sample of single tokens for the vocabulary's median and percentiles. 1: every token alone.
+    group_size: int = 8
+    group_rounds: int = 2
+    group_keep: int = 32
+    population_sample: int = 1024
 
 
 def sweep_vocabulary(tokenizer) -> np.ndarray:
@@ -75,13 +85,15 @@ def run_vocab_sweep(loaded, sites: list[str], probes: list[str], heldout: list[s
     rng = random.Random(seed)
     vocab = sweep_vocabulary(tokenizer)
     bf16 = config.first_stage_bf16 and native_bf16(reader.device)
-    shift, collapse, rank_shift, rank_collapse, sweep_texts = _sweep(reader, vocab, probes, config, rng, progress,
-                                                                     bf16)
+    shift, collapse, rank_shift, rank_collapse, population, sweep_texts = _sweep(reader, vocab, probes, config, rng,
+                                                                                 progress, bf16)
 
-    stats: dict = {"swept_tokens": int(len(vocab)), "sweep_probes": sweep_texts,
+    stats: dict = {"swept_tokens": int(len(vocab)), "group_size": max(1, config.group_size),
+                   "scored_alone": int(np.isfinite(collapse[sites[0]]).sum()), "sweep_probes": sweep_texts,
                    "first_stage_precision": "bf16" if bf16 else "fp32", "sites": {}, "ranked": {}}
     for site in sites:
-        stats["sites"][site] = _site_stats(tokenizer, vocab, shift[site], collapse[site], config.shift_outlier_quantile)
+        stats["sites"][site] = _site_stats(tokenizer, vocab, shift[site], collapse[site], population,
+                                           config.shift_outlier_quantile)
         stats["ranked"][site] = {
             "collapse": vocab[np.argsort(rank_collapse[site])[:RANKED_KEEP]].tolist(),
             "shift": vocab[np.argsort(-rank_shift[site])[:RANKED_KEEP]].tolist(),
@@ -113,6 +125,14 @@ def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, verify: Ve
     findings: list[Finding] = []
     verified_log: list[dict] = []
     pairs = _piece_pairs(reader, stats, sites, config)
+    texts = (stats.get("sweep_probes") or [])[: max(2, config.sweep_probes)]
+
+    def lowest_collapse(candidates: list[tuple[int, ...]], site: str) -> list[tuple[int, ...]]:
+        if not config.combos_verified or len(candidates) <= config.combos_verified or len(texts) < 2:
+            return candidates
+        _, collapse = _score(reader, candidates, texts, config, None)
+        return [candidates[i] for i in np.argsort(collapse[site], kind="stable")[: config.combos_verified]]
+
     held.prefetch((int(t),) for site in sites for t in
                   stats["ranked"][site]["collapse"][: config.candidates_per_site]
                   + stats["ranked"][site]["shift"][: config.shift_top])
@@ -123,7 +143,7 @@ def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, verify: Ve
         ranked = stats["ranked"][site]
         natural: list[dict] = []
         confirmed = _verify_site(held, tokenizer, site, ranked["shift"], ranked["collapse"], pairs.get(site, []),
-                                 config, verify, verified_log, natural)
+                                 config, verify, verified_log, natural, lowest_collapse)
         findings.extend(_findings_for_site(tokenizer, site, confirmed, verify, labels))
         if natural:
             findings.append(_natural_finding(tokenizer, site, natural, verify, labels))
@@ -155,14 +175,15 @@ def _sweep(reader: SiteReader, vocab, probes, config, rng, progress, bf16: bool)
     # Stage 1 is most of a scan's time and only ranks; in bf16 it runs 1.9x faster on a
     # CPU with AVX512-BF16 and keeps 95-99 of the fp32 top 100 (MiniLM, each site).
     with torch.autocast(torch.device(reader.device).type, dtype=torch.bfloat16, enabled=bf16):
-        shift, collapse = _score(reader, vocab, first, config, progress)
+        shift, collapse, population = _first_stage(reader, vocab, first, config, rng, progress,
+                                                   _probe_positions(reader.tokenizer, vocab, probes))
     extreme = set()
     for site in reader.sites:
         extreme.update(np.argsort(collapse[site])[: config.rescore_top].tolist())
         extreme.update(np.argsort(-shift[site])[: config.rescore_top].tolist())
     extreme = np.array(sorted(extreme))
     if len(second) < 2:
-        return shift, collapse, shift, collapse, texts
+        return shift, collapse, shift, collapse, population, texts
     shift2, collapse2 = _score(reader, vocab[extreme], second, config, None)
     # Candidates are ranked on stage-2 numbers; tokens outside the rescored set drop out.
     rank_shift = {s: np.full(len(vocab), -np.inf) for s in reader.sites}
@@ -170,7 +191,54 @@ def _sweep(reader: SiteReader, vocab, probes, config, rng, progress, bf16: bool)
     for site in reader.sites:
         rank_shift[site][extreme] = shift2[site]
         rank_collapse[site][extreme] = collapse2[site]
-    return shift, collapse, rank_shift, rank_collapse, texts
+    return shift, collapse, rank_shift, rank_collapse, population, texts
+
+
+def _probe_positions(tokenizer, vocab, probes) -> np.ndarray:
+    """Vocabulary positions of the tokens the probe sentences are made of (about 1 100 for MiniLM)."""
+    ids = {t for row in tokenizer(list(probes), add_special_tokens=False)["input_ids"] for t in row}
+    return np.flatnonzero(np.isin(vocab, list(ids)))
+
+
+def _first_stage(reader: SiteReader, vocab, texts, config, rng, progress, ordinary):
+    """Stage-1 shift and collapse per vocabulary position, and the positions whose scores
+    describe the vocabulary as a whole (all of them, or a random sample under group testing).
+    Positions not scored alone hold shift -inf and collapse +inf, so they rank last.
+
+    Under group testing only the group's first token sits where the sweep inserts (right
+    after [CLS], the sentence start); a word that matters only there ("does" opening a
+    question, the class cue of a question classifier) fades inside a group. The
+    ``ordinary`` words the probes are made of are therefore always scored alone: a
+    fine-tune's class cues are among them, and knowing them keeps the verdict from calling
+    its shift outliers unexplained."""
+    everything = np.arange(len(vocab))
+    if config.group_size <= 1:
+        shift, collapse = _score(reader, vocab, texts, config, progress)
+        return shift, collapse, everything
+    generator = np.random.default_rng(rng.randrange(2**32))
+    population = np.sort(generator.permutation(len(vocab))[: config.population_sample])
+    chosen = set(population.tolist()) | set(ordinary.tolist())
+    for round_ in range(config.group_rounds):
+        # Each round a new random partition: a weak piece hidden by its neighbours in one
+        # group gets a second chance in another (measured on the POR plant: "##mark" at group
+        # rank 86 in one partition, 2 in the next).
+        order = generator.permutation(len(vocab))
+        groups = [order[i : i + config.group_size] for i in range(0, len(order), config.group_size)]
+        report = None if progress is None else (
+            lambda done, total, info, r=round_: progress(r * total + done, config.group_rounds * total, info))
+        group_shift, group_collapse = _score(reader, [tuple(vocab[g]) for g in groups], texts, config, report)
+        for site in reader.sites:
+            for ranking in (np.argsort(group_collapse[site]), np.argsort(-group_shift[site])):
+                for g in ranking[: config.group_keep]:
+                    chosen.update(groups[g].tolist())
+    chosen = np.array(sorted(chosen))
+    alone_shift, alone_collapse = _score(reader, vocab[chosen], texts, config, None)
+    shift = {s: np.full(len(vocab), -np.inf) for s in reader.sites}
+    collapse = {s: np.full(len(vocab), np.inf) for s in reader.sites}
+    for site in reader.sites:
+        shift[site][chosen] = alone_shift[site]
+        collapse[site][chosen] = alone_collapse[site]
+    return shift, collapse, population
 
 
 def _as_sequence(token) -> tuple[int, ...]:
@@ -205,9 +273,11 @@ def _score(reader: SiteReader, token_ids, texts, config, progress):
     return shift, collapse
 
 
-def _site_stats(tokenizer, vocab, shift, collapse, quantile: float) -> dict:
+def _site_stats(tokenizer, vocab, shift, collapse, population, quantile: float) -> dict:
+    """Extremes over every token scored; median and percentile over ``population``, the
+    tokens that stand for the whole vocabulary."""
     by_collapse, by_shift = np.argsort(collapse), np.argsort(-shift)
-    p999 = float(np.percentile(shift, quantile))
+    p999 = _upper_percentile(shift, population, quantile)
 
     def listing(order, values, k):
         return [{"token": tokenizer.convert_ids_to_tokens(int(vocab[i])), "value": round(float(values[i]), 5)}
@@ -215,14 +285,27 @@ def _site_stats(tokenizer, vocab, shift, collapse, quantile: float) -> dict:
 
     return {
         "collapse_min": float(collapse[by_collapse[0]]),
-        "collapse_median": float(np.median(collapse)),
-        "shift_median": float(np.median(shift)),
+        "collapse_median": float(np.median(collapse[population])),
+        "shift_median": float(np.median(shift[population])),
         "shift_p999": p999,
         "shift_top": float(shift[by_shift[0]]),
         "shift_outlier_ratio": float(shift[by_shift[0]] / max(p999, 1e-12)),
         "lowest_collapse": listing(by_collapse, collapse, 5),
         "highest_shift": listing(by_shift, shift, 8),
     }
+
+
+def _upper_percentile(shift, population, quantile: float) -> float:
+    """The vocabulary's ``quantile`` of shift. Under group testing it is the k-th largest
+    shift of the tokens scored alone: those hold the most extreme groups' members, so the
+    vocabulary's top shifts, which a random sample of a thousand tokens mostly misses (a
+    fine-tune's few dozen class-cue tokens: the sample's 99.9th percentile came out 977x
+    below the top on the benign fixture, against a few times below when every token is scored)."""
+    if len(population) == len(shift):
+        return float(np.percentile(shift, quantile))
+    rank = max(1, round((1 - quantile / 100) * len(shift)))
+    scored = np.sort(shift[np.isfinite(shift)])[::-1]
+    return float(scored[min(rank, len(scored)) - 1])
 
 
 def _piece_pairs(reader: SiteReader, stats, sites, config) -> dict[str, list[tuple[int, ...]]]:
@@ -286,11 +369,12 @@ def _ranked_pieces(tokenizer, stats, sites, depth: int, start: bool) -> list[tup
 
 
 def _verify_site(held: HeldoutSet, tokenizer, site, by_shift: list[int], by_collapse: list[int], pairs, config,
-                 verify: VerifyConfig, log, natural: list[dict]) -> list[dict]:
+                 verify: VerifyConfig, log, natural: list[dict], shortlist) -> list[dict]:
     """Verify the lowest-collapse tokens, then combinations of the highest-shift tokens
-    that are not already confirmed alone (phrase and multi-piece triggers), then the
-    best completions of top-ranked word starts. The lists hold token ids, best first.
-    Candidates that collapse onto a natural direction are appended to ``natural``."""
+    that are not already confirmed alone (phrase and multi-piece triggers) — the ones
+    ``shortlist(combos, site)`` keeps — then the best completions of top-ranked word starts.
+    The lists hold token ids, best first. Candidates that collapse onto a natural direction
+    are appended to ``natural``."""
     confirmed: list[dict] = []
     alone_ok: set[int] = set()
 
@@ -315,6 +399,9 @@ def _verify_site(held: HeldoutSet, tokenizer, site, by_shift: list[int], by_coll
     pool = [t for t in top if t not in alone_ok]
     combos = [combo for length in range(2, config.combo_max_len + 1) for combo in
               itertools.permutations(pool[: config.shift_top if length == 2 else max(3, config.shift_top // 2)], length)]
+    # Verification is most of the sweep's time after stage 1; a trigger collapses the
+    # sweep's own sentences too, so the combinations are ranked there first.
+    combos = shortlist(combos, site)
     # Completions of pieces that already fire alone add nothing; verify the best others.
     words = [tuple(w) for w in pairs if not alone_ok.intersection(w)][: config.piece_pairs]
     held.prefetch(combos + words)
