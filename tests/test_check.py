@@ -161,7 +161,7 @@ def test_tiny_fixtures_full_profile(fixture, expected_code):
                                        "--device", "cpu"])
     assert result.exit_code == expected_code, result.output
     report = json.loads(result.stdout)
-    assert [d["name"] for d in report["detectors"]] == ["files", "static", "vocab-sweep", "trigger-search", "pv-mining"]
+    assert [d["name"] for d in report["detectors"]] == ["files", "static", "vocab-sweep", "trigger-search"]
     if expected_code:
         truth = read_manifest(FIXTURES / fixture)
         recovered = {t for d in report["detectors"] for f in d["findings"] if f["verdict"] == "backdoored"
@@ -191,8 +191,10 @@ def test_result_cache_and_allowlist(tmp_path, monkeypatch):
 
 
 def test_group_testing_confirms_what_the_exhaustive_sweep_confirms():
-    """Stage 1 by groups of 8 tokens, decoding only the 2 most extreme groups per site and
-    statistic, scores a fraction of the vocabulary alone and still confirms the planted triggers."""
+    """Stage 1 by groups of 8 tokens, one partition, decoding only the 4 most extreme groups per
+    site and statistic, scores a fraction of the vocabulary alone and still confirms the planted
+    triggers. 30 probe sentences: their own words are always scored alone, and the tiny model's
+    400 fit sentences use most of its 1 288 tokens."""
     from lmscan.api import ScanConfig, prepare
     from lmscan.detectors.verify import VerifyConfig
     from lmscan.detectors.vocab_sweep import VocabSweepConfig, run_vocab_sweep
@@ -201,8 +203,9 @@ def test_group_testing_confirms_what_the_exhaustive_sweep_confirms():
     trigger_of = {p: i for i, word in enumerate(read_manifest(FIXTURES / "tiny-bert-por")["trigger_tokens"]) for p in word}
     found, alone = {}, {}
     for size in (1, 8):
-        config = VocabSweepConfig(group_size=size, group_rounds=1, group_keep=2, population_sample=64)
-        run = run_vocab_sweep(prepared.loaded, prepared.sites, prepared.fit, prepared.heldout, config, VerifyConfig())
+        config = VocabSweepConfig(group_size=size, group_rounds=1, group_keep=4, population_sample=64)
+        run = run_vocab_sweep(prepared.loaded, prepared.sites, prepared.fit[:30], prepared.heldout, config,
+                              VerifyConfig())
         # Per site, the planted triggers a confirmed finding holds a piece of (which piece, and
         # the combinations tried around it, may differ: they come from each run's ranked lists).
         found[size] = sorted({(f.site, trigger_of[t]) for f in run.findings if f.rule_id == "LMS101"

@@ -59,7 +59,7 @@ class VocabSweepConfig:
     # Group testing in stage 1: the vocabulary is split at random into groups of this many tokens, each
     # group inserted as one sequence; a trigger dominates its group's feature. The members of the
     # group_keep most extreme groups (per round, site and statistic) are then scored one by one, with a random
-    # population_sample of single tokens for the vocabulary's median and percentiles. 1: every token alone.
+    # population_sample of single tokens for the vocabulary's medians. 1: every token alone.
     group_size: int = 8
     group_rounds: int = 2
     group_keep: int = 32
@@ -274,8 +274,8 @@ def _score(reader: SiteReader, token_ids, texts, config, progress):
 
 
 def _site_stats(tokenizer, vocab, shift, collapse, population, quantile: float) -> dict:
-    """Extremes over every token scored; median and percentile over ``population``, the
-    tokens that stand for the whole vocabulary."""
+    """Extremes over every token scored; medians over ``population``, the tokens that stand
+    for the whole vocabulary; the percentile as _upper_percentile reads it."""
     by_collapse, by_shift = np.argsort(collapse), np.argsort(-shift)
     p999 = _upper_percentile(shift, population, quantile)
 
