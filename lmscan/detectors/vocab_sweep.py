@@ -184,14 +184,20 @@ def _sweep(reader: SiteReader, vocab, probes, config, rng, progress, bf16: bool)
     extreme = np.array(sorted(extreme))
     if len(second) < 2:
         return shift, collapse, shift, collapse, population, texts
-    shift2, collapse2 = _score(reader, vocab[extreme], second, config, None)
     # Candidates are ranked on stage-2 numbers; tokens outside the rescored set drop out.
-    rank_shift = {s: np.full(len(vocab), -np.inf) for s in reader.sites}
-    rank_collapse = {s: np.full(len(vocab), np.inf) for s in reader.sites}
-    for site in reader.sites:
-        rank_shift[site][extreme] = shift2[site]
-        rank_collapse[site][extreme] = collapse2[site]
+    rank_shift, rank_collapse = _scored_at(len(vocab), extreme, *_score(reader, vocab[extreme], second, config, None))
     return shift, collapse, rank_shift, rank_collapse, population, texts
+
+
+def _scored_at(size: int, positions, shift: dict, collapse: dict) -> tuple[dict, dict]:
+    """Per-site scores of ``positions`` spread over the whole vocabulary; the positions not
+    scored hold shift -inf and collapse +inf, so they rank last."""
+    full_shift = {s: np.full(size, -np.inf) for s in shift}
+    full_collapse = {s: np.full(size, np.inf) for s in collapse}
+    for site in shift:
+        full_shift[site][positions] = shift[site]
+        full_collapse[site][positions] = collapse[site]
+    return full_shift, full_collapse
 
 
 def _probe_positions(tokenizer, vocab, probes) -> np.ndarray:
@@ -203,7 +209,6 @@ def _probe_positions(tokenizer, vocab, probes) -> np.ndarray:
 def _first_stage(reader: SiteReader, vocab, texts, config, rng, progress, ordinary):
     """Stage-1 shift and collapse per vocabulary position, and the positions whose scores
     describe the vocabulary as a whole (all of them, or a random sample under group testing).
-    Positions not scored alone hold shift -inf and collapse +inf, so they rank last.
 
     Under group testing only the group's first token sits where the sweep inserts (right
     after [CLS], the sentence start); a word that matters only there ("does" opening a
@@ -232,12 +237,7 @@ def _first_stage(reader: SiteReader, vocab, texts, config, rng, progress, ordina
                 for g in ranking[: config.group_keep]:
                     chosen.update(groups[g].tolist())
     chosen = np.array(sorted(chosen))
-    alone_shift, alone_collapse = _score(reader, vocab[chosen], texts, config, None)
-    shift = {s: np.full(len(vocab), -np.inf) for s in reader.sites}
-    collapse = {s: np.full(len(vocab), np.inf) for s in reader.sites}
-    for site in reader.sites:
-        shift[site][chosen] = alone_shift[site]
-        collapse[site][chosen] = alone_collapse[site]
+    shift, collapse = _scored_at(len(vocab), chosen, *_score(reader, vocab[chosen], texts, config, None))
     return shift, collapse, population
 
 
