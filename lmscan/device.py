@@ -24,6 +24,12 @@ def pick_device(spec: str = "auto") -> torch.device:
     raise InputError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
 
 
+def bf16_autocast(device, enabled: bool):
+    """bfloat16 autocast on ``device`` when ``enabled``: for passes that only rank candidates
+    (whatever a verdict rests on is computed outside it, in fp32)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def native_bf16(device) -> bool:
     """Whether ``device`` computes bfloat16 in hardware. Autocast elsewhere is emulated and
     slower than fp32, so callers fall back to fp32 there."""

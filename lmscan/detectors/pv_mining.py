@@ -43,10 +43,7 @@ NAME = "pv-mining"
 @dataclass(frozen=True)
 class PVMiningConfig:
     prompt_length: int = 7
-    # Fuzz loops (detection stops at the first verified PV). fast runs one: over the MiniLM bench
-    # zoo its 3 loops recovered 0 of the 19 planted PVs the sweep recovered, for a fifth of the
-    # scan's time; standard and thorough run the paper's 30.
-    loops: int = 1
+    loops: int = 3  # fuzz loops (detection stops at the first verified PV); fast only runs them when asked
     steps_per_loop: int = 30
     batch_size: int = 32
     max_length: int = 48

@@ -36,7 +36,7 @@ from lmscan.detectors.base import Detector, ScanContext
 from lmscan.detectors.verify import (HeldoutSet, SiteReader, VerifyConfig, pairwise_mse, verification_set,
                                     word_starts)
 from lmscan.detectors.vocab_sweep import NAME as SWEEP, _findings_for_site, sweep_vocabulary
-from lmscan.device import native_bf16
+from lmscan.device import bf16_autocast, native_bf16
 from lmscan.findings import DetectorRun, Finding
 from lmscan.sites import SITES
 
@@ -91,7 +91,7 @@ class _Objective:
         for start in range(0, len(blocks), per):
             chunk = blocks[start : start + per]
             rows, _ = self._inputs(chunk)
-            with torch.autocast(torch.device(self.reader.device).type, dtype=torch.bfloat16, enabled=self.bf16):
+            with bf16_autocast(self.reader.device, self.bf16):
                 feats = self.reader.features(rows, batch_size=batch_size)
             logs = []
             for site, f in feats.items():
