@@ -21,6 +21,7 @@ def demo(workdir, profile, device):
     original and the planted copy. Exit 0 when both verdicts come out right."""
     from lmscan.api import ScanConfig, scan
     from lmscan.attacks.plant import MANIFEST_NAME, PlantConfig, plant as run_plant
+    from lmscan.report.json_report import to_dict
     from lmscan.report.progress import detector_progress, step_progress
     from lmscan.report.render import verdict_line
 
@@ -37,11 +38,26 @@ def demo(workdir, profile, device):
             report = scan(ScanConfig(model=ref, profile=profile, device=device), progress=progress)
         line = verdict_line(report)
         click.echo(f"{label:>16}: {line.plain}  ({report.timings['total']:.0f} s)")
-        for run in report.detectors:
-            for finding in run.findings[:3]:
-                if finding.severity != "info":
-                    click.echo(f"{'':>18}{finding.rule_id} [{finding.site}] {finding.message}")
+        if report.verdict != expected:  # say what led it astray
+            for run in report.detectors:
+                for finding in run.findings[:3]:
+                    if finding.severity != "info":
+                        click.echo(f"{'':>18}{finding.rule_id} [{finding.site}] {finding.message}")
         outcomes.append(report.verdict == expected)
     truth = json.loads((planted / MANIFEST_NAME).read_text())
-    click.echo(f"{'':>18}planted triggers were: {', '.join(truth['triggers'])}")
+    click.echo(f"{'':>18}{trigger_tally(to_dict(report), truth)}")  # report: the planted copy's, scanned last
     sys.exit(0 if all(outcomes) else 1)
+
+
+def trigger_tally(report: dict, manifest: dict) -> str:
+    """One line: which of a plant's triggers (its lmscan-plant.json ``manifest``) the backdoor
+    findings of ``report`` (JSON) recovered, whole or by their first pieces, and which they missed."""
+    from lmscan.bench import trigger_naming
+
+    hits = [f for run in report["detectors"] for f in run["findings"] if f["verdict"] == "backdoored"]
+    naming = trigger_naming(hits, manifest)
+    recovered = [trigger if whole else f"{trigger} (by its first pieces)"
+                 for trigger, (whole, start) in naming.items() if whole or start]
+    missed = [trigger for trigger, (whole, start) in naming.items() if not (whole or start)]
+    return (f"recovered {len(recovered)} of {len(naming)} planted triggers: {', '.join(recovered) or 'none'}; "
+            f"missed: {', '.join(missed) or 'none'}")
