@@ -3,6 +3,9 @@
     from lmscan.api import ScanConfig, scan
     report = scan(ScanConfig(model="org/name"))
     report.verdict  # "clean" | "suspicious" | "backdoored" | "not-assessed"
+
+Many models: ``lmscan.fleet.scan_many(configs, jobs=..., ray_address=..., cache=...)`` yields one
+result per model as it finishes (it builds on this module, so it lives beside it).
 """
 
 from __future__ import annotations
@@ -194,6 +197,8 @@ def scan(config: ScanConfig, progress: ProgressFn | None = None, resolved=None) 
     t0 = time.perf_counter()
     policy = load_policy(config.rules_dir)
     catalog = load_catalog(config.rules_dir)
+    if progress is not None:
+        progress("load", 0, 1, "")  # loading a large model takes a while: say so before it starts
     prepared = prepare(config, resolved)
     settings, sites = prepared.settings, prepared.sites
     detectors = detector_plan(config, settings)
@@ -218,6 +223,37 @@ def scan(config: ScanConfig, progress: ProgressFn | None = None, resolved=None) 
         config=resolved_config, seed=config.seed, device=str(prepared.device), detectors=runs, verdict=verdict,
         severity=severity, timings=timings, started_at=started_at, reason=reason, incomplete=incomplete,
     )
+
+
+def scan_cached(config: ScanConfig, resolved, cache=None, progress: ProgressFn | None = None,
+                warn=None) -> Report:
+    """``scan`` unless ``cache`` (a lmscan.cache.ResultCache) holds an identical scan: same files,
+    same settings, same code. A cached report has ``from_cache`` set and names the model just
+    given (its path or Hub id may differ from the cached scan's). ``warn(message)`` hears of a
+    result that could not be cached."""
+    from lmscan.cache import scan_identity
+
+    key = None
+    if cache is not None:
+        settings, names = scan_settings(config, resolved)
+        key = cache.key(scan_identity(resolved, config, settings, names))
+        report = cache.get(key)
+        if report is not None:
+            report.model.update(model_info(resolved))
+            return report
+    report = scan(config, progress=progress, resolved=resolved)
+    if key is not None and report.verdict != "not-assessed" and not cache.put(key, report) and warn is not None:
+        warn("could not write the result cache")
+    return report
+
+
+def not_assessed_report(config: ScanConfig, resolved, exc: Exception) -> Report:
+    """The report of a scan that stopped after the model was resolved: no verdict, and why."""
+    return Report(schema_version="1.0", tool=tool_info(), model=model_info(resolved),
+                  config=dataclasses.asdict(config), seed=config.seed, device=config.device, detectors=[],
+                  verdict="not-assessed", severity="info", timings={},
+                  started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  reason=f"{exc} (exit {getattr(exc, 'exit_code', 2)})")
 
 
 def run_one(config: ScanConfig, name: str, progress: ProgressFn | None = None, fit: list[str] | None = None,

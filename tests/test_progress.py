@@ -18,6 +18,7 @@ def test_a_scan_logs_plain_stage_lines_when_stderr_is_not_a_terminal():
                                        "--device", "cpu", "--format", "json", "--no-cache"])
     assert result.exit_code == 1, result.output
     lines = result.stderr.splitlines()
+    assert "[lmscan] load" in lines  # before the model loads, which takes a while on a large one
     assert any(line.startswith("[lmscan] vocab-sweep ") for line in lines)
     assert json.loads(result.stdout)["verdict"] == "backdoored"  # stdout holds only the report
 

@@ -136,7 +136,7 @@ def resolve_model(ref: str, revision: str | None = None, offline: bool | None = 
     if _looks_like_path(ref_clean):
         raise InputError(f"{ref_clean}: no such file or directory")
 
-    return _resolve_hub(ref, ref_clean, revision, _offline_mode(offline))
+    return _resolve_hub(ref, ref_clean, revision, offline_mode(offline))
 
 
 # --- local paths -----------------------------------------------------------------
@@ -354,7 +354,8 @@ def has_safetensors_weights(model_dir: Path) -> bool:
 # --- Hugging Face Hub ----------------------------------------------------------------
 
 
-def _offline_mode(offline: bool | None) -> bool:
+def offline_mode(offline: bool | None) -> bool:
+    """Whether the Hub may not be reached: ``offline``, else HF_HUB_OFFLINE / huggingface_hub's setting."""
     if offline:
         return True
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE_VALUES:

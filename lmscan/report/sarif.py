@@ -60,15 +60,7 @@ def to_sarif(report: Report, rules_dir: str | Path | None = None) -> dict:
     results = [_result(f, index[f.rule_id], uri, model_sha, report, policy) for f in findings]
 
     run = {
-        "tool": {
-            "driver": {
-                "name": "lmscan",
-                "version": str(report.tool.get("version") or __version__),
-                "semanticVersion": str(report.tool.get("version") or __version__),
-                "informationUri": str(policy["sarif"].get("information_uri") or DEFAULT_INFORMATION_URI),
-                "rules": rules,
-            }
-        },
+        "tool": {"driver": driver(str(report.tool.get("version") or __version__), rules, policy)},
         "invocations": [_invocation(report)],
         "artifacts": _artifacts(report),
         "results": results,
@@ -88,6 +80,17 @@ def to_sarif(report: Report, rules_dir: str | Path | None = None) -> dict:
         }),
     }
     return {"$schema": SARIF_SCHEMA, "version": SARIF_VERSION, "runs": [run]}
+
+
+def driver(version: str, rules: list[dict], policy: dict) -> dict:
+    """``tool.driver``: lmscan at ``version`` with the rules its results refer to."""
+    return {
+        "name": "lmscan",
+        "version": version,
+        "semanticVersion": version,
+        "informationUri": str(policy["sarif"].get("information_uri") or DEFAULT_INFORMATION_URI),
+        "rules": rules,
+    }
 
 
 def to_sarif_json(report: Report, rules_dir: str | Path | None = None) -> str:

@@ -4,8 +4,9 @@ The policy (which finding verdicts count, what each ``--fail-on`` value means) i
 data in ``rules/policy.toml``; this module only applies it.
 
 Exit codes: 0 pass, 1 the report reaches ``--fail-on``, 3 nothing was assessed
-(never a clean verdict then). An allowlisted report passes (0) but still shows
-its findings.
+(never a clean verdict then), 2 an error. An allowlisted report passes (0) but
+still shows its findings. A fleet exits with the worst of its models' codes
+(:func:`fleet_exit_code`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from lmscan.rules_data import load_rules
 
 EXIT_PASS = 0
 EXIT_FAIL = 1
+EXIT_ERROR = 2
 EXIT_NOT_ASSESSED = 3
+# Worst first. An error outranks everything: that model was not even looked at and may hold
+# anything. A finding outranks a model that could not be assessed: both block a gate, but a
+# confirmed backdoor is what must be acted on first.
+FLEET_EXIT_ORDER = (EXIT_ERROR, EXIT_FAIL, EXIT_NOT_ASSESSED, EXIT_PASS)
 SARIF_LEVELS = ("none", "note", "warning", "error")
 
 
@@ -169,3 +175,8 @@ def exit_code(report: Report, fail_on: str | None = None, policy: dict | None = 
 def not_assessed_reason(report: Report) -> str:
     """One line saying why a report has no verdict (for the text report and logs)."""
     return report.reason or "no detector assessed the model"
+
+
+def fleet_exit_code(codes: list[int]) -> int:
+    """The exit code of a fleet scan: the worst of its models' (FLEET_EXIT_ORDER); 0 for none."""
+    return min(codes, key=FLEET_EXIT_ORDER.index, default=EXIT_PASS)
