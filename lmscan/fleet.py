@@ -141,7 +141,8 @@ def _scan(config: ScanConfig, label: str, cache, progress: str) -> Report:
 
     resolved = resolve_model(config.model, revision=config.revision, offline=config.offline)
     stderr = Console(stderr=True)
-    shown = nullcontext() if progress == "off" else detector_progress(stderr, label, plain=True if progress == "lines" else None)
+    plain = True if progress == "lines" else None  # None: bars on a terminal, lines elsewhere
+    shown = nullcontext() if progress == "off" else detector_progress(stderr, label, plain=plain)
 
     def warn(message: str) -> None:
         stderr.print(f"[lmscan] {label}: warning: {message}", markup=False, highlight=False)

@@ -21,6 +21,7 @@ REPORT_SUFFIX = {"json": "json", "sarif": "sarif", "text": "txt"}
 
 def check_fleet(configs: list, *, project: dict, policy: dict, fail_on: str, fmt: str, output: Path | None,
                 out_dir: Path | None, cache, jobs: int, ray_address: str | None, threads: int | None) -> None:
+    """Scan ``configs`` (one per model, same settings), write the reports, exit with the worst code."""
     from lmscan.fleet import import_ray, scan_many
     from lmscan.report.fleet import model_exit_code
     from lmscan.report.verdict import fleet_exit_code
