@@ -200,6 +200,8 @@ def scan(config: ScanConfig, progress: ProgressFn | None = None, resolved=None) 
     if progress is not None:
         progress("load", 0, 1, "")  # loading a large model takes a while: say so before it starts
     prepared = prepare(config, resolved)
+    if progress is not None:
+        progress("load", 1, 1, "")
     settings, sites = prepared.settings, prepared.sites
     detectors = detector_plan(config, settings)
     timings = {"load": prepared.load_seconds}
