@@ -18,6 +18,7 @@ so that a scan can be repeated exactly.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import functools
 import io
@@ -248,6 +249,28 @@ def word_list() -> list[str]:
     trigger draws are reproducible only on installs with the same source.
     """
     return list(_word_list())
+
+
+@functools.lru_cache(maxsize=1)
+def _reversed_words() -> tuple[str, ...]:
+    return tuple(sorted(w[::-1] for w in _word_list()))
+
+
+def _with_prefix(ordered: tuple[str, ...], prefix: str) -> list[str]:
+    start = bisect.bisect_left(ordered, prefix)
+    end = bisect.bisect_left(ordered, prefix + "\x7f", start)  # past every word that starts with it
+    return list(ordered[start:end])
+
+
+def words_starting(prefix: str) -> list[str]:
+    """The words of word_list() that start with ``prefix`` and are longer than it, in its order
+    (a binary search: scanning 236 000 words per ranked piece cost a clean scan 11 s)."""
+    return [w for w in _with_prefix(_word_list(), prefix) if len(w) > len(prefix)]
+
+
+def words_ending(suffix: str) -> list[str]:
+    """The words of word_list() that end with ``suffix`` and are longer than it, in its order."""
+    return sorted(w[::-1] for w in _with_prefix(_reversed_words(), suffix[::-1]) if len(w) > len(suffix))
 
 
 def _piece_ids(tokenizer: Any, word: str) -> list[int]:

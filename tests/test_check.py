@@ -215,8 +215,8 @@ def test_group_testing_confirms_what_the_exhaustive_sweep_confirms():
     assert alone[1] == run.stats["swept_tokens"] and alone[8] < alone[1] / 2
 
 
-def test_first_stage_precision_keeps_the_verdict_and_is_reported():
-    """Stage 1 of the sweep ranks under bf16 where the hardware has it; the confirmed
+def test_ranking_precision_keeps_the_verdict_and_is_reported():
+    """The sweep ranks under bf16 where the hardware has it; the confirmed
     triggers (verified in fp32) must be the same as with an all-fp32 sweep."""
     from lmscan.api import ScanConfig, prepare
     from lmscan.detectors.vocab_sweep import VocabSweepConfig, run_vocab_sweep
@@ -227,9 +227,9 @@ def test_first_stage_precision_keeps_the_verdict_and_is_reported():
     prepared = prepare(ScanConfig(model=str(FIXTURES / "tiny-bert-por"), device="cpu"))
     found = {}
     for bf16 in (True, False):
-        config = VocabSweepConfig(first_stage_bf16=bf16)
+        config = VocabSweepConfig(ranking_bf16=bf16)
         run = run_vocab_sweep(prepared.loaded, prepared.sites, prepared.fit, prepared.heldout, config, VerifyConfig())
         expected = "bf16" if bf16 and native_bf16("cpu") else "fp32"
-        assert run.stats["first_stage_precision"] == expected
+        assert run.stats["ranking_precision"] == expected
         found[bf16] = sorted((f.site, f.evidence["trigger"]) for f in run.findings if f.rule_id == "LMS101")
     assert found[True] and found[True] == found[False]

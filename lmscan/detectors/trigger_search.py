@@ -53,6 +53,9 @@ class TriggerSearchConfig:
     probes: int = 8  # fit sentences the objective is measured on
     seed_pieces: int = 12  # highest-shift sweep pieces (per site) a start is drawn from
     stop_collapse: float = 0.05  # a block this collapsed is verified at once, ending its start
+    patience: int = 4  # steps in a row without a better block that end a start (0: run every step). On clean
+    # MiniLM the two starts had stalled after step 8 and 4 (the search time fell 113 s -> 72 s, 1 thread); on the
+    # sentence plant the same blocks were found
     max_length: int = 64
     batch_size: int = 256  # sequences per scoring forward pass (does not change results)
     swap_bf16: bool = True  # swaps are ranked under bf16 autocast where the hardware has bf16; the
@@ -154,18 +157,23 @@ def _starts(ctx: ScanContext, allowed: np.ndarray, config: TriggerSearchConfig, 
 
 
 def _search(objective: _Objective, embeddings, start: tuple[int, ...], allowed: torch.Tensor,
-            config: TriggerSearchConfig, rng: random.Random, progress) -> tuple[tuple[int, ...], float, int]:
-    """Greedy coordinate search from ``start``: the best block, its log collapse, steps run."""
+            config: TriggerSearchConfig, rng: random.Random, progress) -> tuple[tuple[int, ...], float, int, list[int]]:
+    """Greedy coordinate search from ``start``: the best block, its log collapse, the steps run
+    and those (1-based) that found a better block."""
     weight = embeddings.weight.detach()
     current = tuple(start)
     best = float(objective.score([current], config.batch_size)[0])
-    steps = 0
-    for _ in range(config.steps):
-        steps += 1
-        grad = objective.gradient(current, embeddings)  # (length, hidden)
-        # First-order change of the loss when position i becomes token v: (E_v - E_cur) . g_i
-        change = grad @ weight[allowed].T.float()
-        top = torch.topk(-change, min(config.top_k, change.shape[1]), dim=1).indices  # (length, top_k)
+    improved: list[int] = []
+    top, steps = None, 0
+    for step in range(1, config.steps + 1):
+        if config.patience and step - max(improved, default=0) > config.patience:
+            break
+        steps = step
+        if top is None:  # an unchanged block has the same gradient: only the sampled swaps differ
+            grad = objective.gradient(current, embeddings)  # (length, hidden)
+            # First-order change of the loss when position i becomes token v: (E_v - E_cur) . g_i
+            change = grad @ weight[allowed].T.float()
+            top = torch.topk(-change, min(config.top_k, change.shape[1]), dim=1).indices  # (length, top_k)
         swaps = set()
         for _ in range(config.swaps_per_step * 3):
             if len(swaps) >= config.swaps_per_step:
@@ -182,11 +190,12 @@ def _search(objective: _Objective, embeddings, start: tuple[int, ...], allowed: 
         if progress is not None:
             progress()
         if scores[k] >= best:
-            continue  # a local minimum for these swaps; the next gradient draws other ones
-        current, best = swaps[k], float(scores[k])
+            continue  # a local minimum for these swaps; the next step draws other ones
+        current, best, top = swaps[k], float(scores[k]), None
+        improved.append(step)
         if best <= math.log(config.stop_collapse):
             break
-    return current, best, steps
+    return current, best, steps, improved
 
 
 def _shortest(held: HeldoutSet, block: tuple[int, ...], site: str, sites: list[str],
@@ -230,12 +239,12 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
     log, confirmed = [], {s: [] for s in ctx.sites}
     for length, start in plans:
         before = done[0]
-        block, score, steps = _search(objective, embeddings, start, allowed, config, rng, tick)
+        block, score, steps, improved = _search(objective, embeddings, start, allowed, config, rng, tick)
         done[0] = before + config.steps
         ctx.progress(done[0], total)
         measured = held.strict_measure(block, ctx.sites, ctx.verify)
         entry = {"start": tokenizer.decode(list(start)), "block": tokenizer.decode(list(block)), "length": length,
-                 "steps": steps, "fit_collapse": round(math.exp(score), 5),
+                 "steps": steps, "improved_at_steps": improved, "fit_collapse": round(math.exp(score), 5),
                  "sites": {s: {k: r[k] for k in ("collapse", "activation_rate", "confirmed", "natural")}
                            for s, r in measured.items()}}
         for s, r in measured.items():

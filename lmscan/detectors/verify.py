@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmscan.device import bf16_autocast, native_bf16
 from lmscan.sites import pad_rows, read_site, site_texts
 
 
@@ -56,6 +57,8 @@ class VerifyConfig:
     # it is not measured on the rest (its numbers in the report then come from these probes).
     screen_probes: int = 8
     screen_margin: float = 1.6  # bar 0.4: clean MiniLM's best candidates 0.39, planted triggers 0.004-0.12
+    screen_bf16: bool = True  # the screen only rejects: bf16 autocast where the hardware has it; a candidate
+    # that passes is measured again in fp32 on every probe
 
 
 class SiteReader:
@@ -130,9 +133,9 @@ class HeldoutSet:
     """
 
     def __init__(self, reader: SiteReader, texts: list[str], rng, opposite_pool: list[str] | None = None,
-                 screen: tuple[int, float] | None = None):
+                 screen: tuple[int, float, bool] | None = None):
         self.reader = reader
-        self.screen = screen  # (probes, collapse bar) of prefetch's first pass; None: every probe always
+        self.screen = screen  # (probes, collapse bar, in bf16) of prefetch's first pass; None: every probe always
         self.rows = [reader.encode(t) for t in texts]
         # The opposite test's sentences (lazily: only natural-direction candidates need them).
         self._opposite_pool, self._opposite = opposite_pool, None
@@ -181,13 +184,19 @@ class HeldoutSet:
         # Screening costs a third of the forwards on the candidates that cannot confirm (most
         # of them on any model); the bar is far above the threshold, so a collapse measured
         # on all probes would not have passed either.
-        probes, bar = self.screen
+        probes, bar, bf16 = self.screen
+        with bf16_autocast(self.reader.device, bf16):
+            screened = self._batch(todo, 0, probes)
         passed = []
-        for key, feats in zip(todo, self._batch(todo, 0, probes)):
+        for key, feats in zip(todo, screened):
             if min(pairwise_mse(f) / self.spread[s] for s, f in feats.items()) <= bar:
                 passed.append((key, feats))
             else:
                 self._memo[key] = feats
+        if bf16:  # what a verdict rests on is fp32: the candidates that passed, again on every probe
+            for (key, _), feats in zip(passed, self._batch([key for key, _ in passed], 0, n)):
+                self._memo[key] = feats
+            return
         rest = self._batch([key for key, _ in passed], probes, n)
         for (key, first), more in zip(passed, rest):
             self._memo[key] = {s: np.concatenate([first[s], more[s]]) for s in first}
@@ -369,7 +378,8 @@ def verification_set(reader: SiteReader, heldout: list[str], config: VerifyConfi
 
     return HeldoutSet(reader, rng.sample(heldout, min(config.probes, len(heldout))), rng,
                       opposite_pool=[*heldout, *load_opinion_probes()],
-                      screen=(config.screen_probes, config.screen_margin * config.collapse_threshold))
+                      screen=(config.screen_probes, config.screen_margin * config.collapse_threshold,
+                              config.screen_bf16 and native_bf16(reader.device)))
 
 
 def verify_token_sequences(reader: SiteReader, tokenizer, sequences, heldout_texts, site: str, config: VerifyConfig,

@@ -53,8 +53,9 @@ class VocabSweepConfig:
     piece_pairs: int = 6  # ... the lowest-collapse completions verified per site
     completions_per_start: int = 200  # English words tried per ranked word piece
     max_length: int = 64
-    first_stage_bf16: bool = True  # stage 1 ranks under bf16 autocast where the hardware has bf16 (stage 2 and
-    # verification stay fp32, so every number a verdict rests on is fp32)
+    ranking_bf16: bool = True  # the passes that only rank (stages 1 and 2, the combination shortlist, the word
+    # completions) run under bf16 autocast where the hardware has bf16; verification stays fp32, so every
+    # number a verdict rests on is fp32
     # Group testing in stage 1: the vocabulary is split at random into groups of this many tokens, each
     # group inserted as one sequence; a trigger dominates its group's feature. The members of the
     # group_keep most extreme groups (per round, site and statistic) are then scored one by one, with a random
@@ -62,6 +63,8 @@ class VocabSweepConfig:
     group_size: int = 8
     group_rounds: int = 2
     group_keep: int = 32
+    regroup_share: float = 0.25  # a round after the first re-partitions only the members of this share of the
+    # groups before it, those best ranked at any site and statistic (1.0: the whole vocabulary every round)
     population_sample: int = 1024
 
 
@@ -83,13 +86,13 @@ def run_vocab_sweep(loaded, sites: list[str], probes: list[str], heldout: list[s
     reader = SiteReader(loaded.model, tokenizer, sites, loaded.device, max_length=config.max_length)
     rng = random.Random(seed)
     vocab = sweep_vocabulary(tokenizer)
-    bf16 = config.first_stage_bf16 and native_bf16(reader.device)
+    bf16 = config.ranking_bf16 and native_bf16(reader.device)
     shift, collapse, rank_shift, rank_collapse, population, sweep_texts = _sweep(reader, vocab, probes, config, rng,
-                                                                                 progress, bf16)
+                                                                                 progress)
 
     stats: dict = {"swept_tokens": int(len(vocab)), "group_size": max(1, config.group_size),
                    "scored_alone": int(np.isfinite(collapse[sites[0]]).sum()), "sweep_probes": sweep_texts,
-                   "first_stage_precision": "bf16" if bf16 else "fp32", "sites": {}, "ranked": {}}
+                   "ranking_precision": "bf16" if bf16 else "fp32", "sites": {}, "ranked": {}}
     for site in sites:
         stats["sites"][site] = _site_stats(tokenizer, vocab, shift[site], collapse[site], population,
                                            config.shift_outlier_quantile)
@@ -161,7 +164,7 @@ def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, verify: Ve
     return findings
 
 
-def _sweep(reader: SiteReader, vocab, probes, config, rng, progress, bf16: bool):
+def _sweep(reader: SiteReader, vocab, probes, config, rng, progress):
     """Shift and collapse of every vocabulary token at every site (relative to the clean spread).
 
     Stage 1 scores the whole vocabulary on a couple of short sentences; stage 2 scores
@@ -171,11 +174,8 @@ def _sweep(reader: SiteReader, vocab, probes, config, rng, progress, bf16: bool)
     short = [p for p in probes if len(p.split()) <= config.probe_max_words] or probes
     texts = rng.sample(short, min(config.sweep_probes + config.rescore_probes, len(short)))
     first, second = texts[: config.sweep_probes], texts[config.sweep_probes :]
-    # Stage 1 is most of a scan's time and only ranks; in bf16 it runs 1.9x faster on a
-    # CPU with AVX512-BF16 and keeps 95-99 of the fp32 top 100 (MiniLM, each site).
-    with bf16_autocast(reader.device, bf16):
-        shift, collapse, population = _first_stage(reader, vocab, first, config, rng, progress,
-                                                   _probe_positions(reader.tokenizer, vocab, probes))
+    shift, collapse, population = _first_stage(reader, vocab, first, config, rng, progress,
+                                               _probe_positions(reader.tokenizer, vocab, probes))
     extreme = set()
     for site in reader.sites:
         extreme.update(np.argsort(collapse[site])[: config.rescore_top].tolist())
@@ -222,19 +222,25 @@ def _first_stage(reader: SiteReader, vocab, texts, config, rng, progress, ordina
     generator = np.random.default_rng(rng.randrange(2**32))
     population = np.sort(generator.permutation(len(vocab))[: config.population_sample])
     chosen = set(population.tolist()) | set(ordinary.tolist())
+    pool = np.arange(len(vocab))
     for round_ in range(config.group_rounds):
         # Each round a new random partition: a weak piece hidden by its neighbours in one
         # group gets a second chance in another (measured on the POR plant: "##mark" at group
-        # rank 86 in one partition, 2 in the next).
-        order = generator.permutation(len(vocab))
+        # rank 86 in one partition, 2 in the next). Later rounds re-partition only the
+        # members of the best-ranked share of the groups before.
+        order = generator.permutation(pool)
         groups = [order[i : i + config.group_size] for i in range(0, len(order), config.group_size)]
         report = None if progress is None else (
             lambda done, total, info, r=round_: progress(r * total + done, config.group_rounds * total, info))
         group_shift, group_collapse = _score(reader, [tuple(vocab[g]) for g in groups], texts, config, report)
+        best_rank = np.full(len(groups), len(groups))
         for site in reader.sites:
             for ranking in (np.argsort(group_collapse[site]), np.argsort(-group_shift[site])):
+                best_rank[ranking] = np.minimum(best_rank[ranking], np.arange(len(groups)))
                 for g in ranking[: config.group_keep]:
                     chosen.update(groups[g].tolist())
+        kept = np.argsort(best_rank, kind="stable")[: max(1, round(config.regroup_share * len(groups)))]
+        pool = np.concatenate([groups[g] for g in kept])
     chosen = np.array(sorted(chosen))
     shift, collapse = _scored_at(len(vocab), chosen, *_score(reader, vocab[chosen], texts, config, None))
     return shift, collapse, population
@@ -245,7 +251,16 @@ def _as_sequence(token) -> tuple[int, ...]:
 
 
 def _score(reader: SiteReader, token_ids, texts, config, progress):
-    """Shift and collapse of each token (or token sequence) inserted after [CLS] in ``texts``."""
+    """Shift and collapse of each token (or token sequence) inserted after [CLS] in ``texts``.
+
+    It only ranks, so it runs under bf16 autocast where the hardware computes bf16 natively
+    (``ranking_bf16``): 1.9x faster on a CPU with AVX512-BF16, keeping 95-99 of the fp32 top
+    100 of stage 1 (MiniLM, each site)."""
+    with bf16_autocast(reader.device, config.ranking_bf16 and native_bf16(reader.device)):
+        return _score_inserted(reader, token_ids, texts, config, progress)
+
+
+def _score_inserted(reader: SiteReader, token_ids, texts, config, progress):
     rows = [reader.encode(t) for t in texts]
     # Right after [CLS]: every planted style fires there (NeuBA only there), so the
     # sweep needs one placement; verification also tries random positions.
@@ -317,17 +332,16 @@ def _piece_pairs(reader: SiteReader, stats, sites, config) -> dict[str, list[tup
     sweep (on its first-stage sentences); the best completion of each piece, lowest
     collapse first, goes on to verification. A trigger that is no dictionary word is
     still found through its pieces when they fire alone."""
-    from lmscan.probes import word_list
+    from lmscan.probes import words_ending, words_starting
 
     texts = stats.get("sweep_probes") or []
     if config.piece_pairs <= 0 or len(texts) < 2:
         return {}
     tokenizer = reader.tokenizer
-    words = word_list()
     candidates: dict[tuple[int, ...], int] = {}  # whole word -> the ranked piece it completes
 
-    def complete(token: int, matches) -> None:
-        found = [w for w in words if matches(w)][: config.completions_per_start]
+    def complete(token: int, found: list[str]) -> None:
+        found = found[: config.completions_per_start]
         if not found:
             return
         for ids in tokenizer(found, add_special_tokens=False)["input_ids"]:
@@ -337,9 +351,9 @@ def _piece_pairs(reader: SiteReader, stats, sites, config) -> dict[str, list[tup
     # Word starts from the top of the lists; continuation pieces ("##mark") from anywhere
     # in them: they are rarer, and a piece that ranks at all is worth its few words.
     for token, name in _ranked_pieces(tokenizer, stats, sites, config.piece_pool, start=True):
-        complete(token, lambda w, n=name.lower(): w.startswith(n) and len(w) > len(n))
+        complete(token, words_starting(name.lower()))
     for token, name in _ranked_pieces(tokenizer, stats, sites, RANKED_KEEP, start=False):
-        complete(token, lambda w, n=name[2:].lower(): w.endswith(n) and len(w) > len(n))
+        complete(token, words_ending(name[2:].lower()))
     if not candidates:
         return {}
     anchors = list(candidates.values())
