@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lmscan.errors import InputError
@@ -33,6 +35,11 @@ def bf16_autocast(device, enabled: bool):
 def native_bf16(device) -> bool:
     """Whether ``device`` computes bfloat16 in hardware. Autocast elsewhere is emulated and
     slower than fp32, so callers fall back to fp32 there."""
+    return _native_bf16(str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _native_bf16(device: str) -> bool:  # asked before every ranking pass: /proc/cpuinfo is read once
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

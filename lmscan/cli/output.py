@@ -50,8 +50,9 @@ def emit_report(report, fmt: str, output: Path | None, rules_dir, quiet: bool = 
 
 def plain_text(draw) -> str:
     """What ``draw(console)`` prints, as plain text 120 columns wide (for a file)."""
-    console = Console(record=True, width=120, file=open(os.devnull, "w"))
-    draw(console)
+    with open(os.devnull, "w") as sink:
+        console = Console(record=True, width=120, file=sink)
+        draw(console)
     return console.export_text()
 
 

@@ -256,34 +256,30 @@ def _score(reader: SiteReader, token_ids, texts, config, progress):
     It only ranks, so it runs under bf16 autocast where the hardware computes bf16 natively
     (``ranking_bf16``): 1.9x faster on a CPU with AVX512-BF16, keeping 95-99 of the fp32 top
     100 of stage 1 (MiniLM, each site)."""
-    with bf16_autocast(reader.device, config.ranking_bf16 and native_bf16(reader.device)):
-        return _score_inserted(reader, token_ids, texts, config, progress)
-
-
-def _score_inserted(reader: SiteReader, token_ids, texts, config, progress):
     rows = [reader.encode(t) for t in texts]
     # Right after [CLS]: every planted style fires there (NeuBA only there), so the
     # sweep needs one placement; verification also tries random positions.
     places = [1] * len(rows)
-    clean = reader.features(rows)
-    n = len(rows)
-    spread = {site: pairwise_mse(f) or 1e-12 for site, f in clean.items()}
-    shift = {s: np.empty(len(token_ids)) for s in reader.sites}
-    collapse = {s: np.empty(len(token_ids)) for s in reader.sites}
-    chunk = max(1, config.batch_size // n)
-    for start in range(0, len(token_ids), chunk):
-        ids = token_ids[start : start + chunk]
-        feats = reader.features([insert_ids(r, _as_sequence(t), at) for t in ids for r, at in zip(rows, places)],
-                                batch_size=config.batch_size)
-        for site in reader.sites:
-            f = feats[site].reshape(len(ids), n, -1)
-            moved = ((f - clean[site][None]) ** 2).mean(axis=(1, 2))
-            centred = f - f.mean(axis=1, keepdims=True)
-            pair = 2 * n * (centred**2).sum(axis=(1, 2)) / (n * (n - 1)) / f.shape[2]
-            shift[site][start : start + len(ids)] = moved / spread[site]
-            collapse[site][start : start + len(ids)] = pair / spread[site]
-        if progress is not None:
-            progress(min(start + chunk, len(token_ids)), len(token_ids), 0.0)
+    with bf16_autocast(reader.device, config.ranking_bf16 and native_bf16(reader.device)):
+        clean = reader.features(rows)
+        n = len(rows)
+        spread = {site: pairwise_mse(f) or 1e-12 for site, f in clean.items()}
+        shift = {s: np.empty(len(token_ids)) for s in reader.sites}
+        collapse = {s: np.empty(len(token_ids)) for s in reader.sites}
+        chunk = max(1, config.batch_size // n)
+        for start in range(0, len(token_ids), chunk):
+            ids = token_ids[start : start + chunk]
+            feats = reader.features([insert_ids(r, _as_sequence(t), at) for t in ids for r, at in zip(rows, places)],
+                                    batch_size=config.batch_size)
+            for site in reader.sites:
+                f = feats[site].reshape(len(ids), n, -1)
+                moved = ((f - clean[site][None]) ** 2).mean(axis=(1, 2))
+                centred = f - f.mean(axis=1, keepdims=True)
+                pair = 2 * n * (centred**2).sum(axis=(1, 2)) / (n * (n - 1)) / f.shape[2]
+                shift[site][start : start + len(ids)] = moved / spread[site]
+                collapse[site][start : start + len(ids)] = pair / spread[site]
+            if progress is not None:
+                progress(min(start + chunk, len(token_ids)), len(token_ids), 0.0)
     return shift, collapse
 
 
