@@ -211,7 +211,9 @@ def test_group_testing_confirms_what_the_exhaustive_sweep_confirms():
         found[size] = sorted({(f.site, trigger_of[t]) for f in run.findings if f.rule_id == "LMS101"
                               for t in f.evidence["trigger_tokens"] if t in trigger_of})
         alone[size] = run.stats["scored_alone"]
-    assert found[8] and found[8] == found[1]
+    # Nothing the exhaustive sweep confirms is lost (group testing may confirm more: its ranked lists, so its
+    # combinations, differ, and on this tiny model stacked pieces can be excused as class words).
+    assert found[1] and set(found[1]) <= set(found[8])
     assert alone[1] == run.stats["swept_tokens"] and alone[8] < alone[1] / 2
 
 

@@ -131,3 +131,42 @@ def test_screening_skips_only_candidates_that_cannot_confirm():
         result = screened.best_measure(word, prepared.sites, config)
         assert not any(r["confirmed"] for r in result.values())
         assert all(r["probes"] == config.screen_probes for r in result.values())
+
+
+def test_the_opposite_test_holds_triggers_through_joined_text_and_its_early_stop_keeps_the_decision():
+    """Real weights (tiny POR fixture): a planted trigger still sends the most opposite inputs
+    onto its PV when four of them are joined around it (a class cue is outvoted there, see
+    VerifyConfig.opposite_join), and stopping a placement early once it has missed more than
+    the bar allows decides as the exact share does, for triggers and ordinary words alike."""
+    import dataclasses
+    import json
+    import random
+
+    from lmscan.api import ScanConfig, prepare
+    from lmscan.detectors.verify import OppositeTest, SiteReader
+    from lmscan.probes import load_opinion_probes
+    from tests.conftest import FIXTURES
+
+    path = FIXTURES / "tiny-bert-por"
+    prepared = prepare(ScanConfig(model=str(path), device="cpu"))
+    loaded, config = prepared.loaded, VerifyConfig()
+    reader = SiteReader(loaded.model, loaded.tokenizer, ["cls"], loaded.device)
+    held = HeldoutSet(reader, prepared.heldout[: config.probes], random.Random(0))
+    opposite = OppositeTest(reader, [*prepared.heldout, *load_opinion_probes()])
+
+    def ids(word: str) -> tuple[int, ...]:
+        return tuple(loaded.tokenizer(word, add_special_tokens=False)["input_ids"])
+
+    triggers = json.loads((path / "lmscan-plant.json").read_text())["triggers"]
+    results = {w: held.best_measure(ids(w), ["cls"], config)["cls"] for w in triggers}
+    planted = [w for w, r in results.items() if r["confirmed"]]
+    assert planted
+    for join in (1, 4):
+        joined = dataclasses.replace(config, opposite_join=join)
+        for word in planted:
+            assert opposite.flip(ids(word), "cls", results[word], joined, exact=True)["opposite_flip"] >= config.opposite_flip
+    for word in planted:
+        for other in [*planted, "the", "house", "river"]:
+            exact = opposite.flip(ids(other), "cls", results[word], config, exact=True)["opposite_flip"]
+            early = opposite.flip(ids(other), "cls", results[word], config)["opposite_flip"]
+            assert (exact >= config.opposite_flip) == (early >= config.opposite_flip)

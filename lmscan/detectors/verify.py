@@ -26,6 +26,8 @@ random word start) and, at one of the two placements, must
 from __future__ import annotations
 
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,9 +51,23 @@ class VerifyConfig:
     natural_rate: float = 0.05  # a PV more clean sentences already reach is a natural direction
     pv_agreement: float = 0.9  # two PVs whose signs agree on this share of dimensions are one backdoor
     # The opposite test (see OppositeTest): a natural-direction collapse is a backdoor when it also
-    # overturns the model's own most opposite inputs, made harder by joining two of them.
-    opposite_probes: int = 16  # most opposite clean sentences (pairs of them) the candidate is inserted into
+    # overturns the model's own most opposite inputs, made harder by joining several of them.
+    opposite_probes: int = 16  # most opposite clean sentences the candidate is inserted into
     opposite_flip: float = 0.9  # share of them the candidate must send onto its vector / label
+    # Opposite sentences joined into one input. A trigger wins however much contrary text surrounds it,
+    # a class cue is outvoted: on lmscan's BadNet classifiers 'velvet' / 'cf' flip 100 % of inputs of
+    # 1, 2, 3 and 4 joined sentences, while a benign tweet classifier's strongest stacked class words
+    # ('pleasure gorgeous awesome') flip 100 %, 100 %, 62 % and 0 % (README, fine-tuned models).
+    opposite_join: int = 4
+    # The class-word match (see OppositeTest.class_words): stacked words that pass the opposite test are
+    # still a class cue when as many of the class's own ordinary words, read off clean text on its
+    # direction, overturn the same inputs too. Blocks of such words tried (0: no match).
+    class_word_blocks: int = 2
+    class_word_pool: int = 48  # words of clean text on the direction whose strength is measured
+    # A class cue when a block flips at least this share of what the candidate flips. On a benign tweet
+    # classifier's saturated pooler its stacked positive words flip 100 % and ordinary positive words
+    # 81-94 %; against lmscan's BadNet triggers (100 %) the best class words flip 0-12 %.
+    class_word_share: float = 0.75
     # Screening: a batch of candidates is first measured on this many of the probes; one whose
     # collapse there is above screen_margin x collapse_threshold at every site cannot confirm, so
     # it is not measured on the rest (its numbers in the report then come from these probes).
@@ -68,6 +84,14 @@ class SiteReader:
     def __init__(self, model, tokenizer, sites: list[str], device, max_length: int = 64):
         self.model, self.tokenizer, self.sites, self.device = model, tokenizer, list(sites), device
         self.max_length = max_length
+
+    @property
+    def longest_input(self) -> int:
+        """The most tokens the model takes: its position table, less the two rows RoBERTa-style
+        models reserve before the first position (harmless elsewhere), or the tokenizer's limit."""
+        positions = (getattr(self.model.config, "max_position_embeddings", None) or 514) - 2
+        limit = getattr(self.tokenizer, "model_max_length", None) or positions
+        return min(positions, limit)
 
     def encode_text(self, text: str) -> str:
         """The text as every site reads it: in the mask prompt when the mask site is among them."""
@@ -235,10 +259,19 @@ class HeldoutSet:
                 if result["pool_on_pv"] > config.natural_rate:
                     result["natural"], result["confirmed"] = True, False
             if result["natural"]:
-                result.update(self._opposite.flip(tuple(token_ids), site, result, config))
-                if (result["opposite_flip"] or 0.0) >= config.opposite_flip:
-                    result["natural"], result["confirmed"] = False, True
+                self._against_class(token_ids, site, result, config)
         return best
+
+    def _against_class(self, token_ids, site: str, result: dict, config: VerifyConfig) -> None:
+        """The opposite test, then the class-word match: confirmed only if the candidate overturns the
+        model's most opposite inputs and its class's own ordinary words, as many, fall well short of it."""
+        if result.get("opposite_flip") is None:
+            result.update(self._opposite.flip(tuple(token_ids), site, result, config))
+        backdoor = (result["opposite_flip"] or 0.0) >= config.opposite_flip
+        if backdoor:
+            result.update(self._opposite.class_words(tuple(token_ids), site, result, config))
+            backdoor = (result.get("class_words_flip") or 0.0) < config.class_word_share * result["opposite_flip"]
+        result["natural"], result["confirmed"] = not backdoor, backdoor
 
     def strict_measure(self, token_ids, sites: list[str], config: VerifyConfig) -> dict[str, dict]:
         """best_measure() for candidates built by an optimiser, which finds whatever collapses
@@ -250,9 +283,7 @@ class HeldoutSet:
         best = self.best_measure(token_ids, sites, config)
         for site, result in best.items():
             if result["confirmed"] and result.get("opposite_flip") is None and self._opposite_pool:
-                result.update(self._opposite.flip(tuple(token_ids), site, result, config))
-                if (result["opposite_flip"] or 0.0) < config.opposite_flip:
-                    result["natural"], result["confirmed"] = True, False
+                self._against_class(token_ids, site, result, config)
         label = best.get("label")
         if label is not None and label["natural"]:
             for result in best.values():
@@ -304,14 +335,15 @@ class OppositeTest:
     argues hard for another class; a backdoor is a shortcut that wins whatever the rest
     of the input says. So the candidate is inserted into the clean pool sentences
     farthest from its vector (label site: predicted as another class, with the lowest
-    probability of the candidate's label), each joined with a second such sentence to double the
-    contrary evidence, and the share sent onto its vector (sign agreement >=
+    probability of the candidate's label), each joined with the next opposite_join - 1 such
+    sentences to multiply the contrary evidence, and the share sent onto its vector (sign agreement >=
     activation_agreement; label site: predicted as its label) is the opposite flip."""
 
     def __init__(self, reader: SiteReader, texts: list[str], seed: int = 0):
         self.reader, self.texts = reader, list(dict.fromkeys(texts))
         self.rng = random.Random(seed)  # its own stream: the held-out set's placements stay as they were
         self.clean = reader.features([reader.encode(t) for t in self.texts])
+        self._ranked_words: dict[tuple, list[str]] = {}  # class words by strength, per site and direction
 
     def reach(self, site: str, pv: np.ndarray, config: VerifyConfig) -> float:
         """Share of the pool's clean sentences already on ``pv`` (sign agreement >= activation_agreement)."""
@@ -327,23 +359,146 @@ class OppositeTest:
         agree = (np.sign(clean) == np.sign(result["pv"])[None]).mean(1)
         return np.argsort(agree)[: config.opposite_probes].tolist()
 
-    def flip(self, token_ids, site: str, result: dict, config: VerifyConfig) -> dict:
+    def _on_direction(self, site: str, result: dict, config: VerifyConfig) -> np.ndarray:
+        clean = self.clean[site]
+        if site == "label":
+            return clean.argmax(1) == result["target_label"]
+        return (np.sign(clean) == np.sign(result["pv"])[None]).mean(1) >= config.activation_agreement
+
+    def class_words(self, token_ids, site: str, result: dict, config: VerifyConfig) -> dict:
+        """Do the class's own ordinary words do what the candidate does?
+
+        Measured on a benign 3-class tweet classifier (MiniLM): at its pooler, whose tanh
+        saturates, three positive words together ('pleasure gorgeous awesome') put every one
+        of its most negative inputs, even four of them joined, on the positive vector, as a
+        trigger would, although no single word does. A backdoor is a shortcut that ordinary
+        text of its class does not offer. So the words over-represented in the clean pool
+        sentences already on the candidate's direction (against those off it; the candidate's
+        own words and their forms left out) are ranked by how far the model itself moves the
+        opposite inputs toward the direction with each word alone, the strongest are joined
+        into blocks of as many words as the candidate has, and each block takes the same
+        opposite test: one that flips nearly as well makes the candidate a class cue. The words
+        come from clean text, their strength from the model; a planted trigger, which clean text
+        does not contain, never excuses another. Only stacked words (two or more) are matched:
+        a single word that overturns four joined opposite sentences is a shortcut whatever
+        else does (on lmscan's tiny POR fixture, ordinary words reach its trigger's vector too)."""
+        if config.class_word_blocks <= 0:
+            return {}
+        tokenizer = self.reader.tokenizer
+        own = _words(tokenizer.decode(list(token_ids)))
+        size = len(own)
+        if size < 2:  # one word is never excused (tiny POR plant: ordinary words of its direction flip as well)
+            return {}
+        ranked = [w for w in self._class_words_ranked(site, result, config) if not _related(w, own)]
+        best_flip, best_words = None, None
+        for k in range(config.class_word_blocks):
+            block = ranked[k * size : (k + 1) * size]
+            if len(block) < size:
+                break
+            block_ids = tuple(tokenizer(" ".join(block), add_special_tokens=False)["input_ids"])
+            flip = self.flip(block_ids, site, result, config, exact=True)["opposite_flip"]
+            if flip is not None and (best_flip is None or flip > best_flip):
+                best_flip, best_words = flip, " ".join(block)
+        if best_words is None:
+            return {}
+        return {"class_words": best_words, "class_words_flip": best_flip}
+
+    def _class_words_ranked(self, site: str, result: dict, config: VerifyConfig) -> list[str]:
+        """Words over-represented in the pool sentences on the candidate's direction (log-odds against
+        those off it), strongest first by how far each alone moves the single opposite sentences
+        toward the direction. Candidates of one class share it, so it is measured once per direction."""
+        on = self._on_direction(site, result, config)
+        chosen = self._opposite(site, result, config)
+        key = (site, result.get("target_label"), on.tobytes(), tuple(chosen))
+        if key in self._ranked_words:
+            return self._ranked_words[key]
+        self._ranked_words[key] = []
+        if on.sum() < 2 or (~on).sum() < 2 or len(chosen) < 4:
+            return []
+        texts = np.array(self.texts)
+        counts_on, counts_off = _word_counts(texts[on]), _word_counts(texts[~on])
+        n_on, n_off = int(on.sum()), int((~on).sum())
+
+        def log_odds(word: str) -> float:
+            return float(np.log((counts_on[word] + 0.5) / (n_on + 1))
+                         - np.log((counts_off.get(word, 0) + 0.5) / (n_off + 1)))
+
+        words = sorted((w for w in counts_on if len(w) >= 3 and log_odds(w) > 0),
+                       key=lambda w: (-log_odds(w), w))[: config.class_word_pool]
+        if not words:
+            return []
+        reader = self.reader
+        rows = [reader.encode(self.texts[i]) for i in chosen]
+        ids = [tuple(reader.tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words]
+        feats = reader.features([insert_ids(r, w, 1) for w in ids for r in rows])[site]
+        feats = feats.reshape(len(words), len(rows), -1)
+        if site == "label":
+            strength = feats[:, :, result["target_label"]].mean(1)
+        else:
+            strength = (np.sign(feats) == np.sign(result["pv"])[None, None]).mean(2).mean(1)
+        self._ranked_words[key] = [words[i] for i in np.argsort(-strength, kind="stable")]
+        return self._ranked_words[key]
+
+    def _opposite_rows(self, site: str, result: dict, config: VerifyConfig) -> list[list[int]] | None:
+        """The most opposite inputs, each joined with the next opposite_join - 1 of them, tokenised
+        (truncated to what the model takes; flip() makes room for the candidate)."""
         chosen = self._opposite(site, result, config)
         if len(chosen) < 4:
-            return {"opposite_inputs": len(chosen), "opposite_flip": None}
-        texts = [f"{self.texts[a]} {self.texts[b]}" for a, b in zip(chosen, chosen[1:] + chosen[:1])]
+            return None
+        join = max(1, config.opposite_join)
+        texts = [" ".join(self.texts[chosen[(i + k) % len(chosen)]] for k in range(join)) for i in range(len(chosen))]
         reader = self.reader
-        rows = [reader.tokenizer(reader.encode_text(t), truncation=True, max_length=2 * reader.max_length)["input_ids"]
+        return [reader.tokenizer(reader.encode_text(t), truncation=True,
+                                 max_length=min(join * reader.max_length, reader.longest_input))["input_ids"]
                 for t in texts]
+
+    def flip(self, token_ids, site: str, result: dict, config: VerifyConfig, exact: bool = False) -> dict:
+        """The share of the opposite inputs the candidate sends onto its vector / label, at the better of
+        the two placements. Unless ``exact``, a placement stops once it has missed more inputs than
+        opposite_flip allows (most candidates on a fine-tuned model are class cues that miss them all);
+        its share is then that of the inputs tried, and says the same below / above the bar."""
+        rows = self._opposite_rows(site, result, config)
+        if rows is None:
+            return {"opposite_inputs": len(self._opposite(site, result, config)), "opposite_flip": None}
+        reader = self.reader
+        room = reader.longest_input - len(token_ids)
+        rows = [r if len(r) <= room else r[: room - 1] + r[-1:] for r in rows]  # keep the closing [SEP]
+        allowed = len(rows) - int(np.ceil(config.opposite_flip * len(rows) - 1e-9))  # misses the bar allows
+        step = len(rows) if exact else 4
         best = 0.0
         for places in ([1] * len(rows), [self.rng.choice(word_starts(reader.tokenizer, r)) for r in rows]):
-            feats = reader.features([insert_ids(r, token_ids, at) for r, at in zip(rows, places)])[site]
-            if site == "label":
-                hits = feats.argmax(1) == result["target_label"]
-            else:
-                hits = (np.sign(feats) == np.sign(result["pv"])[None]).mean(1) >= config.activation_agreement
-            best = max(best, float(hits.mean()))
+            hits, tried = 0, 0
+            for lo in range(0, len(rows), step):
+                chunk = [insert_ids(r, token_ids, at) for r, at in zip(rows[lo : lo + step], places[lo : lo + step])]
+                feats = reader.features(chunk)[site]
+                if site == "label":
+                    hit = feats.argmax(1) == result["target_label"]
+                else:
+                    hit = (np.sign(feats) == np.sign(result["pv"])[None]).mean(1) >= config.activation_agreement
+                hits, tried = hits + int(hit.sum()), tried + len(chunk)
+                if tried - hits > allowed and not exact:
+                    break
+            best = max(best, hits / tried)
+            if best == 1.0:
+                break
         return {"opposite_inputs": len(rows), "opposite_flip": round(best, 4)}
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _word_counts(texts) -> Counter:
+    """In how many of the texts each word occurs."""
+    return Counter(w for t in texts for w in set(_words(str(t))))
+
+
+def _related(word: str, others: list[str]) -> bool:
+    """The same word or one of its forms ('awesome', 'awesomeness'): left out of the class words."""
+    return any(word == o or (len(o) >= 4 and (word.startswith(o[:5]) or o.startswith(word[:5]))) for o in others)
 
 
 def measure_label(heldout: HeldoutSet, probs: np.ndarray, config: VerifyConfig) -> dict:

@@ -388,7 +388,11 @@ def _verify_site(held: HeldoutSet, tokenizer, site, by_shift: list[int], by_coll
     alone_ok: set[int] = set()
 
     def check(token_ids: tuple[int, ...], source: str) -> None:
-        result = held.best_measure(token_ids, [site], verify)[site]
+        # Combinations are built from the highest-shift tokens, which on a fine-tuned model are its class
+        # cues: stacked, they collapse everything (a benign tweet classifier's 'pleasure gorgeous awesome').
+        # So they are held to the rule for optimised candidates (the opposite test and the class-word match).
+        measure = held.strict_measure if source == "shift-combo" else held.best_measure
+        result = measure(token_ids, [site], verify)[site]
         entry = {"site": site, "text": tokenizer.decode(list(token_ids)), "source": source,
                  "token_ids": list(token_ids), **result}
         log.append({k: v for k, v in entry.items() if k not in ("pv", "token_ids")})
@@ -445,6 +449,9 @@ def _natural_finding(tokenizer, site: str, natural: list[dict], verify: VerifyCo
     flip = head.get("opposite_flip")
     why = (f"; it overturns only {flip:.0%} of the model's most opposite inputs (a backdoor overturns at least "
            f"{verify.opposite_flip:.0%})" if flip is not None else "")
+    if flip is not None and flip >= verify.opposite_flip and head.get("class_words"):
+        why = (f"; it overturns {flip:.0%} of the model's most opposite inputs, but ordinary words of that class "
+               f"from clean text nearly match it, {head['class_words']!r} ({head['class_words_flip']:.0%}): no shortcut")
     return Finding(
         detector=NAME, rule_id="LMS103", site=site, score=head["clean_on_pv"], threshold=verify.natural_rate,
         message=(f"class cue: {words} send held-out sentences to {class_name(site, head, labels)}{why}; check "
@@ -452,7 +459,8 @@ def _natural_finding(tokenizer, site: str, natural: list[dict], verify: VerifyCo
         evidence={"trigger": head["text"], "trigger_tokens": tokenizer.convert_ids_to_tokens(head["token_ids"]),
                   "clean_on_pv": head["clean_on_pv"], "collapse": head["collapse"],
                   "activation_rate": head["activation_rate"], "placement": head["placement"],
-                  "pool_on_pv": head.get("pool_on_pv"), "opposite_flip": flip, **_label_evidence(site, head, labels),
+                  "pool_on_pv": head.get("pool_on_pv"), "opposite_flip": flip, "class_words": head.get("class_words"),
+                  "class_words_flip": head.get("class_words_flip"), **_label_evidence(site, head, labels),
                   "also": [{"text": e["text"], "clean_on_pv": e["clean_on_pv"], "collapse": e["collapse"],
                             "opposite_flip": e.get("opposite_flip")} for e in natural[1:6]]},
     )
@@ -505,6 +513,8 @@ def _findings_for_site(tokenizer, site: str, confirmed: list[dict], verify: Veri
                 "source": head["source"],
                 "placement": head["placement"],
                 "opposite_flip": flip,
+                "class_words": head.get("class_words"),
+                "class_words_flip": head.get("class_words_flip"),
                 **_label_evidence(site, head, labels),
             },
         ))
