@@ -200,8 +200,8 @@ def _search(objective: _Objective, embeddings, start: tuple[int, ...], allowed: 
 
 def _shortest(held: HeldoutSet, block: tuple[int, ...], site: str, sites: list[str],
               verify: VerifyConfig) -> tuple[tuple[int, ...], dict]:
-    """The shortest contiguous part of a confirmed block that still verifies at ``site``
-    (measured at every scanned site, so the label site can overrule)."""
+    """The shortest contiguous part of a block that verifies at ``site`` (measured at every
+    scanned site, so the label site can overrule); the block itself when no part does."""
     best = (block, held.strict_measure(block, sites, verify)[site])
     for length in range(len(block) - 1, 0, -1):
         parts = [block[i : i + length] for i in range(len(block) - length + 1)]
@@ -252,8 +252,12 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
                 entry["sites"][s]["opposite_flip"] = r["opposite_flip"]
         log.append(entry)
         for site, result in measured.items():
-            if result["confirmed"]:
+            # A block judged a class cue may still hold a trigger that, alone, is none: a planted word
+            # plus a piece stacks like class words (tiny POR fixture: 'vx v', its part 'vx' confirmed).
+            if result["confirmed"] or result["natural"]:
                 part, part_result = _shortest(held, block, site, ctx.sites, ctx.verify)
+                if not part_result["confirmed"]:
+                    continue
                 confirmed[site].append({"site": site, "text": tokenizer.decode(list(part)), "source": NAME,
                                         "token_ids": list(part), **part_result})
     findings = []
