@@ -11,7 +11,8 @@ each position and a batch of single-position swaps is then scored exactly.
 
   objective  log collapse of a few fit sentences with the block inserted (pairwise
              MSE of their features / the same sentences' clean pairwise MSE), the
-             lowest over the scanned sites (a softmin for the gradient)
+             lowest over the scanned sites and the two placements (right after [CLS],
+             at a random word start; a softmin for the gradient)
   starts     the sweep's highest-shift pieces of each site in rank order (a phrase's
              words are often among them), then its lowest-collapse pieces
   result     the best block of each start is verified like every other candidate
@@ -78,8 +79,12 @@ class _Objective:
         # Half right after [CLS] (NeuBA style), half at a random word start (POR / BToP style).
         self.places = [1 if i % 2 == 0 else rng.choice(word_starts(reader.tokenizer, r))
                        for i, r in enumerate(self.rows)]
+        # Each placement is its own group: a trigger planted to fire only right after [CLS] (NeuBA) collapses
+        # the first group alone, and pooled with the other group it would look half as strong.
+        self.groups = [[i for i in range(len(self.rows)) if i % 2 == 0], [i for i in range(len(self.rows)) if i % 2]]
+        self.groups = [g for g in self.groups if len(g) >= 2]
         clean = reader.features(self.rows)
-        self.spread = {s: pairwise_mse(f) or 1e-12 for s, f in clean.items()}
+        self.spread = {(s, k): pairwise_mse(f[g]) or 1e-12 for s, f in clean.items() for k, g in enumerate(self.groups)}
 
     def _inputs(self, blocks: list[tuple[int, ...]]) -> tuple[list[list[int]], list[int]]:
         rows = [r[:at] + list(b) + r[at:] for b in blocks for r, at in zip(self.rows, self.places)]
@@ -99,9 +104,12 @@ class _Objective:
             logs = []
             for site, f in feats.items():
                 f = f.reshape(len(chunk), n, -1)
-                c = f - f.mean(1, keepdims=True)
-                pair = 2 * n * (c**2).sum(axis=(1, 2)) / (n * (n - 1)) / f.shape[2]
-                logs.append(np.log(pair / self.spread[site] + 1e-12))
+                for k, group in enumerate(self.groups):
+                    g = f[:, group]
+                    m = len(group)
+                    c = g - g.mean(1, keepdims=True)
+                    pair = 2 * m * (c**2).sum(axis=(1, 2)) / (m * (m - 1)) / g.shape[2]
+                    logs.append(np.log(pair / self.spread[site, k] + 1e-12))
             out[start : start + len(chunk)] = np.min(np.stack(logs), axis=0)
         return out
 
@@ -119,9 +127,10 @@ class _Objective:
         delta = delta.index_put((rows_index.reshape(-1), offsets.reshape(-1)),
                                 slots.unsqueeze(0).expand(len(rows), -1, -1).reshape(-1, slots.shape[-1]))
         out = reader.model(inputs_embeds=embeds + delta, attention_mask=attention)
-        logs = torch.stack([torch.log(_pairwise(reader.read(out, site, ids, attention).float()) / self.spread[site]
-                                      + 1e-12) for site in reader.sites])
-        loss = -torch.logsumexp(-logs, dim=0)  # softmin: the best site leads
+        feats = {site: reader.read(out, site, ids, attention).float() for site in reader.sites}
+        logs = torch.stack([torch.log(_pairwise(feats[site][group]) / self.spread[site, k] + 1e-12)
+                            for site in reader.sites for k, group in enumerate(self.groups)])
+        loss = -torch.logsumexp(-logs, dim=0)  # softmin: the best site and placement lead
         loss.backward()
         return slots.grad.detach()
 
