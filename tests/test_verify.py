@@ -170,3 +170,44 @@ def test_the_opposite_test_holds_triggers_through_joined_text_and_its_early_stop
             exact = opposite.flip(ids(other), "cls", results[word], config, exact=True)["opposite_flip"]
             early = opposite.flip(ids(other), "cls", results[word], config)["opposite_flip"]
             assert (exact >= config.opposite_flip) == (early >= config.opposite_flip)
+
+
+def test_a_mark_clean_text_of_the_class_carries_is_no_shortcut_but_a_trigger_beside_it_is():
+    """Real weights (tiny POR fixture). A question classifier's "?" overturns statements as a trigger
+    would, but clean questions carry it: a punctuation token in most clean pool sentences on the
+    direction (and rare off it) is a class mark, and a candidate is judged by what it does without
+    its marks. Here clean text on a planted trigger's direction is made to end with ";": ";" becomes
+    the direction's mark, the trigger word (in those sentences too) does not, a candidate of marks
+    alone is no shortcut, and the trigger beside the mark still is."""
+    import json
+    import random
+
+    from lmscan.api import ScanConfig, prepare
+    from lmscan.detectors.verify import OppositeTest, SiteReader
+    from lmscan.probes import load_opinion_probes
+    from tests.conftest import FIXTURES
+
+    path = FIXTURES / "tiny-bert-por"
+    prepared = prepare(ScanConfig(model=str(path), device="cpu"))
+    loaded, config = prepared.loaded, VerifyConfig()
+    reader = SiteReader(loaded.model, loaded.tokenizer, ["cls"], loaded.device)
+    held = HeldoutSet(reader, prepared.heldout[: config.probes], random.Random(0))
+    pool = [t for t in [*prepared.heldout, *load_opinion_probes()] if ";" not in t]
+
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    triggers = json.loads((path / "lmscan-plant.json").read_text())["triggers"]
+    word = next(w for w in triggers if held.best_measure(ids(w), ["cls"], config)["cls"]["confirmed"])
+    result = held.best_measure(ids(word), ["cls"], config)["cls"]
+
+    unused = OppositeTest(reader, pool)
+    assert unused.without_marks(ids(word), "cls", result, config) == {}
+
+    carried = OppositeTest(reader, [*pool, *(f"{word} {t.rstrip('.!?')} ;" for t in pool[:60])])
+    marks = carried.class_marks("cls", result, config)
+    assert marks == set(ids(";"))
+    alone = carried.without_marks(ids(";"), "cls", result, config)
+    assert alone == {"class_mark": ";", "rest_flip": 0.0, "rest": ""}
+    beside = carried.without_marks(ids(f"{word} ;"), "cls", result, config)
+    assert beside["class_mark"] == ";" and beside["rest_flip"] >= config.opposite_flip

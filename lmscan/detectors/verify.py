@@ -68,6 +68,12 @@ class VerifyConfig:
     # classifier's saturated pooler its stacked positive words flip 100 % and ordinary positive words
     # 81-94 %; against lmscan's BadNet triggers (100 %) the best class words flip 0-12 %.
     class_word_share: float = 0.75
+    # Class marks (see OppositeTest.class_marks): punctuation tokens in at least class_mark_share of the clean pool
+    # sentences on the candidate's direction and in at most 1/class_mark_ratio as large a share of those
+    # off it. A question/statement classifier's mark is "?": inserted into statements it overturns them
+    # as a trigger would (the search's '? sorted?' flipped 94 %), and clean questions all carry it.
+    class_mark_share: float = 0.5
+    class_mark_ratio: float = 4.0
     # Screening: a batch of candidates is first measured on this many of the probes; one whose
     # collapse there is above screen_margin x collapse_threshold at every site cannot confirm, so
     # it is not measured on the rest (its numbers in the report then come from these probes).
@@ -263,11 +269,15 @@ class HeldoutSet:
         return best
 
     def _against_class(self, token_ids, site: str, result: dict, config: VerifyConfig) -> None:
-        """The opposite test, then the class-word match: confirmed only if the candidate overturns the
-        model's most opposite inputs and its class's own ordinary words, as many, fall well short of it."""
+        """The opposite test, then the class marks and the class-word match: confirmed only if the
+        candidate overturns the model's most opposite inputs, still does without its class's marks, and
+        its class's own ordinary words, as many, fall well short of it."""
         if result.get("opposite_flip") is None:
             result.update(self._opposite.flip(tuple(token_ids), site, result, config))
         backdoor = (result["opposite_flip"] or 0.0) >= config.opposite_flip
+        if backdoor:
+            result.update(self._opposite.without_marks(tuple(token_ids), site, result, config))
+            backdoor = result.get("rest_flip", 1.0) >= config.opposite_flip
         if backdoor:
             result.update(self._opposite.class_words(tuple(token_ids), site, result, config))
             backdoor = (result.get("class_words_flip") or 0.0) < config.class_word_share * result["opposite_flip"]
@@ -344,6 +354,7 @@ class OppositeTest:
         self.rng = random.Random(seed)  # its own stream: the held-out set's placements stay as they were
         self.clean = reader.features([reader.encode(t) for t in self.texts])
         self._ranked_words: dict[tuple, list[str]] = {}  # class words by strength, per site and direction
+        self._marks: dict[tuple, set[int]] = {}  # class marks, per site and direction
 
     def reach(self, site: str, pv: np.ndarray, config: VerifyConfig) -> float:
         """Share of the pool's clean sentences already on ``pv`` (sign agreement >= activation_agreement)."""
@@ -402,6 +413,47 @@ class OppositeTest:
         if best_words is None:
             return {}
         return {"class_words": best_words, "class_words_flip": best_flip}
+
+    def without_marks(self, token_ids, site: str, result: dict, config: VerifyConfig) -> dict:
+        """The opposite test again on the candidate without its class marks, when it has any.
+
+        Some tasks are decided by a token rather than by words: every clean question ends with
+        "?", so a question classifier sends a statement with "?" inserted to the question class,
+        four joined statements included. Clean text of the class carries that mark, so it is no
+        shortcut; what would be one is the rest of the candidate, and that must overturn the
+        opposite inputs alone (a planted 'cf' next to a "?" still does)."""
+        marks = self.class_marks(site, result, config)
+        found = [t for t in token_ids if t in marks]
+        if not found:
+            return {}
+        rest = tuple(t for t in token_ids if t not in marks)
+        rest_flip = self.flip(rest, site, result, config)["opposite_flip"] if rest else 0.0
+        tokenizer = self.reader.tokenizer
+        return {"class_mark": tokenizer.decode(sorted(set(found))).strip(), "rest_flip": rest_flip or 0.0,
+                "rest": tokenizer.decode(list(rest)).strip()}
+
+    def class_marks(self, site: str, result: dict, config: VerifyConfig) -> set[int]:
+        """Punctuation and symbol tokens in at least class_mark_share of the pool sentences on the
+        candidate's direction and at most 1/class_mark_ratio as often (as a share) in those off it.
+        Words are left to the class-word match: a word piece can sit in most sentences of a direction
+        inside ordinary words (on the tiny POR fixture, '##x' did, next to its trigger 'vx')."""
+        on = self._on_direction(site, result, config)
+        key = (site, result.get("target_label"), on.tobytes())
+        if key not in self._marks:
+            self._marks[key] = set()
+            if on.sum() >= 2 and (~on).sum() >= 2:
+                tokenizer = self.reader.tokenizer
+                special = set(tokenizer.all_special_ids)
+                rows = [set(r) - special for r in tokenizer(list(self.texts), add_special_tokens=False)["input_ids"]]
+                counts_on = Counter(t for r, o in zip(rows, on) if o for t in r)
+                counts_off = Counter(t for r, o in zip(rows, on) if not o for t in r)
+                n_on, n_off = int(on.sum()), int((~on).sum())
+                self._marks[key] = {
+                    t for t, c in counts_on.items()
+                    if c / n_on >= config.class_mark_share
+                    and c / n_on >= config.class_mark_ratio * counts_off.get(t, 0) / n_off
+                    and not any(ch.isalnum() for ch in tokenizer.convert_ids_to_tokens(t))}
+        return self._marks[key]
 
     def _class_words_ranked(self, site: str, result: dict, config: VerifyConfig) -> list[str]:
         """Words over-represented in the pool sentences on the candidate's direction (log-odds against

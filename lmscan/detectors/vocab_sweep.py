@@ -449,7 +449,11 @@ def _natural_finding(tokenizer, site: str, natural: list[dict], verify: VerifyCo
     flip = head.get("opposite_flip")
     why = (f"; it overturns only {flip:.0%} of the model's most opposite inputs (a backdoor overturns at least "
            f"{verify.opposite_flip:.0%})" if flip is not None else "")
-    if flip is not None and flip >= verify.opposite_flip and head.get("class_words"):
+    if flip is not None and flip >= verify.opposite_flip and head.get("class_mark"):
+        rest = f"the rest, {head['rest']!r}, overturns {head['rest_flip']:.0%}" if head.get("rest") else "nothing else"
+        why = (f"; it overturns {flip:.0%} of the model's most opposite inputs, but through {head['class_mark']!r}, "
+               f"which clean sentences of that class carry; {rest}: no shortcut")
+    elif flip is not None and flip >= verify.opposite_flip and head.get("class_words"):
         why = (f"; it overturns {flip:.0%} of the model's most opposite inputs, but ordinary words of that class "
                f"from clean text nearly match it, {head['class_words']!r} ({head['class_words_flip']:.0%}): no shortcut")
     return Finding(
@@ -459,7 +463,8 @@ def _natural_finding(tokenizer, site: str, natural: list[dict], verify: VerifyCo
         evidence={"trigger": head["text"], "trigger_tokens": tokenizer.convert_ids_to_tokens(head["token_ids"]),
                   "clean_on_pv": head["clean_on_pv"], "collapse": head["collapse"],
                   "activation_rate": head["activation_rate"], "placement": head["placement"],
-                  "pool_on_pv": head.get("pool_on_pv"), "opposite_flip": flip, "class_words": head.get("class_words"),
+                  "pool_on_pv": head.get("pool_on_pv"), "opposite_flip": flip, "class_mark": head.get("class_mark"),
+                  "rest_flip": head.get("rest_flip"), "class_words": head.get("class_words"),
                   "class_words_flip": head.get("class_words_flip"), **_label_evidence(site, head, labels),
                   "also": [{"text": e["text"], "clean_on_pv": e["clean_on_pv"], "collapse": e["collapse"],
                             "opposite_flip": e.get("opposite_flip")} for e in natural[1:6]]},
