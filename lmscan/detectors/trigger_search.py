@@ -36,7 +36,7 @@ import torch
 from lmscan.detectors.base import Detector, ScanContext
 from lmscan.detectors.verify import (HeldoutSet, SiteReader, VerifyConfig, pairwise_mse, verification_set,
                                     word_starts)
-from lmscan.detectors.vocab_sweep import NAME as SWEEP, _findings_for_site, sweep_vocabulary
+from lmscan.detectors.vocab_sweep import NAME as SWEEP, _findings_for_site, _natural_finding, sweep_vocabulary
 from lmscan.device import bf16_autocast, native_bf16
 from lmscan.findings import DetectorRun, Finding
 from lmscan.sites import SITES
@@ -245,7 +245,7 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
         done[0] += 1
         ctx.progress(done[0], total)
 
-    log, confirmed = [], {s: [] for s in ctx.sites}
+    log, confirmed, natural = [], {s: [] for s in ctx.sites}, {s: [] for s in ctx.sites}
     for length, start in plans:
         before = done[0]
         block, score, steps, improved = _search(objective, embeddings, start, allowed, config, rng, tick)
@@ -265,13 +265,20 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
             # plus a piece stacks like class words (tiny POR fixture: 'vx v', its part 'vx' confirmed).
             if result["confirmed"] or result["natural"]:
                 part, part_result = _shortest(held, block, site, ctx.sites, ctx.verify)
-                if not part_result["confirmed"]:
-                    continue
-                confirmed[site].append({"site": site, "text": tokenizer.decode(list(part)), "source": NAME,
-                                        "token_ids": list(part), **part_result})
+                if part_result["confirmed"]:
+                    confirmed[site].append({"site": site, "text": tokenizer.decode(list(part)), "source": NAME,
+                                            "token_ids": list(part), **part_result})
+                elif result["natural"]:
+                    natural[site].append({"site": site, "text": tokenizer.decode(list(block)), "source": NAME,
+                                          "token_ids": list(block), **result})
     findings = []
     for site in ctx.sites:
-        for finding in _findings_for_site(tokenizer, site, confirmed[site], ctx.verify, loaded.labels):
+        found = _findings_for_site(tokenizer, site, confirmed[site], ctx.verify, loaded.labels)
+        # A class cue the search rebuilt (a question classifier's '? sorted?') is said, as the sweep says its
+        # own, and it explains the site's shift outliers.
+        if not found and natural[site]:
+            found = [_natural_finding(tokenizer, site, natural[site], ctx.verify, loaded.labels)]
+        for finding in found:
             finding.detector = NAME
             finding.evidence["stage"] = NAME
             findings.append(finding)
@@ -305,7 +312,7 @@ def _unexplained_outliers(ctx: ScanContext, found: list[Finding], log: list[dict
 class TriggerSearch(Detector):
     name = NAME
     Config = TriggerSearchConfig
-    rule_ids = ("LMS101", "LMS104")
+    rule_ids = ("LMS101", "LMS103", "LMS104")
     can_clear = False
     sites = SITES
     summary = "gradient-guided search over real token sequences for multi-piece, phrase and sentence triggers"
