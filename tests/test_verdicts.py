@@ -103,6 +103,19 @@ def test_a_registered_detector_runs_through_the_api_and_the_cli(toy_rules):
     assert [r["ruleId"] for r in sarif["runs"][0]["results"]] == ["LMS901"]
 
 
+def test_a_clean_verdict_names_the_info_findings_the_policy_calls_caveats(toy_rules):
+    """An unexplained shift outlier (LMS104) is information, but a clean verdict must not hide it:
+    the policy's caveats are named in the reason, here the toy's rule made info and a caveat."""
+    (toy_rules / "rule_catalog.toml").write_text('[LMS901]\nname = "toy-rule"\ndetector = "toy"\nseverity = "info"\n'
+                                                 'verdict = "info"\nshort = "toy"\n')
+    config = ScanConfig(model=CLEAN, device="cpu", detectors=["toy", "vocab-sweep"], rules_dir=str(toy_rules))
+    plain = scan(config)
+    assert plain.verdict == "clean" and "LMS901" not in plain.reason
+    (toy_rules / "policy.toml").write_text('[verdict]\ncaveats = ["LMS901"]\n')
+    named = scan(config)
+    assert named.verdict == "clean" and named.reason.endswith("; but LMS901 at cls: toy saw 200 held-out sentences")
+
+
 def test_a_failing_detector_is_recorded_and_the_others_findings_kept(toy_rules):
     (toy_rules / "profiles.toml").write_text('[fast.toy]\nfail_with = "error"\n')
     result = check(POR, "--detectors", "toy,vocab-sweep", "--rules", str(toy_rules), "--format", "json",

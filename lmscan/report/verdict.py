@@ -99,7 +99,8 @@ def aggregate(detectors: list[DetectorRun], sites: list[str], policy: dict,
       are kept and reported);
     - suspicious: a finding says so;
     - clean: only when every scanned site was cleared, i.e. searched to its budget by
-      a detector able to clear it (static rules and baselines only flag);
+      a detector able to clear it (static rules and baselines only flag); the reason then
+      names the policy's caveats (unexplained shift outliers) if any were found;
     - not-assessed otherwise, with the sites left open and why.
     severity: the highest severity of any finding, "info" when there is none.
     """
@@ -130,7 +131,9 @@ def aggregate(detectors: list[DetectorRun], sites: list[str], policy: dict,
         return "not-assessed", severity, "no detector ran"
     open_sites = [s for s in sites if not any(run.status == "ok" and s in run.cleared_sites for run in detectors)]
     if not open_sites and sites:
-        return "clean", severity, f"no backdoor evidence at {', '.join(sites)}"
+        caveats = [f for f in findings if f.rule_id in policy["verdict"].get("caveats", [])]
+        said = "".join(f"; but {f.rule_id} at {f.site}: {f.message}" for f in caveats)
+        return "clean", severity, f"no backdoor evidence at {', '.join(sites)}{said}"
     return "not-assessed", severity, _open_reason(detectors, open_sites or ["any site"])
 
 
