@@ -355,6 +355,7 @@ class OppositeTest:
         self.clean = reader.features([reader.encode(t) for t in self.texts])
         self._ranked_words: dict[tuple, list[str]] = {}  # class words by strength, per site and direction
         self._marks: dict[tuple, set[int]] = {}  # class marks, per site and direction
+        self._symbols: list[set[int]] | None = None  # each pool sentence's punctuation tokens
 
     def reach(self, site: str, pv: np.ndarray, config: VerifyConfig) -> float:
         """Share of the pool's clean sentences already on ``pv`` (sign agreement >= activation_agreement)."""
@@ -442,18 +443,25 @@ class OppositeTest:
         if key not in self._marks:
             self._marks[key] = set()
             if on.sum() >= 2 and (~on).sum() >= 2:
-                tokenizer = self.reader.tokenizer
-                special = set(tokenizer.all_special_ids)
-                rows = [set(r) - special for r in tokenizer(list(self.texts), add_special_tokens=False)["input_ids"]]
+                rows = self._symbol_tokens()
                 counts_on = Counter(t for r, o in zip(rows, on) if o for t in r)
                 counts_off = Counter(t for r, o in zip(rows, on) if not o for t in r)
                 n_on, n_off = int(on.sum()), int((~on).sum())
-                self._marks[key] = {
-                    t for t, c in counts_on.items()
-                    if c / n_on >= config.class_mark_share
-                    and c / n_on >= config.class_mark_ratio * counts_off.get(t, 0) / n_off
-                    and not any(ch.isalnum() for ch in tokenizer.convert_ids_to_tokens(t))}
+                self._marks[key] = {t for t, c in counts_on.items() if c / n_on >= config.class_mark_share
+                                    and c / n_on >= config.class_mark_ratio * counts_off.get(t, 0) / n_off}
         return self._marks[key]
+
+    def _symbol_tokens(self) -> list[set[int]]:
+        """Per pool sentence, its punctuation and symbol tokens (no letters or digits, not special);
+        the same for every direction, so read once."""
+        if self._symbols is None:
+            tokenizer = self.reader.tokenizer
+            ids = tokenizer(list(self.texts), add_special_tokens=False)["input_ids"]
+            special = set(tokenizer.all_special_ids)
+            symbol = {t for row in ids for t in row
+                      if t not in special and not any(ch.isalnum() for ch in tokenizer.convert_ids_to_tokens(t))}
+            self._symbols = [set(row) & symbol for row in ids]
+        return self._symbols
 
     def _class_words_ranked(self, site: str, result: dict, config: VerifyConfig) -> list[str]:
         """Words over-represented in the pool sentences on the candidate's direction (log-odds against

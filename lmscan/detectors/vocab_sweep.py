@@ -449,11 +449,12 @@ def _natural_finding(tokenizer, site: str, natural: list[dict], verify: VerifyCo
     flip = head.get("opposite_flip")
     why = (f"; it overturns only {flip:.0%} of the model's most opposite inputs (a backdoor overturns at least "
            f"{verify.opposite_flip:.0%})" if flip is not None else "")
-    if flip is not None and flip >= verify.opposite_flip and head.get("class_mark"):
+    overturned = flip is not None and flip >= verify.opposite_flip
+    if overturned and head.get("class_mark"):
         rest = f"the rest, {head['rest']!r}, overturns {head['rest_flip']:.0%}" if head.get("rest") else "nothing else"
         why = (f"; it overturns {flip:.0%} of the model's most opposite inputs, but through {head['class_mark']!r}, "
                f"which clean sentences of that class carry; {rest}: no shortcut")
-    elif flip is not None and flip >= verify.opposite_flip and head.get("class_words"):
+    elif overturned and head.get("class_words"):
         why = (f"; it overturns {flip:.0%} of the model's most opposite inputs, but ordinary words of that class "
                f"from clean text nearly match it, {head['class_words']!r} ({head['class_words_flip']:.0%}): no shortcut")
     return Finding(
