@@ -23,7 +23,9 @@ import csv
 import functools
 import io
 import json
+import os
 import random
+import sys
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -208,7 +210,23 @@ def split_probes(
 # ---------------------------------------------------------------------------
 
 
+def _nltk_data_dirs() -> list[Path] | None:
+    """The folders NLTK looks for its data in on a POSIX system (its own default list), or
+    None where we do not mirror it (Windows): then only NLTK itself can tell."""
+    if os.name != "posix":
+        return None
+    roots = [p for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
+    roots.append(str(Path.home() / "nltk_data"))
+    roots += [str(Path(sys.prefix, *sub, "nltk_data")) for sub in ((), ("share",), ("lib",))]
+    roots += ["/usr/share/nltk_data", "/usr/local/share/nltk_data", "/usr/lib/nltk_data", "/usr/local/lib/nltk_data"]
+    return [Path(r) for r in roots]
+
+
 def _nltk_words() -> list[str] | None:
+    # Importing nltk costs about a second of every scan; skip it where its "words" data is not installed.
+    dirs = _nltk_data_dirs()
+    if dirs is not None and not any((d / "corpora" / n).exists() for d in dirs for n in ("words", "words.zip")):
+        return None
     try:
         from nltk.corpus import words
     except ImportError:

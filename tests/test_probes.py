@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
@@ -378,3 +379,18 @@ def test_word_list_prefers_nltk_when_available(monkeypatch):
     finally:
         # The patch is undone after the test; drop the cached fake list now.
         probes._word_list.cache_clear()
+
+
+def test_nltk_data_folders_mirror_nltks_own_list(monkeypatch):
+    # The word list skips importing nltk when none of these folders holds its "words" data, so the
+    # mirror must name every folder nltk itself would search.
+    import nltk.data
+
+    import lmscan.probes as probes
+
+    from_env = set(os.environ.get("NLTK_DATA", "").split(os.pathsep))
+    monkeypatch.delenv("NLTK_DATA", raising=False)
+    dirs = probes._nltk_data_dirs()
+    if dirs is None:
+        pytest.skip("the folder list is mirrored on POSIX systems only")
+    assert {str(d) for d in dirs} >= set(nltk.data.path) - from_env
