@@ -47,16 +47,18 @@ NAME = "trigger-search"
 @dataclass(frozen=True)
 class TriggerSearchConfig:
     lengths: tuple[int, ...] = (3,)  # pieces in the searched block; one search per length and start
-    starts: int = 2  # starts per length: the sweep's top-shift pieces, then common words
+    starts: int = 1  # starts per length: the sweep's top-shift pieces, then its lowest-collapse pieces, then draws
+    # from both. On the trigger and fine-tuned zoos (25 models, 2026-12-05) a second start decided no verdict: it
+    # rebuilt what the first did or a class cue the sweep already named, for half the search's time
     steps: int = 16  # coordinate steps per start
     top_k: int = 32  # replacement tokens per position, ranked by the gradient
     swaps_per_step: int = 64  # single-position swaps scored exactly per step
     probes: int = 8  # fit sentences the objective is measured on
     seed_pieces: int = 12  # highest-shift sweep pieces (per site) a start is drawn from
     stop_collapse: float = 0.05  # a block this collapsed is verified at once, ending its start
-    patience: int = 4  # steps in a row without a better block that end a start (0: run every step). On clean
-    # MiniLM the two starts had stalled after step 8 and 4 (the search time fell 113 s -> 72 s, 1 thread); on the
-    # sentence plant the same blocks were found
+    patience: int = 2  # steps in a row without a better block that end a start (0: run every step). Every
+    # block the fast search confirmed on the trigger and fine-tuned zoos (2026-12-05) improved at most 2 steps
+    # after its last improvement; clean MiniLM's starts stall after steps 5 and 4, then ran 4 idle steps each
     max_length: int = 64
     batch_size: int = 256  # sequences per scoring forward pass (does not change results)
     swap_bf16: bool = True  # swaps are ranked under bf16 autocast where the hardware has bf16; the
