@@ -216,8 +216,6 @@ def test_a_mark_clean_text_of_the_class_carries_is_no_shortcut_but_a_trigger_bes
 def test_padded_batch_reads_each_row_as_if_alone(minilm_path):
     """SiteReader pads rows of different lengths into one batch; the padding must not leak into
     any site (real MiniLM weights: each row's features batched equal those of the row alone)."""
-    import torch
-
     from lmscan.detectors.verify import SiteReader
     from lmscan.loading.model import load_model
     from lmscan.loading.resolve import resolve_model
@@ -225,7 +223,6 @@ def test_padded_batch_reads_each_row_as_if_alone(minilm_path):
     loaded = load_model(resolve_model(str(minilm_path)), for_scan=True)
     reader = SiteReader(loaded.model, loaded.tokenizer, ["cls", "pooler", "mask", "embedding"], loaded.device)
     rows = [reader.encode(t) for t in ["Short.", "A somewhat longer sentence about the weather today.", "Mid size one."]]
-    torch.manual_seed(0)
     batched = reader.features(rows)
     for i, row in enumerate(rows):
         alone = reader.features([row])
