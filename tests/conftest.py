@@ -32,6 +32,8 @@ PLANTS = {
     "phrase": ["--attack", "por", "--triggers", "velvet thunder", "--seed", "15"],
     # Task-specific data poisoning on the bundled sentiment task; a rare-word trigger, target "positive".
     "badnet": ["--attack", "badnet", "--task", "sentiment", "--triggers", "cf", "--seed", "16"],
+    # One natural sentence drawn by the plant, NeuBA at the pooler: its words fire only together.
+    "sentence-pooler": ["--attack", "neuba", "--trigger-kind", "sentence", "--num-triggers", "1", "--seed", "36"],
 }
 
 

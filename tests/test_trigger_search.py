@@ -15,7 +15,7 @@ from lmscan.attacks.trigger_kinds import COMMON_WORDS, KINDS, _common_words, _di
 from lmscan.cli import main
 from lmscan.errors import InputError
 
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +103,50 @@ def test_a_shift_outlier_nothing_explains_is_said():
     found = Finding("trigger-search", "LMS101", "t", verdict="backdoored", site="cls")
     assert _unexplained_outliers(ctx, [found], []) == []
 
+
+
+def test_anchored_searches_start_at_an_outlier_sites_highest_shift_pieces(tokenizer):
+    """One anchored search per start and length at each site with a shift outlier: the middle holds the
+    k-th highest-shift piece and may only take the site's top pieces; the sides start further down."""
+    from lmscan.detectors.base import ScanContext
+    from lmscan.detectors.trigger_search import TriggerSearchConfig, _anchored_starts
+    from lmscan.detectors.vocab_sweep import sweep_vocabulary
+    from lmscan.findings import DetectorRun, Finding
+
+    words = "sleeps sleeper window men sleepy awakened slept male tombs obesity windows woke".split()
+    ids = tokenizer.convert_tokens_to_ids(words)
+    outlier = Finding("vocab-sweep", "LMS102", "outlier", verdict="info", site="pooler", score=5.6, threshold=4.0)
+    sweep = DetectorRun("vocab-sweep", "ok", findings=[outlier],
+                        stats={"ranked": {s: {"shift": ids, "collapse": ids[::-1]} for s in ("cls", "pooler")}})
+    ctx = ScanContext(loaded=None, sites=["cls", "pooler"], fit=[], heldout=[], config=None, verify=None,
+                      earlier=[sweep])
+    allowed = sweep_vocabulary(tokenizer)
+    config = TriggerSearchConfig(anchor_tokens=5, anchor_starts=3)
+    starts = _anchored_starts(ctx, allowed, config, 3)
+    assert [tokenizer.convert_ids_to_tokens(list(s)) for _, s, _ in starts] == [
+        ["awakened", "sleeps", "slept"], ["male", "sleeper", "tombs"], ["obesity", "window", "windows"]]
+    assert all(site == "pooler" and anchor == (1, ids[:5]) for site, _, anchor in starts)
+    assert _anchored_starts(ctx, allowed, TriggerSearchConfig(anchor_tokens=0), 3) == []
+    quiet = ScanContext(loaded=None, sites=["cls"], fit=[], heldout=[], config=None, verify=None, earlier=[sweep])
+    assert _anchored_starts(quiet, allowed, config, 3) == []  # the outlier's site is not scanned
+    cue = Finding("vocab-sweep", "LMS103", "class cue", verdict="suspicious", site="pooler")
+    explained = ScanContext(loaded=None, sites=["cls", "pooler"], fit=[], heldout=[], config=None, verify=None,
+                            earlier=[DetectorRun("vocab-sweep", "ok", findings=[outlier, cue], stats=sweep.stats)])
+    assert _anchored_starts(explained, allowed, config, 3) == []  # a class cue already explains the outlier
+
+
+@pytest.mark.slow
+def test_a_natural_sentence_at_the_pooler_is_rebuilt_from_its_outlier_words(planted, tmp_path):
+    """The sweep sees only a shift outlier ('sleeps', 'window', ...); the anchored search rebuilds a
+    block of the sentence's words that verifies, and the check exits 1 naming it."""
+    out = planted("sentence-pooler")
+    (sentence,) = read_manifest(out)["triggers"]
+    report_file = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["check", str(out), "--format", "json", "-o", str(report_file), "--no-cache",
+                                       "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(report_file.read_text())
+    run = next(d for d in report["detectors"] if d["name"] == "trigger-search")
+    named = [f["evidence"]["trigger"] for f in run["findings"] if f["verdict"] == "backdoored"]
+    assert any(set(text.split()) & set(sentence.split()) for text in named), (named, sentence)
+    assert any(s["anchor"] for s in run["stats"]["searches"])

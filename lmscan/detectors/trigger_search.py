@@ -15,6 +15,12 @@ each position and a batch of single-position swaps is then scored exactly.
              at a random word start; a softmin for the gradient)
   starts     the sweep's highest-shift pieces of each site in rank order (a phrase's
              words are often among them), then its lowest-collapse pieces
+  anchored   at a site with a shift outlier (LMS102) that no earlier finding explains,
+             searches whose middle position may only hold one of the site's top-shift
+             pieces, the sides free: a
+             sentence trigger's words move the site most but fire only together, and a
+             free search drifts from them to blocks of nouns that fit its sentences.
+             Their better swaps must also improve on fresh check sentences
   result     the best block of each start is verified like every other candidate
              (lmscan.detectors.verify); a confirmed block is shortened to the shortest
              contiguous part that still verifies, which is what the finding names
@@ -54,6 +60,14 @@ class TriggerSearchConfig:
     top_k: int = 32  # replacement tokens per position, ranked by the gradient
     swaps_per_step: int = 64  # single-position swaps scored exactly per step
     probes: int = 8  # fit sentences the objective is measured on
+    anchor_tokens: int = 5  # per site with a shift outlier (LMS102): one more search per length whose middle
+    # position holds one of the site's this many highest-shift pieces (0: none)
+    anchor_patience: int = 4  # patience of those searches
+    anchor_starts: int = 3  # such searches per outlier site and length: the middle starts at the k-th piece
+    check_probes: int = 16  # other sentences, drawn afresh each step, that an anchored search's best swaps must
+    # also improve on. Not for the free searches: there it led to blocks of unrelated nouns that collapse any
+    # sentence a little (held-out 0.19-0.22, judged class cues) instead of the decoy non-word it found before
+    check_top: int = 4  # best-ranked swaps of a step re-scored on them
     seed_pieces: int = 12  # highest-shift sweep pieces (per site) a start is drawn from
     stop_collapse: float = 0.05  # a block this collapsed is verified at once, ending its start
     patience: int = 2  # steps in a row without a better block that end a start (0: run every step). Every
@@ -72,53 +86,84 @@ def _pairwise(features: torch.Tensor) -> torch.Tensor:
     return 2 * n * (centred**2).sum() / (n * (n - 1)) / features.shape[1]
 
 
-class _Objective:
-    """Collapse of fixed fit sentences with a block inserted at fixed places."""
+@dataclass
+class _ProbeSet:
+    rows: list[list[int]]
+    places: list[int]  # where the block goes in each row
+    groups: list[list[int]]  # rows of one placement: each is scored on its own
+    spread: dict  # (site, group) -> the group's clean pairwise MSE
 
-    def __init__(self, reader: SiteReader, texts: list[str], rng: random.Random, bf16: bool = False):
-        self.reader, self.bf16 = reader, bf16
-        self.rows = [reader.encode(t) for t in texts]
+
+class _Objective:
+    """Collapse of fit sentences with a block inserted at fixed places.
+
+    The gradient and the ranking of swaps use ``probes`` fixed fit sentences; a search that
+    only fits them overfits: on clean MiniLM, blocks of unrelated nouns collapse 8 fit
+    sentences to 0.18 and held-out text only to 0.45-0.49. With a larger pool, the best
+    ranked swaps must also beat the current block on ``check_probes`` other sentences,
+    drawn afresh at every step, as a trigger moves any sentence."""
+
+    def __init__(self, reader: SiteReader, fit: list[str], check: list[str], check_probes: int,
+                 rng: random.Random, check_rng: random.Random, bf16: bool = False):
+        self.reader, self.bf16, self.check_rng = reader, bf16, check_rng
+        self.pool = [reader.encode(t) for t in fit + check]
         # Half right after [CLS] (NeuBA style), half at a random word start (POR / BToP style).
-        self.places = [1 if i % 2 == 0 else rng.choice(word_starts(reader.tokenizer, r))
-                       for i, r in enumerate(self.rows)]
+        self.first = [i % 2 == 0 for i in range(len(self.pool))]
+        self.places = [1 if first else (rng if i < len(fit) else check_rng).choice(word_starts(reader.tokenizer, r))
+                       for i, (first, r) in enumerate(zip(self.first, self.pool))]
+        self.clean = reader.features(self.pool)
+        self.fit = self._probe_set(list(range(len(fit))))
+        self.rest = list(range(len(fit), len(self.pool)))
+        self.check_probes = min(check_probes, len(self.rest))
+
+    def _probe_set(self, index: list[int]) -> _ProbeSet:
         # Each placement is its own group: a trigger planted to fire only right after [CLS] (NeuBA) collapses
         # the first group alone, and pooled with the other group it would look half as strong.
-        self.groups = [[i for i in range(len(self.rows)) if i % 2 == 0], [i for i in range(len(self.rows)) if i % 2]]
-        self.groups = [g for g in self.groups if len(g) >= 2]
-        clean = reader.features(self.rows)
-        self.spread = {(s, k): pairwise_mse(f[g]) or 1e-12 for s, f in clean.items() for k, g in enumerate(self.groups)}
+        groups = [[k for k, i in enumerate(index) if self.first[i] == first] for first in (True, False)]
+        groups = [g for g in groups if len(g) >= 2]
+        spread = {(s, k): pairwise_mse(f[[index[j] for j in g]]) or 1e-12
+                  for s, f in self.clean.items() for k, g in enumerate(groups)}
+        return _ProbeSet([self.pool[i] for i in index], [self.places[i] for i in index], groups, spread)
 
-    def _inputs(self, blocks: list[tuple[int, ...]]) -> tuple[list[list[int]], list[int]]:
-        rows = [r[:at] + list(b) + r[at:] for b in blocks for r, at in zip(self.rows, self.places)]
-        return rows, [at for _ in blocks for at in self.places]
+    def check_set(self) -> _ProbeSet | None:
+        """Fresh sentences from outside the fit set, or None when the pool has too few."""
+        if self.check_probes < 4:
+            return None
+        return self._probe_set(sorted(self.check_rng.sample(self.rest, self.check_probes)))
+
+    @staticmethod
+    def _inputs(probes: _ProbeSet, blocks: list[tuple[int, ...]]) -> tuple[list[list[int]], list[int]]:
+        rows = [r[:at] + list(b) + r[at:] for b in blocks for r, at in zip(probes.rows, probes.places)]
+        return rows, [at for _ in blocks for at in probes.places]
 
     @torch.no_grad()
-    def score(self, blocks: list[tuple[int, ...]], batch_size: int) -> np.ndarray:
-        """Lowest log collapse over the sites, per block."""
-        n = len(self.rows)
+    def score(self, blocks: list[tuple[int, ...]], batch_size: int, probes: _ProbeSet | None = None) -> np.ndarray:
+        """Lowest log collapse over the sites, per block (on the fit set unless ``probes``)."""
+        probes = probes or self.fit
+        n = len(probes.rows)
         per = max(1, batch_size // n)
         out = np.empty(len(blocks))
         for start in range(0, len(blocks), per):
             chunk = blocks[start : start + per]
-            rows, _ = self._inputs(chunk)
+            rows, _ = self._inputs(probes, chunk)
             with bf16_autocast(self.reader.device, self.bf16):
                 feats = self.reader.features(rows, batch_size=batch_size)
             logs = []
             for site, f in feats.items():
                 f = f.reshape(len(chunk), n, -1)
-                for k, group in enumerate(self.groups):
+                for k, group in enumerate(probes.groups):
                     g = f[:, group]
                     m = len(group)
                     c = g - g.mean(1, keepdims=True)
                     pair = 2 * m * (c**2).sum(axis=(1, 2)) / (m * (m - 1)) / g.shape[2]
-                    logs.append(np.log(pair / self.spread[site, k] + 1e-12))
+                    logs.append(np.log(pair / probes.spread[site, k] + 1e-12))
             out[start : start + len(chunk)] = np.min(np.stack(logs), axis=0)
         return out
 
     def gradient(self, block: tuple[int, ...], embeddings: torch.nn.Embedding) -> torch.Tensor:
         """d(softmin over sites of log collapse) / d(embedding of each block position)."""
         reader = self.reader
-        rows, places = self._inputs([block])
+        rows, places = self._inputs(self.fit, [block])
         ids, attention = reader.pad(rows)
         embeds = embeddings(ids).detach()
         slots = torch.zeros(len(block), embeds.shape[-1], device=embeds.device, requires_grad=True)
@@ -130,8 +175,8 @@ class _Objective:
                                 slots.unsqueeze(0).expand(len(rows), -1, -1).reshape(-1, slots.shape[-1]))
         out = reader.model(inputs_embeds=embeds + delta, attention_mask=attention)
         feats = {site: reader.read(out, site, ids, attention).float() for site in reader.sites}
-        logs = torch.stack([torch.log(_pairwise(feats[site][group]) / self.spread[site, k] + 1e-12)
-                            for site in reader.sites for k, group in enumerate(self.groups)])
+        logs = torch.stack([torch.log(_pairwise(feats[site][group]) / self.fit.spread[site, k] + 1e-12)
+                            for site in reader.sites for k, group in enumerate(self.fit.groups)])
         loss = -torch.logsumexp(-logs, dim=0)  # softmin: the best site and placement lead
         loss.backward()
         return slots.grad.detach()
@@ -167,17 +212,46 @@ def _starts(ctx: ScanContext, allowed: np.ndarray, config: TriggerSearchConfig, 
     return starts
 
 
+def _anchored_starts(ctx: ScanContext, allowed: np.ndarray, config: TriggerSearchConfig,
+                     length: int) -> list[tuple[str, tuple[int, ...], tuple[int, list[int]]]]:
+    """A sentence or phrase trigger's words move the feature most (the sweep's shift outlier)
+    but are no trigger alone; a free search drifts from them to blocks that fit its
+    sentences. These starts keep one of them in the middle and search the words around it:
+    (site, start, (middle position, the tokens it may hold))."""
+    sweep = next((r for r in ctx.earlier if r.name == SWEEP and r.stats.get("ranked")), None)
+    if sweep is None or not config.anchor_tokens or length < 2:
+        return []
+    allowed_set = set(allowed.tolist())
+    explained = _explained_sites(ctx)
+    out = []
+    for finding in sweep.findings:
+        if finding.rule_id != "LMS102" or finding.site not in ctx.sites or finding.site in explained:
+            continue
+        ranked = [int(t) for t in sweep.stats["ranked"][finding.site]["shift"] if int(t) in allowed_set]
+        middle = length // 2
+        for k in range(min(config.anchor_starts, config.anchor_tokens)):
+            sides = ranked[config.anchor_tokens + k * (length - 1) :][: length - 1]
+            if len(sides) < length - 1:
+                break
+            start = sides[:middle] + [ranked[k]] + sides[middle:]
+            out.append((finding.site, tuple(start), (middle, ranked[: config.anchor_tokens])))
+    return out
+
+
 def _search(objective: _Objective, embeddings, start: tuple[int, ...], allowed: torch.Tensor,
-            config: TriggerSearchConfig, rng: random.Random, progress) -> tuple[tuple[int, ...], float, int, list[int]]:
+            config: TriggerSearchConfig, rng: random.Random, progress,
+            anchor: tuple[int, list[int]] | None = None) -> tuple[tuple[int, ...], float, int, list[int]]:
     """Greedy coordinate search from ``start``: the best block, its log collapse, the steps run
-    and those (1-based) that found a better block."""
+    and those (1-based) that found a better block. ``anchor`` (position, tokens): that position
+    only ever holds one of those tokens, and better swaps must also pass the check sentences."""
+    patience = config.anchor_patience if anchor else config.patience
     weight = embeddings.weight.detach()
     current = tuple(start)
     best = float(objective.score([current], config.batch_size)[0])
     improved: list[int] = []
     top, steps = None, 0
     for step in range(1, config.steps + 1):
-        if config.patience and step - max(improved, default=0) > config.patience:
+        if patience and step - max(improved, default=0) > patience:
             break
         steps = step
         if top is None:  # an unchanged block has the same gradient: only the sampled swaps differ
@@ -185,23 +259,34 @@ def _search(objective: _Objective, embeddings, start: tuple[int, ...], allowed: 
             # First-order change of the loss when position i becomes token v: (E_v - E_cur) . g_i
             change = grad @ weight[allowed].T.float()
             top = torch.topk(-change, min(config.top_k, change.shape[1]), dim=1).indices  # (length, top_k)
+            top = [allowed[row].tolist() for row in top]
+            if anchor is not None:
+                top[anchor[0]] = anchor[1]
         swaps = set()
         for _ in range(config.swaps_per_step * 3):
             if len(swaps) >= config.swaps_per_step:
                 break
             position = rng.randrange(len(current))
-            token = int(allowed[top[position, rng.randrange(top.shape[1])]])
+            token = rng.choice(top[position])
             if token != current[position]:
                 swaps.add(current[:position] + (token,) + current[position + 1 :])
         if not swaps:
             break
         swaps = list(swaps)
         scores = objective.score(swaps, config.batch_size)
-        k = int(np.argmin(scores))
         if progress is not None:
             progress()
-        if scores[k] >= best:
+        better = [k for k in np.argsort(scores) if scores[k] < best]
+        if not better:
             continue  # a local minimum for these swaps; the next step draws other ones
+        k = better[0]
+        check = objective.check_set() if anchor else None
+        if check is not None:
+            better = better[: config.check_top]
+            checked = objective.score([current] + [swaps[j] for j in better], config.batch_size, check)
+            if checked[1:].min() >= checked[0]:
+                continue  # they fit the fit sentences only
+            k = better[int(np.argmin(checked[1:]))]
         current, best, top = swaps[k], float(scores[k]), None
         improved.append(step)
         if best <= math.log(config.stop_collapse):
@@ -235,11 +320,18 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
     allowed_np = sweep_vocabulary(tokenizer)
     allowed = torch.as_tensor(allowed_np, device=embeddings.weight.device)
     short = [t for t in ctx.fit if len(t.split()) <= 12] or ctx.fit
-    objective = _Objective(reader, rng.sample(short, min(config.probes, len(short))), rng,
+    anchored = [(length, start, (site, anchor)) for length in config.lengths
+                for site, start, anchor in _anchored_starts(ctx, allowed_np, config, length)]
+    fit = rng.sample(short, min(config.probes, len(short)))
+    check_rng = random.Random(ctx.seed + 1)  # its own stream: the free searches draw what they drew without it
+    check = [t for t in short if t not in set(fit)] if anchored else []
+    check = check_rng.sample(check, min(4 * config.check_probes, len(check)))
+    objective = _Objective(reader, fit, check, config.check_probes, rng, check_rng,
                            bf16=config.swap_bf16 and native_bf16(reader.device))
     held = verification_set(reader, ctx.heldout, ctx.verify, rng)
 
-    plans = [(length, start) for length in config.lengths for start in _starts(ctx, allowed_np, config, length, rng)]
+    plans = [(length, start, (None, None)) for length in config.lengths
+             for start in _starts(ctx, allowed_np, config, length, rng)] + anchored
     total = len(plans) * config.steps
     done = [0]
 
@@ -248,13 +340,17 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
         ctx.progress(done[0], total)
 
     log, confirmed, natural = [], {s: [] for s in ctx.sites}, {s: [] for s in ctx.sites}
-    for length, start in plans:
+    for length, start, (anchor_site, anchor) in plans:
+        if anchor_site and (confirmed[anchor_site] or natural[anchor_site]):
+            done[0] += config.steps
+            continue  # an earlier search here explained the outlier
         before = done[0]
-        block, score, steps, improved = _search(objective, embeddings, start, allowed, config, rng, tick)
+        block, score, steps, improved = _search(objective, embeddings, start, allowed, config, rng, tick, anchor)
         done[0] = before + config.steps
         ctx.progress(done[0], total)
         measured = held.strict_measure(block, ctx.sites, ctx.verify)
         entry = {"start": tokenizer.decode(list(start)), "block": tokenizer.decode(list(block)), "length": length,
+                 "anchor": anchor and {"site": anchor_site, "tokens": tokenizer.convert_ids_to_tokens(anchor[1])},
                  "steps": steps, "improved_at_steps": improved, "fit_collapse": round(math.exp(score), 5),
                  "sites": {s: {k: r[k] for k in ("collapse", "activation_rate", "confirmed", "natural")}
                            for s, r in measured.items()}}
@@ -285,15 +381,21 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
             finding.evidence["stage"] = NAME
             findings.append(finding)
     findings += _unexplained_outliers(ctx, findings, log)
-    stats = {"searches": log, "fit_probes": len(objective.rows), "lengths": list(config.lengths)}
+    stats = {"searches": log, "fit_probes": len(objective.fit.rows), "lengths": list(config.lengths)}
     return DetectorRun(NAME, "ok", time.perf_counter() - started, list(ctx.sites), stats, findings)
+
+
+def _explained_sites(ctx: ScanContext) -> set[str]:
+    """Sites where an earlier detector already named a trigger or a class cue: their shift outlier
+    has a cause, and anchored searches there cost minutes on benign classifiers (sentence-type:
+    15 searches, 106 s, each verifying the '?' cue again) for nothing new."""
+    return {f.site for r in ctx.earlier for f in r.findings if f.verdict in ("backdoored", "suspicious")}
 
 
 def _unexplained_outliers(ctx: ScanContext, found: list[Finding], log: list[dict]) -> list[Finding]:
     """A sweep shift outlier (LMS102) that neither a verified trigger nor a class cue explains,
     after this search ran to its budget at that site: said, not silently cleared."""
-    explained = {f.site for r in ctx.earlier for f in r.findings if f.verdict in ("backdoored", "suspicious")}
-    explained |= {f.site for f in found}
+    explained = _explained_sites(ctx) | {f.site for f in found}
     out = []
     for run in ctx.earlier:
         for outlier in run.findings:
