@@ -17,10 +17,10 @@ each position and a batch of single-position swaps is then scored exactly.
              words are often among them), then its lowest-collapse pieces
   anchored   at a site with a shift outlier (LMS102) that no earlier finding explains,
              searches whose middle position may only hold one of the site's top-shift
-             pieces, the sides free: a
-             sentence trigger's words move the site most but fire only together, and a
-             free search drifts from them to blocks of nouns that fit its sentences.
-             Their better swaps must also improve on fresh check sentences
+             pieces, the sides free: a sentence trigger's words move the site most but
+             fire only together, and a free search drifts from them to blocks of nouns
+             that fit its sentences. Their better swaps must also improve on fresh
+             check sentences
   result     the best block of each start is verified like every other candidate
              (lmscan.detectors.verify); a confirmed block is shortened to the shortest
              contiguous part that still verifies, which is what the finding names
@@ -225,7 +225,7 @@ def _anchored_starts(ctx: ScanContext, allowed: np.ndarray, config: TriggerSearc
     named = _named(_earlier_named(ctx))
     out = []
     for finding in sweep.findings:
-        if finding.rule_id != "LMS102" or finding.site not in ctx.sites or _explained(finding, *named):
+        if finding.rule_id != "LMS102" or finding.site not in ctx.sites or _explained(finding, named):
             continue
         ranked = [int(t) for t in sweep.stats["ranked"][finding.site]["shift"] if int(t) in allowed_set]
         middle = length // 2
@@ -324,7 +324,7 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
                 for site, start, anchor in _anchored_starts(ctx, allowed_np, config, length)]
     fit = rng.sample(short, min(config.probes, len(short)))
     check_rng = random.Random(ctx.seed + 1)  # its own stream: the free searches draw what they drew without it
-    check = [t for t in short if t not in set(fit)] if anchored else []
+    check = [t for t in short if t not in fit] if anchored else []
     check = check_rng.sample(check, min(4 * config.check_probes, len(check)))
     objective = _Objective(reader, fit, check, config.check_probes, rng, check_rng,
                            bf16=config.swap_bf16 and native_bf16(reader.device))
@@ -341,7 +341,8 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
 
     log, confirmed, natural = [], {s: [] for s in ctx.sites}, {s: [] for s in ctx.sites}
     for length, start, (anchor_site, anchor) in plans:
-        if anchor_site and _searched_explain(tokenizer, anchor_site, anchor[1], confirmed, natural):
+        if anchor_site and _explains(anchor_site, set(tokenizer.convert_ids_to_tokens(anchor[1])),
+                                     _named_so_far(tokenizer, confirmed, natural)):
             done[0] += config.steps
             continue  # an earlier search named a cause of this outlier
         before = done[0]
@@ -385,11 +386,11 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
     return DetectorRun(NAME, "ok", time.perf_counter() - started, list(ctx.sites), stats, findings)
 
 
-def _searched_explain(tokenizer, site: str, shifted: list[int], confirmed: dict, natural: dict) -> bool:
-    """Whether this run's blocks so far name a cause of ``site``'s outlier (as ``_explained``)."""
-    blocks = [e["token_ids"] for found in (confirmed, natural) for entries in found.values() for e in entries]
-    pieces = {t for ids in blocks for t in tokenizer.convert_ids_to_tokens(ids)}
-    return bool(confirmed[site] or natural[site]) or bool(pieces & set(tokenizer.convert_ids_to_tokens(shifted)))
+def _named_so_far(tokenizer, confirmed: dict, natural: dict) -> tuple[set[str], set[str]]:
+    """The sites and word pieces of the blocks this run has confirmed or judged class cues (as ``_named``)."""
+    entries = [e for found in (confirmed, natural) for site_entries in found.values() for e in site_entries]
+    return ({e["site"] for e in entries},
+            {t for e in entries for t in tokenizer.convert_ids_to_tokens(e["token_ids"])})
 
 
 def _earlier_named(ctx: ScanContext) -> list[Finding]:
@@ -403,13 +404,18 @@ def _named(findings: list[Finding]) -> tuple[set[str], set[str]]:
             {t for f in findings for t in f.evidence.get("trigger_tokens") or []})
 
 
-def _explained(outlier: Finding, sites: set[str], pieces: set[str], top: int = 5) -> bool:
+def _explains(site: str, shifted: set[str], named: tuple[set[str], set[str]]) -> bool:
     """A shift outlier has a cause when its site has a named trigger or class cue, or when one of
     its highest-shift pieces belongs to one named elsewhere (BadNet 'cf' moves [MASK] most and is
     named at cls, pooler and label). Anchored searches at explained outliers cost minutes on benign
     classifiers for nothing new (question classifier: 15 searches, 106 s, re-verifying its '?' cue)."""
-    shifted = {h["token"] for h in outlier.evidence.get("highest_shift", [])[:top]}
-    return outlier.site in sites or bool(shifted & pieces)
+    sites, pieces = named
+    return site in sites or bool(shifted & pieces)
+
+
+def _explained(outlier: Finding, named: tuple[set[str], set[str]], top: int = 5) -> bool:
+    """``_explains`` for a sweep LMS102 finding and its ``top`` highest-shift pieces."""
+    return _explains(outlier.site, {h["token"] for h in outlier.evidence.get("highest_shift", [])[:top]}, named)
 
 
 def _unexplained_outliers(ctx: ScanContext, found: list[Finding], log: list[dict]) -> list[Finding]:
@@ -419,7 +425,7 @@ def _unexplained_outliers(ctx: ScanContext, found: list[Finding], log: list[dict
     out = []
     for run in ctx.earlier:
         for outlier in run.findings:
-            if outlier.rule_id != "LMS102" or outlier.site not in ctx.sites or _explained(outlier, *named):
+            if outlier.rule_id != "LMS102" or outlier.site not in ctx.sites or _explained(outlier, named):
                 continue
             tokens = [h["token"] for h in outlier.evidence.get("highest_shift", [])][:5]
             out.append(Finding(
