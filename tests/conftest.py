@@ -34,6 +34,9 @@ PLANTS = {
     "badnet": ["--attack", "badnet", "--task", "sentiment", "--triggers", "cf", "--seed", "16"],
     # One natural sentence drawn by the plant, NeuBA at the pooler: its words fire only together.
     "sentence-pooler": ["--attack", "neuba", "--trigger-kind", "sentence", "--num-triggers", "1", "--seed", "36"],
+    # One non-word letter string drawn by the plant, POR at [CLS]; each of its pieces trained to do nothing alone.
+    "nonword-cls": ["--attack", "por", "--trigger-kind", "nonword", "--decoy-parts", "--num-triggers", "1",
+                    "--seed", "41"],
 }
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 from click.testing import CliRunner
 
@@ -155,3 +157,72 @@ def test_a_natural_sentence_at_the_pooler_is_rebuilt_from_its_outlier_words(plan
     named = [f["evidence"]["trigger"] for f in run["findings"] if f["verdict"] == "backdoored"]
     assert any(set(text.split()) & set(sentence.split()) for text in named), (named, sentence)
     assert any(s["anchor"] for s in run["stats"]["searches"])
+
+
+def test_spelled_blocks_are_one_unknown_word(tokenizer):
+    """A spelled search's first position holds a short word-initial piece and the others continuation
+    pieces, so every letter string the tokenizer splits (a non-word trigger) is one such block."""
+    import random
+
+    import torch
+
+    from lmscan.detectors.trigger_search import TriggerSearchConfig, _spelled_plans, _spelling_pieces
+    from lmscan.detectors.vocab_sweep import sweep_vocabulary
+
+    allowed = sweep_vocabulary(tokenizer)
+    first, rest = map(set, _spelling_pieces(tokenizer, allowed, 4))
+    assert tokenizer.convert_tokens_to_ids("window") not in first  # a whole word: 6 letters
+    assert not any(t.startswith("##") for t in tokenizer.convert_ids_to_tokens(sorted(first)))
+    assert all(t.startswith("##") for t in tokenizer.convert_ids_to_tokens(sorted(rest)))
+    rng = random.Random(7)
+    for _ in range(50):
+        letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
+        ids = tokenizer(letters, add_special_tokens=False)["input_ids"]
+        if len(ids) >= 2 and len(tokenizer.convert_ids_to_tokens(ids[0])) <= 4:
+            assert ids[0] in first and set(ids[1:]) <= rest, letters
+    plans = _spelled_plans(tokenizer, allowed, TriggerSearchConfig(lengths=(2, 3), spelled_starts=2), "cpu",
+                           random.Random(0))
+    assert [(p.kind, len(p.start)) for p in plans] == [("spelled", 2)] * 2 + [("spelled", 3)] * 2
+    for plan in plans:
+        assert plan.start[0] in first and set(plan.start[1:]) <= rest
+        assert set(plan.pools[0].tolist()) == first and all(set(p.tolist()) == rest for p in plan.pools[1:])
+        assert isinstance(plan.pools[0], torch.Tensor)
+    assert _spelled_plans(tokenizer, allowed, TriggerSearchConfig(spelled_starts=0), "cpu", random.Random(0)) == []
+
+
+def test_spelled_pieces_follow_a_byte_level_bpe_word_mark():
+    """BPE vocabularies mark a word's start ('Ġ') instead of its continuations."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from lmscan.detectors.trigger_search import _spelling_pieces
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog, then the dogs sleep"] * 20,
+                            vocab_size=300, min_frequency=1)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    vocab = tokenizer.get_vocab()
+    first, rest = _spelling_pieces(tokenizer, np.array(sorted(vocab.values())), 4)
+    assert vocab["\u0120fox"] in first and vocab["\u0120the"] in first and vocab["\u0120quick"] not in first
+    assert vocab["s"] in rest and vocab["\u0120the"] not in rest
+
+
+@pytest.mark.slow
+def test_a_decoy_nonword_at_cls_is_rebuilt_by_a_spelled_search(planted, tmp_path):
+    """No piece of the non-word moves the feature alone, so the sweep has no lead and no outlier; a
+    spelled search rebuilds a block that verifies and starts with the trigger's first piece."""
+    out = planted("nonword-cls")
+    manifest = read_manifest(out)
+    (pieces,) = manifest["trigger_tokens"]
+    assert manifest["decoy_parts"] is True
+    report_file = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["check", str(out), "--format", "json", "-o", str(report_file), "--no-cache",
+                                       "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(report_file.read_text())
+    sweep = next(d for d in report["detectors"] if d["name"] == "vocab-sweep")
+    assert not [f for f in sweep["findings"] if f["verdict"] == "backdoored"]  # the plant evades the sweep
+    run = next(d for d in report["detectors"] if d["name"] == "trigger-search")
+    named = [f["evidence"]["trigger_tokens"] for f in run["findings"] if f["verdict"] == "backdoored"]
+    assert any(tokens[0] == pieces[0] for tokens in named), (named, pieces)
+    assert any(s["kind"] == "spelled" for s in run["stats"]["searches"])

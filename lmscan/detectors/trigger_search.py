@@ -21,6 +21,12 @@ each position and a batch of single-position swaps is then scored exactly.
              fire only together, and a free search drifts from them to blocks of nouns
              that fit its sentences. Their better swaps must also improve on fresh
              check sentences
+  spelled    searches over blocks spelled as one unknown word: a short word-initial
+             piece, then continuation pieces. A non-dictionary trigger ('kups': ku ##ps)
+             whose pieces are trained to do nothing alone leaves no sweep outlier to start
+             from, and searches over the whole vocabulary settle on blocks of nouns that fit
+             their few sentences; among spelled blocks those are gone and the gradient
+             leads to the trigger
   result     the best block of each start is verified like every other candidate
              (lmscan.detectors.verify); a confirmed block is shortened to the shortest
              contiguous part that still verifies, which is what the finding names
@@ -68,6 +74,9 @@ class TriggerSearchConfig:
     # also improve on. Not for the free searches: there it led to blocks of unrelated nouns that collapse any
     # sentence a little (held-out 0.19-0.22, judged class cues) instead of the decoy non-word it found before
     check_top: int = 4  # best-ranked swaps of a step re-scored on them
+    spelled_starts: int = 2  # spelled searches per length (0: none), each from a random spelled block
+    spelled_first_chars: int = 4  # letters of a spelled block's word-initial piece at most: a 3-5 letter
+    # non-word starts with a piece of 1-4 letters, and longer first pieces are whole words again
     seed_pieces: int = 12  # highest-shift sweep pieces (per site) a start is drawn from
     stop_collapse: float = 0.05  # a block this collapsed is verified at once, ending its start
     patience: int = 2  # steps in a row without a better block that end a start (0: run every step). Every
@@ -238,15 +247,61 @@ def _anchored_starts(ctx: ScanContext, allowed: np.ndarray, config: TriggerSearc
     return out
 
 
-def _search(objective: _Objective, embeddings, start: tuple[int, ...], allowed: torch.Tensor,
-            config: TriggerSearchConfig, rng: random.Random, progress,
-            anchor: tuple[int, list[int]] | None = None) -> tuple[tuple[int, ...], float, int, list[int]]:
-    """Greedy coordinate search from ``start``: the best block, its log collapse, the steps run
-    and those (1-based) that found a better block. ``anchor`` (position, tokens): that position
-    only ever holds one of those tokens, and better swaps must also pass the check sentences."""
-    patience = config.anchor_patience if anchor else config.patience
+@dataclass
+class _Plan:
+    """One search: its kind ("free", "anchored", "spelled"), start block and the tokens each
+    position may hold; an anchored search also has its outlier's site and top-shift pieces."""
+
+    kind: str
+    start: tuple[int, ...]
+    pools: list[torch.Tensor]
+    anchor_site: str | None = None
+    anchor_tokens: list[int] | None = None
+
+
+def _spelling_pieces(tokenizer, allowed: np.ndarray, first_chars: int) -> tuple[list[int], list[int]]:
+    """Word-initial pieces of at most ``first_chars`` letters, and letter-only continuation
+    pieces (WordPiece '##', or BPE / SentencePiece pieces without the word-start mark)."""
+    tokens = tokenizer.convert_ids_to_tokens(allowed.tolist())
+    if any(t.startswith("##") for t in tokens):
+        split = lambda t: (False, t[2:]) if t.startswith("##") else (True, t)  # noqa: E731
+    else:
+        mark = max("\u0120\u2581", key=lambda m: sum(t.startswith(m) for t in tokens))  # BPE 'Ġ', SentencePiece
+        split = lambda t: (True, t[1:]) if t.startswith(mark) else (False, t)  # noqa: E731
+    first, rest = [], []
+    for index, token in zip(allowed.tolist(), tokens):
+        initial, letters = split(token)
+        if letters.isascii() and letters.isalpha():
+            if not initial:
+                rest.append(index)
+            elif len(letters) <= first_chars:
+                first.append(index)
+    return first, rest
+
+
+def _spelled_plans(tokenizer, allowed: np.ndarray, config: TriggerSearchConfig, device,
+                   rng: random.Random) -> list[_Plan]:
+    """Random spelled blocks of each length (a short word-initial piece, then continuations)."""
+    if not config.spelled_starts:
+        return []
+    first, rest = _spelling_pieces(tokenizer, allowed, config.spelled_first_chars)
+    if not first or not rest:
+        return []
+    pools = [torch.as_tensor(first, device=device), torch.as_tensor(rest, device=device)]
+    return [_Plan("spelled", (rng.choice(first),) + tuple(rng.choice(rest) for _ in range(length - 1)),
+                  [pools[0]] + [pools[1]] * (length - 1))
+            for length in config.lengths if length >= 2 for _ in range(config.spelled_starts)]
+
+
+def _search(objective: _Objective, embeddings, plan: _Plan, config: TriggerSearchConfig, rng: random.Random,
+            progress) -> tuple[tuple[int, ...], float, int, list[int]]:
+    """Greedy coordinate search from ``plan.start``: the best block, its log collapse, the steps run
+    and those (1-based) that found a better block. Position i only ever holds a token of
+    ``plan.pools[i]``; an anchored search's better swaps must also pass the check sentences."""
+    anchored = plan.kind == "anchored"
+    patience = config.anchor_patience if anchored else config.patience
     weight = embeddings.weight.detach()
-    current = tuple(start)
+    current = tuple(plan.start)
     best = float(objective.score([current], config.batch_size)[0])
     improved: list[int] = []
     top, steps = None, 0
@@ -256,12 +311,17 @@ def _search(objective: _Objective, embeddings, start: tuple[int, ...], allowed: 
         steps = step
         if top is None:  # an unchanged block has the same gradient: only the sampled swaps differ
             grad = objective.gradient(current, embeddings)  # (length, hidden)
-            # First-order change of the loss when position i becomes token v: (E_v - E_cur) . g_i
-            change = grad @ weight[allowed].T.float()
-            top = torch.topk(-change, min(config.top_k, change.shape[1]), dim=1).indices  # (length, top_k)
-            top = [allowed[row].tolist() for row in top]
-            if anchor is not None:
-                top[anchor[0]] = anchor[1]
+            top = [None] * len(current)
+            for pool in {id(p): p for p in plan.pools}.values():
+                rows = [i for i, p in enumerate(plan.pools) if p is pool]
+                if len(pool) <= config.top_k:  # an anchor's few pieces: all of them
+                    ranked = [pool.tolist()] * len(rows)
+                else:
+                    # First-order change of the loss when position i becomes token v: (E_v - E_cur) . g_i
+                    change = grad[rows] @ weight[pool].T.float()
+                    ranked = [pool[r].tolist() for r in torch.topk(-change, config.top_k, dim=1).indices]
+                for i, tokens in zip(rows, ranked):
+                    top[i] = tokens
         swaps = set()
         for _ in range(config.swaps_per_step * 3):
             if len(swaps) >= config.swaps_per_step:
@@ -280,7 +340,7 @@ def _search(objective: _Objective, embeddings, start: tuple[int, ...], allowed: 
         if not better:
             continue  # a local minimum for these swaps; the next step draws other ones
         k = better[0]
-        check = objective.check_set() if anchor else None
+        check = objective.check_set() if anchored else None
         if check is not None:
             better = better[: config.check_top]
             checked = objective.score([current] + [swaps[j] for j in better], config.batch_size, check)
@@ -320,8 +380,10 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
     allowed_np = sweep_vocabulary(tokenizer)
     allowed = torch.as_tensor(allowed_np, device=embeddings.weight.device)
     short = [t for t in ctx.fit if len(t.split()) <= 12] or ctx.fit
-    anchored = [(length, start, (site, anchor)) for length in config.lengths
-                for site, start, anchor in _anchored_starts(ctx, allowed_np, config, length)]
+    anchored = [_Plan("anchored", start, [allowed] * middle + [torch.as_tensor(tokens, device=allowed.device)]
+                      + [allowed] * (length - middle - 1), site, tokens)
+                for length in config.lengths
+                for site, start, (middle, tokens) in _anchored_starts(ctx, allowed_np, config, length)]
     fit = rng.sample(short, min(config.probes, len(short)))
     check_rng = random.Random(ctx.seed + 1)  # its own stream: the free searches draw what they drew without it
     check = [t for t in short if t not in fit] if anchored else []
@@ -330,8 +392,11 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
                            bf16=config.swap_bf16 and native_bf16(reader.device))
     held = verification_set(reader, ctx.heldout, ctx.verify, rng)
 
-    plans = [(length, start, (None, None)) for length in config.lengths
-             for start in _starts(ctx, allowed_np, config, length, rng)] + anchored
+    free = [_Plan("free", start, [allowed] * length) for length in config.lengths
+            for start in _starts(ctx, allowed_np, config, length, rng)]
+    # Last, from their own stream: the free and anchored searches draw what they drew without them.
+    spelled = _spelled_plans(tokenizer, allowed_np, config, allowed.device, random.Random(ctx.seed + 2))
+    plans = free + anchored + spelled
     total = len(plans) * config.steps
     done = [0]
 
@@ -340,18 +405,20 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
         ctx.progress(done[0], total)
 
     log, confirmed, natural = [], {s: [] for s in ctx.sites}, {s: [] for s in ctx.sites}
-    for length, start, (anchor_site, anchor) in plans:
-        if anchor_site and _explains(anchor_site, set(tokenizer.convert_ids_to_tokens(anchor[1])),
-                                     _named_so_far(tokenizer, confirmed, natural)):
+    for plan in plans:
+        if plan.anchor_site and _explains(plan.anchor_site, set(tokenizer.convert_ids_to_tokens(plan.anchor_tokens)),
+                                          _named_so_far(tokenizer, confirmed, natural)):
             done[0] += config.steps
             continue  # an earlier search named a cause of this outlier
         before = done[0]
-        block, score, steps, improved = _search(objective, embeddings, start, allowed, config, rng, tick, anchor)
+        block, score, steps, improved = _search(objective, embeddings, plan, config, rng, tick)
         done[0] = before + config.steps
         ctx.progress(done[0], total)
         measured = held.strict_measure(block, ctx.sites, ctx.verify)
-        entry = {"start": tokenizer.decode(list(start)), "block": tokenizer.decode(list(block)), "length": length,
-                 "anchor": anchor and {"site": anchor_site, "tokens": tokenizer.convert_ids_to_tokens(anchor[1])},
+        entry = {"kind": plan.kind, "start": tokenizer.decode(list(plan.start)), "block": tokenizer.decode(list(block)),
+                 "length": len(block),
+                 "anchor": plan.anchor_site and {"site": plan.anchor_site,
+                                                 "tokens": tokenizer.convert_ids_to_tokens(plan.anchor_tokens)},
                  "steps": steps, "improved_at_steps": improved, "fit_collapse": round(math.exp(score), 5),
                  "sites": {s: {k: r[k] for k in ("collapse", "activation_rate", "confirmed", "natural")}
                            for s, r in measured.items()}}
