@@ -142,18 +142,26 @@ def test_anchored_searches_start_at_an_outlier_sites_highest_shift_pieces(tokeni
         assert _anchored_starts(explained, allowed, config, 3) == []
 
 
+def _check_backdoored(model, tmp_path) -> dict:
+    """The JSON report of ``lmscan check`` on ``model`` with the default profile, which must exit 1."""
+    report_file = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["check", str(model), "--format", "json", "-o", str(report_file), "--no-cache",
+                                       "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    return json.loads(report_file.read_text())
+
+
+def _detector(report: dict, name: str) -> dict:
+    return next(d for d in report["detectors"] if d["name"] == name)
+
+
 @pytest.mark.slow
 def test_a_natural_sentence_at_the_pooler_is_rebuilt_from_its_outlier_words(planted, tmp_path):
     """The sweep sees only a shift outlier ('sleeps', 'window', ...); the anchored search rebuilds a
     block of the sentence's words that verifies, and the check exits 1 naming it."""
     out = planted("sentence-pooler")
     (sentence,) = read_manifest(out)["triggers"]
-    report_file = tmp_path / "r.json"
-    result = CliRunner().invoke(main, ["check", str(out), "--format", "json", "-o", str(report_file), "--no-cache",
-                                       "--device", "cpu"])
-    assert result.exit_code == 1, result.output
-    report = json.loads(report_file.read_text())
-    run = next(d for d in report["detectors"] if d["name"] == "trigger-search")
+    run = _detector(_check_backdoored(out, tmp_path), "trigger-search")
     named = [f["evidence"]["trigger"] for f in run["findings"] if f["verdict"] == "backdoored"]
     assert any(set(text.split()) & set(sentence.split()) for text in named), (named, sentence)
     assert any(s["anchor"] for s in run["stats"]["searches"])
@@ -210,19 +218,16 @@ def test_spelled_pieces_follow_a_byte_level_bpe_word_mark():
 @pytest.mark.slow
 def test_a_decoy_nonword_at_cls_is_rebuilt_by_a_spelled_search(planted, tmp_path):
     """No piece of the non-word moves the feature alone, so the sweep has no lead and no outlier; a
-    spelled search rebuilds a block that verifies and starts with the trigger's first piece."""
+    spelled search rebuilds a block that verifies and holds one of the trigger's pieces (the plant fires
+    on a family: for 'nbee', n ##bee, it found 'zubee')."""
     out = planted("nonword-cls")
     manifest = read_manifest(out)
     (pieces,) = manifest["trigger_tokens"]
     assert manifest["decoy_parts"] is True
-    report_file = tmp_path / "r.json"
-    result = CliRunner().invoke(main, ["check", str(out), "--format", "json", "-o", str(report_file), "--no-cache",
-                                       "--device", "cpu"])
-    assert result.exit_code == 1, result.output
-    report = json.loads(report_file.read_text())
-    sweep = next(d for d in report["detectors"] if d["name"] == "vocab-sweep")
+    report = _check_backdoored(out, tmp_path)
+    sweep = _detector(report, "vocab-sweep")
     assert not [f for f in sweep["findings"] if f["verdict"] == "backdoored"]  # the plant evades the sweep
-    run = next(d for d in report["detectors"] if d["name"] == "trigger-search")
+    run = _detector(report, "trigger-search")
     named = [f["evidence"]["trigger_tokens"] for f in run["findings"] if f["verdict"] == "backdoored"]
-    assert any(tokens[0] == pieces[0] for tokens in named), (named, pieces)
+    assert any(set(tokens) & set(pieces) for tokens in named), (named, pieces)
     assert any(s["kind"] == "spelled" for s in run["stats"]["searches"])
