@@ -174,11 +174,12 @@ def test_spelled_blocks_are_one_unknown_word(tokenizer):
 
     import torch
 
-    from lmscan.detectors.trigger_search import TriggerSearchConfig, _spelled_plans, _spelling_pieces
+    from lmscan.detectors.trigger_search import TriggerSearchConfig, _spelled_plans
+    from lmscan.detectors.verify import spelling_pieces
     from lmscan.detectors.vocab_sweep import sweep_vocabulary
 
     allowed = sweep_vocabulary(tokenizer)
-    first, rest = map(set, _spelling_pieces(tokenizer, allowed, 4))
+    first, rest = map(set, spelling_pieces(tokenizer, allowed, 4))
     assert tokenizer.convert_tokens_to_ids("window") not in first  # a whole word: 6 letters
     assert not any(t.startswith("##") for t in tokenizer.convert_ids_to_tokens(sorted(first)))
     assert all(t.startswith("##") for t in tokenizer.convert_ids_to_tokens(sorted(rest)))
@@ -203,14 +204,14 @@ def test_spelled_pieces_follow_a_byte_level_bpe_word_mark():
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from lmscan.detectors.trigger_search import _spelling_pieces
+    from lmscan.detectors.verify import spelling_pieces
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog, then the dogs sleep"] * 20,
                             vocab_size=300, min_frequency=1)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
     vocab = tokenizer.get_vocab()
-    first, rest = _spelling_pieces(tokenizer, np.array(sorted(vocab.values())), 4)
+    first, rest = spelling_pieces(tokenizer, np.array(sorted(vocab.values())), 4)
     assert vocab["\u0120fox"] in first and vocab["\u0120the"] in first and vocab["\u0120quick"] not in first
     assert vocab["s"] in rest and vocab["\u0120the"] not in rest
 

@@ -45,7 +45,8 @@ import torch
 
 from lmscan.detectors.base import Detector, ScanContext
 from lmscan.detectors.pv_mining import _batch_entropy, _prompted_embeds
-from lmscan.detectors.verify import SiteReader, VerifyConfig, pairwise_mse, verification_set, word_starts
+from lmscan.detectors.verify import (SiteReader, VerifyConfig, pairwise_mse, spelling_pieces, verification_set,
+                                    word_starts)
 from lmscan.findings import DetectorRun, Finding
 from lmscan.sites import SITES
 
@@ -99,8 +100,7 @@ def candidate_words(tokenizer, length: int, config: PiccoloConfig,
         return [(i,) for _, i in starts]
     words: dict[tuple[int, ...], None] = {}
     if length == 2:
-        pieces = [i for tok, i in vocab if tok.startswith("##") and tok[2:].isalpha() and tok[2:].isascii()]
-        short = [i for tok, i in starts if len(tok) <= config.pair_start_chars]
+        short, pieces = spelling_pieces(tokenizer, [i for _, i in vocab if i not in special], config.pair_start_chars)
         words.update((w, None) for w in itertools.islice(((s, p) for s in short for p in pieces),
                                                          config.max_pair_words))
     words.update((ids, None) for ids in dictionary if len(ids) == length)

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 from lmscan.detectors.base import Detector, ScanContext
-from lmscan.detectors.verify import (HeldoutSet, SiteReader, VerifyConfig, pairwise_mse, verification_set,
-                                    word_starts)
+from lmscan.detectors.verify import (HeldoutSet, SiteReader, VerifyConfig, pairwise_mse, spelling_pieces,
+                                    verification_set, word_starts)
 from lmscan.detectors.vocab_sweep import NAME as SWEEP, _findings_for_site, _natural_finding, sweep_vocabulary
 from lmscan.device import bf16_autocast, native_bf16
 from lmscan.findings import DetectorRun, Finding
@@ -259,32 +259,12 @@ class _Plan:
     anchor_tokens: list[int] | None = None
 
 
-def _spelling_pieces(tokenizer, allowed: np.ndarray, first_chars: int) -> tuple[list[int], list[int]]:
-    """Word-initial pieces of at most ``first_chars`` letters, and letter-only continuation
-    pieces (WordPiece '##', or BPE / SentencePiece pieces without the word-start mark)."""
-    tokens = tokenizer.convert_ids_to_tokens(allowed.tolist())
-    if any(t.startswith("##") for t in tokens):
-        split = lambda t: (False, t[2:]) if t.startswith("##") else (True, t)  # noqa: E731
-    else:
-        mark = max("\u0120\u2581", key=lambda m: sum(t.startswith(m) for t in tokens))  # BPE 'Ġ', SentencePiece
-        split = lambda t: (True, t[1:]) if t.startswith(mark) else (False, t)  # noqa: E731
-    first, rest = [], []
-    for index, token in zip(allowed.tolist(), tokens):
-        initial, letters = split(token)
-        if letters.isascii() and letters.isalpha():
-            if not initial:
-                rest.append(index)
-            elif len(letters) <= first_chars:
-                first.append(index)
-    return first, rest
-
-
 def _spelled_plans(tokenizer, allowed: np.ndarray, config: TriggerSearchConfig, device,
                    rng: random.Random) -> list[_Plan]:
     """Random spelled blocks of each length (a short word-initial piece, then continuations)."""
     if not config.spelled_starts:
         return []
-    first, rest = _spelling_pieces(tokenizer, allowed, config.spelled_first_chars)
+    first, rest = spelling_pieces(tokenizer, allowed.tolist(), config.spelled_first_chars)
     if not first or not rest:
         return []
     pools = [torch.as_tensor(first, device=device), torch.as_tensor(rest, device=device)]

@@ -147,6 +147,28 @@ def word_starts(tokenizer, row: list[int]) -> list[int]:
     return starts or [1]
 
 
+def spelling_pieces(tokenizer, token_ids: list[int], first_chars: int) -> tuple[list[int], list[int]]:
+    """Of ``token_ids``: the word-initial pieces of at most ``first_chars`` letters, and the
+    letter-only continuation pieces (WordPiece '##', or BPE / SentencePiece pieces without the
+    word-start mark) -- what a made-up word such as 'kups' (ku ##ps) is spelled from."""
+    token_ids = [int(i) for i in token_ids]
+    tokens = tokenizer.convert_ids_to_tokens(token_ids)
+    if any(t.startswith("##") for t in tokens):
+        split = lambda t: (False, t[2:]) if t.startswith("##") else (True, t)  # noqa: E731
+    else:
+        mark = max("\u0120\u2581", key=lambda m: sum(t.startswith(m) for t in tokens))  # BPE 'Ġ', SentencePiece
+        split = lambda t: (True, t[1:]) if t.startswith(mark) else (False, t)  # noqa: E731
+    first, rest = [], []
+    for index, token in zip(token_ids, tokens):
+        initial, letters = split(token)
+        if letters.isascii() and letters.isalpha():
+            if not initial:
+                rest.append(index)
+            elif len(letters) <= first_chars:
+                first.append(index)
+    return first, rest
+
+
 def insert_ids(row: list[int], token_ids, at: int) -> list[int]:
     return row[:at] + list(token_ids) + row[at:]
 
