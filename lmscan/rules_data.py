@@ -81,10 +81,23 @@ def dataclass_from(cls, values: dict | None):
     unknown = sorted(set(values) - known)
     if unknown:
         raise InputError(f"unknown {cls.__name__} setting(s) in rules: {', '.join(unknown)}")
+    annotations = {f.name: f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+                   for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        types, said = _WANTED.get(annotations[name].split("[")[0], (None, ""))
+        bool_for_number = isinstance(value, bool) and types is not None and bool not in types
+        if types and (not isinstance(value, types) or bool_for_number):
+            raise InputError(f"bad {cls.__name__} setting in rules: {name} = {value!r}, but it takes {said}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
         raise InputError(f"bad {cls.__name__} settings in rules: {exc}") from None
+
+
+# What a setting of each annotated type accepts from TOML (a bool is no number here), and how to say it.
+# Checked before any model loads: a wrong type would otherwise fail inside a detector, minutes later.
+_WANTED = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+           "str": ((str,), "a string"), "tuple": ((list, tuple), "a list"), "list": ((list, tuple), "a list")}
 
 
 def load_catalog(rules_dir: str | Path | None = None) -> dict:

@@ -139,7 +139,16 @@ def test_unsupported_architecture_is_not_assessed(tmp_path):
 
 def test_bad_options_exit_2(tmp_path):
     runner = CliRunner()
+    wrong_type = tmp_path / "rules-type"
+    wrong_type.mkdir()
+    (wrong_type / "profiles.toml").write_text('[fast.trigger-search]\nspelled_starts = "two"\n')
+    bool_number = tmp_path / "rules-bool"
+    bool_number.mkdir()
+    (bool_number / "profiles.toml").write_text("[fast.verify]\ncollapse_threshold = true\n")
     for args, message in [
+        # A setting of the wrong type fails before the model loads, not inside its detector minutes later.
+        (["check", str(FIXTURES / "tiny-bert"), "--rules", str(wrong_type), "--no-cache"], "spelled_starts = 'two'"),
+        (["check", str(FIXTURES / "tiny-bert"), "--rules", str(bool_number), "--no-cache"], "takes a number"),
         (["check", str(tmp_path / "missing")], "no such"),
         (["check", str(FIXTURES / "tiny-bert"), "--profile", "nope", "--no-cache"], "unknown profile"),
         (["check", str(FIXTURES / "tiny-bert"), "--detectors", "nope", "--no-cache"], "unknown detector"),
