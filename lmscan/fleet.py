@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from lmscan.api import ScanConfig
     from lmscan.findings import Report
 
-RAY_EXTRA = "pip install 'lmscan[ray]'"
+RAY_EXTRA = "pip install 'lmscan-backdoor[ray]'"
 # How a scan reports progress: "off" (silent), "lines" (plain stderr lines, what a worker
 # process or Ray task prints) or "auto" (bars on a terminal, lines elsewhere).
 PROGRESS_MODES = ("off", "lines", "auto")

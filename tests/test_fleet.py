@@ -99,7 +99,7 @@ def test_ray_missing_is_one_line_naming_the_extra(monkeypatch):
     result = CliRunner().invoke(main, ["check", CLEAN, "--ray", "--no-cache"])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == ["lmscan: error: Ray is not installed; it is an optional extra: "
-                                                  "pip install 'lmscan[ray]'"]
+                                                  "pip install 'lmscan-backdoor[ray]'"]
 
 
 def test_fleet_exit_code_is_the_worst_error_then_finding_then_not_assessed():
