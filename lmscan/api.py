@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from lmscan import __version__
+from lmscan import DISTRIBUTION, __version__
 from lmscan.detectors import check_names
 from lmscan.detectors.base import ProgressFn
 from lmscan.detectors.runner import context
@@ -82,7 +82,7 @@ def tool_info() -> dict:
     import torch
     import transformers
 
-    return {"name": "lmscan", "version": __version__, "torch": torch.__version__,
+    return {"name": "lmscan", "distribution": DISTRIBUTION, "version": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
@@ -174,6 +174,7 @@ def model_info(resolved, loaded=None) -> dict:
         "ref": resolved.ref, "kind": resolved.kind, "repo_id": resolved.repo_id, "revision": resolved.revision,
         "commit": resolved.commit, "local_dir": str(resolved.local_dir),
         "weight_sha256": dict(resolved.weight_sha256), "model_sha256": resolved.model_sha256,
+        "folder_sha256": resolved.folder_sha256,
     }
     if loaded is not None:
         arch = loaded.arch
@@ -242,20 +243,40 @@ def scan_cached(config: ScanConfig, resolved, cache=None, progress: ProgressFn |
         report = cache.get(key)
         if report is not None:
             report.model.update(model_info(resolved))
-            return report
+            return refresh_file_inventory(report, resolved, config)
     report = scan(config, progress=progress, resolved=resolved)
     if key is not None and report.verdict != "not-assessed" and not cache.put(key, report) and warn is not None:
         warn("could not write the result cache")
     return report
 
 
-def not_assessed_report(config: ScanConfig, resolved, exc: Exception) -> Report:
-    """The report of a scan that stopped after the model was resolved: no verdict, and why."""
-    return Report(schema_version="1.0", tool=tool_info(), model=model_info(resolved),
+def refresh_file_inventory(report: Report, resolved, config: ScanConfig) -> Report:
+    """A cached report with the ``files`` inventory taken again from the folder as it is now.
+    The key already covers every file; this keeps the cache from ever answering a file
+    question even if a future key forgets one."""
+    from lmscan.detectors.files import run_files
+    from lmscan.detectors.runner import apply_catalog
+    from lmscan.report.verdict import aggregate, load_policy
+    from lmscan.rules_data import load_catalog
+
+    fresh = apply_catalog(run_files(resolved), load_catalog(config.rules_dir))
+    report.detectors = [fresh if run.name == "files" else run for run in report.detectors]
+    if not any(run.name == "files" for run in report.detectors):
+        report.detectors.insert(0, fresh)
+    report.verdict, report.severity, report.reason = aggregate(
+        report.detectors, list(report.config.get("sites") or []), load_policy(config.rules_dir), report.incomplete)
+    return report
+
+
+def not_assessed_report(config: ScanConfig, resolved, why) -> Report:
+    """The report of a scan that ended without a verdict: ``why`` is the error (its exit code is
+    named) or a sentence. ``resolved`` None: stopped before the model's files were even hashed."""
+    reason = why if isinstance(why, str) else f"{why} (exit {getattr(why, 'exit_code', 2)})"
+    model = model_info(resolved) if resolved is not None else {"ref": config.model}
+    return Report(schema_version="1.0", tool=tool_info(), model=model,
                   config=dataclasses.asdict(config), seed=config.seed, device=config.device, detectors=[],
                   verdict="not-assessed", severity="info", timings={},
-                  started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  reason=f"{exc} (exit {getattr(exc, 'exit_code', 2)})")
+                  started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), reason=reason)
 
 
 def run_one(config: ScanConfig, name: str, progress: ProgressFn | None = None, fit: list[str] | None = None,

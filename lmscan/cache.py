@@ -1,8 +1,9 @@
 """Result cache: finished reports keyed by everything that decides a scan's result.
 
 An entry is ``<dir>/results/<key>.json`` with ``key`` = sha256 of a canonical JSON of
-:func:`scan_identity`: the sha256 of every weight file and of every file that changes
-what the model computes (config, tokenizer, pooling/head configs), the effective
+:func:`scan_identity`: the sha256 of every file in the model's folder (weights, the files
+that change what the model computes, and every other file, which the ``files``
+inventory judges), the effective
 settings after every rules file was merged, the content of the rules in force, the
 probe corpus, the word list, lmscan's version and a digest of its source, and the
 torch/transformers versions. Any change there misses the cache instead of returning
@@ -28,7 +29,7 @@ from lmscan import __version__
 from lmscan.findings import Report
 from lmscan.report.json_report import from_dict, jsonable, to_dict
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: the key covers every file in the folder
 # Rules files whose content can change a verdict (profiles and engines also reach the
 # key through the effective settings; their whole content is cheap to add).
 RULES_IN_KEY = ("profiles", "engines", "policy", "rule_catalog")
@@ -159,6 +160,9 @@ def scan_identity(resolved, config, settings: dict, detectors: list[str]) -> dic
     return {
         "weights": dict(resolved.weight_sha256),
         "files": dict(resolved.file_sha256),
+        # Everything else in the folder: the `files` inventory judges these, so a pickle added
+        # beside weights scanned before (or one removed) is a different scan.
+        "other_files": {name: entry["sha256"] for name, entry in resolved.other_files.items()},
         "scan": {"profile": config.profile, "engine": config.engine, "detectors": list(detectors),
                  "sites": config.sites, "seed": config.seed, "text_column": config.text_column},
         "settings": settings,

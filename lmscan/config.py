@@ -18,7 +18,7 @@ Example::
     cache_dir = ".lmscan-results"   # relative to this file
 
     [[tool.lmscan.allowlist]]
-    sha256 = "<64 hex digits: the model sha256 lmscan reports>"
+    sha256 = "<64 hex digits: the folder_sha256 lmscan reports (every file in the folder)>"
     reason = "red-team fixture, known backdoor"
     model = "org/name"              # optional, for people reading the file
 """
@@ -176,7 +176,7 @@ def _allowlist(entries, where: str) -> list[dict]:
             raise InputError(f"{what}: unknown key(s) {', '.join(unknown)}; known: {', '.join(ALLOWLIST_KEYS)}")
         sha = entry.get("sha256")
         if not isinstance(sha, str) or not _SHA256_RE.match(sha.strip().lower()):
-            raise InputError(f"{what}: sha256 must be the model's sha256, 64 hex digits")
+            raise InputError(f"{what}: sha256 must be the folder_sha256 of a report (every file in the model folder), 64 hex digits")
         reason = entry.get("reason")
         if not isinstance(reason, str) or not reason.strip():
             raise InputError(f"{what}: a reason is required (why this model may be used despite findings)")
@@ -187,11 +187,13 @@ def _allowlist(entries, where: str) -> list[dict]:
     return result
 
 
-def allowlist_reason(config: dict, model_sha256: str) -> str | None:
-    """The allowlist reason for these weights (first matching entry), or None."""
-    if not model_sha256:
+def allowlist_reason(config: dict, folder_sha256: str) -> str | None:
+    """The allowlist reason for this exact folder (first matching entry), or None. An entry
+    names ``folder_sha256`` (every file in the model's folder), never the weights alone, so a
+    pickle added beside allowlisted weights is not covered by the entry."""
+    if not folder_sha256:
         return None
-    wanted = model_sha256.strip().lower()
+    wanted = folder_sha256.strip().lower()
     for entry in config.get("allowlist") or []:
         if entry.get("sha256", "").lower() == wanted:
             return entry.get("reason")

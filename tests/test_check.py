@@ -244,3 +244,45 @@ def test_ranking_precision_keeps_the_verdict_and_is_reported():
         assert run.stats["ranking_precision"] == expected
         found[bf16] = sorted((f.site, f.evidence["trigger"]) for f in run.findings if f.rule_id == "LMS101")
     assert found[True] and found[True] == found[False]
+
+
+def _stop_a_real_scan(tmp_path, minilm_path, signum):
+    """Start `lmscan check` on real MiniLM weights in a subprocess, send ``signum`` once the
+    vocabulary sweep has started, and return (exit code, stderr lines, the SARIF written)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "scan.sarif"
+    env = {**os.environ, "LMSCAN_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "lmscan.cli", "check", str(minilm_path), "--format", "sarif",
+                             "-o", str(out), "--device", "cpu", "--no-cache"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    deadline = time.monotonic() + 300
+    for line in proc.stderr:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("[lmscan] vocab-sweep") or time.monotonic() > deadline:
+            break
+    proc.send_signal(signum)
+    _, rest = proc.communicate(timeout=120)
+    lines += rest.splitlines()
+    return proc.returncode, [line for line in lines if not line.startswith("[lmscan]")], out
+
+
+@pytest.mark.parametrize("signame, status", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_stop_signal_during_a_real_scan_writes_the_report_marked_incomplete(tmp_path, minilm_path, signame,
+                                                                             status):
+    import signal
+
+    code, stderr_lines, out = _stop_a_real_scan(tmp_path, minilm_path, getattr(signal, signame))
+    assert code == status
+    assert stderr_lines == [f"lmscan: interrupted ({signame}); the report holds the detectors that finished; "
+                            f"wrote {out}"]
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["properties"]["incomplete"] is True and run["properties"]["verdict"] == "not-assessed"
+    invocation = run["invocations"][0]
+    assert invocation["executionSuccessful"] is False
+    assert any(n["descriptor"]["id"] == "incomplete" for n in invocation["toolExecutionNotifications"])

@@ -233,6 +233,83 @@ def test_a_plain_extra_pickle_is_named_not_trusted(tmp_path):
     assert report["verdict"] == "clean"  # information: it does not change the verdict on what was scanned
 
 
+def test_a_pickle_added_beside_cached_weights_is_scanned_not_served_from_the_cache(tmp_path, monkeypatch):
+    """The attack: scan a folder (cached), drop a code-carrying pickle beside the same weights,
+    scan again. The cache key covers every file in the folder, so this is a fresh scan."""
+    monkeypatch.setenv("LMSCAN_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "m"
+    shutil.copytree(CLEAN, model)
+    args = [str(model), "--detectors", "vocab-sweep", "--format", "json"]
+    assert as_json(check(*args))["verdict"] == "clean"
+    assert as_json(check(*args))["from_cache"] is True
+    with open(model / "pytorch_model.bin", "wb") as fh:
+        pickle.dump({"weight": Payload()}, fh)
+    result = check(*args)
+    report = as_json(result)
+    assert report["from_cache"] is False
+    assert result.exit_code == 1 and report["verdict"] == "backdoored"
+    assert report["detectors"][0]["findings"][0]["rule_id"] == "LMS003"
+
+
+def test_folders_with_the_same_weights_keep_their_own_file_findings(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMSCAN_CACHE_DIR", str(tmp_path / "cache"))
+    with_ckpt, with_onnx = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(CLEAN, with_ckpt)
+    shutil.copytree(CLEAN, with_onnx)
+    torch.save({"weight": torch.zeros(2)}, with_ckpt / "ckpt.pt")
+    (with_onnx / "model.onnx").write_bytes(b"\x08\x07onnx-ish")
+    args = ["--detectors", "vocab-sweep", "--format", "json"]
+    first = as_json(check(str(with_ckpt), *args))
+    second = as_json(check(str(with_onnx), *args))
+    assert second["from_cache"] is False
+    named = [f["evidence"]["file"] for f in second["detectors"][0]["findings"]]
+    assert named == ["model.onnx"] and first["detectors"][0]["findings"][0]["evidence"]["file"] == "ckpt.pt"
+
+
+def test_a_cached_report_takes_the_file_inventory_from_the_folder_as_it_is_now(tmp_path, monkeypatch):
+    """Belt and braces: even a cache key that forgot the other files never answers a file question."""
+    import lmscan.cache
+
+    monkeypatch.setenv("LMSCAN_CACHE_DIR", str(tmp_path / "cache"))
+    real_identity = lmscan.cache.scan_identity
+
+    def forgetful_identity(resolved, *rest):
+        identity = real_identity(resolved, *rest)
+        identity.pop("other_files")
+        return identity
+
+    monkeypatch.setattr(lmscan.cache, "scan_identity", forgetful_identity)
+    model = tmp_path / "m"
+    shutil.copytree(CLEAN, model)
+    args = [str(model), "--detectors", "vocab-sweep", "--format", "json"]
+    check(*args)
+    with open(model / "pytorch_model.bin", "wb") as fh:
+        pickle.dump({"weight": Payload()}, fh)
+    result = check(*args)
+    report = as_json(result)
+    assert report["from_cache"] is True  # served from the cache, yet the pickle is found
+    assert result.exit_code == 1 and report["verdict"] == "backdoored"
+    assert report["detectors"][0]["findings"][0]["rule_id"] == "LMS003"
+
+
+def test_an_allowlist_entry_names_the_whole_folder_not_the_weights(tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(POR, model)
+    first = as_json(check(str(model), "--detectors", "vocab-sweep", "--format", "json", "--no-cache"))
+    assert first["verdict"] == "backdoored"
+    config = tmp_path / "lmscan.toml"
+    config.write_text(f'[[allowlist]]\nsha256 = "{first["model"]["folder_sha256"]}"\nreason = "red-team fixture"\n')
+    args = [str(model), "--detectors", "vocab-sweep", "--format", "json", "--no-cache", "--config", str(config)]
+    allowed = check(*args)
+    assert allowed.exit_code == 0 and as_json(allowed)["allowlisted"] == "red-team fixture"
+    with open(model / "pytorch_model.bin", "wb") as fh:
+        pickle.dump({"weight": Payload()}, fh)
+    after = check(*args)
+    report = as_json(after)
+    assert report["model"]["model_sha256"] == first["model"]["model_sha256"]  # the same weights ...
+    assert after.exit_code == 1 and report["allowlisted"] is None  # ... but not the folder that was reviewed
+
+
 # ---------------------------------------------------------------- outcomes and options
 
 

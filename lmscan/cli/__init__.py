@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from lmscan import __version__
+from lmscan import DISTRIBUTION, __version__
 from lmscan.errors import LmscanError
 
 
@@ -24,14 +24,17 @@ class LmscanGroup(click.Group):
     """Turns expected failures into one line on stderr and the right exit code."""
 
     def invoke(self, ctx):
+        from lmscan.interrupts import stop_exit_status, stop_name, stop_signals_handled
+
         try:
-            return super().invoke(ctx)
+            with stop_signals_handled():
+                return super().invoke(ctx)
         except LmscanError as exc:
             click.echo(f"lmscan: error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("lmscan: interrupted", err=True)
-            sys.exit(130)
+            click.echo(f"lmscan: interrupted ({stop_name()})", err=True)
+            sys.exit(stop_exit_status())
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - last line of defence against tracebacks
@@ -42,7 +45,7 @@ class LmscanGroup(click.Group):
 
 
 @click.group(cls=LmscanGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="lmscan")
+@click.version_option(__version__, prog_name="lmscan", message=f"%(prog)s %(version)s (distribution {DISTRIBUTION})")
 def main():
     """Scan pretrained language models for hidden task-agnostic backdoors."""
 

@@ -42,7 +42,7 @@ from lmscan.errors import InputError, LmscanError
               help="Models scanned at once, each in a local worker process (with CUDA: GPU k mod the GPU count).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value=RAY_DEFAULT, default=None, metavar="[ADDRESS]",
               help="Run each model as a Ray task: bare --ray attaches to a running Ray or starts a local one; "
-                   "or an address (auto, ray://head:10001). Needs: pip install 'lmscan[ray]'.")
+                   "or an address (auto, ray://head:10001). Needs: pip install 'lmscan-backdoor[ray]'.")
 @model_options
 def check(models, models_file, profile, engine, detectors, sites, fmt, output, out_dir, fail_on, device, seed,
           probes_file, text_column, rules_dir, config_file, no_cache, jobs, ray_address, revision, offline):
@@ -97,20 +97,32 @@ def check_one(config, *, project: dict, policy: dict, fail_on: str, fmt: str, ou
     from lmscan.report.progress import detector_progress
     from lmscan.report.verdict import exit_code
 
-    resolved = resolve_model(config.model, revision=config.revision, offline=config.offline)
+    from lmscan.interrupts import stop_exit_status, stop_name
+
+    resolved = None
     try:
+        resolved = resolve_model(config.model, revision=config.revision, offline=config.offline)
         with detector_progress(stderr) as progress:
             report = scan_cached(config, resolved, cache, progress=progress,
                                  warn=lambda message: stderr.print(f"[yellow]warning:[/] {message}"))
     except LmscanError as exc:
+        if resolved is None:
+            raise  # bad input: the model was never found, one line says why
         # The model was named and found: CI still gets a document saying why there is no verdict.
         emit_report(not_assessed_report(config, resolved, exc), fmt, output, config.rules_dir, quiet=True)
         raise
+    except KeyboardInterrupt:
+        # Stopped before the detectors ran (while hashing or loading): still a document, marked incomplete.
+        report = not_assessed_report(config, resolved, f"stopped by {stop_name()} before any detector ran")
+        report.incomplete = True
     if report.from_cache:
         stderr.print(f"using the cached result of an identical scan ({report.started_at}; --no-cache to rescan)")
-    report.allowlisted = allowlist_reason(project, report.model["model_sha256"])
-    emit_report(report, fmt, output, config.rules_dir)
+    report.allowlisted = allowlist_reason(project, report.model.get("folder_sha256", ""))
+    # Stopped: the partial document is written and one line says so (and where).
+    emit_report(report, fmt, output, config.rules_dir, quiet=report.incomplete and output is not None)
     if report.incomplete:
-        click.echo("lmscan: interrupted; the report holds the detectors that finished", err=True)
-        sys.exit(130)
+        where = f"; wrote {output}" if output is not None else ""
+        click.echo(f"lmscan: interrupted ({stop_name()}); the report holds the detectors that finished{where}",
+                   err=True)
+        sys.exit(stop_exit_status())
     sys.exit(exit_code(report, fail_on, policy))

@@ -49,8 +49,11 @@ def check_fleet(configs: list, *, project: dict, policy: dict, fail_on: str, fmt
         write_model_reports(results, out_dir, fmt, rules_dir)
     emit_fleet(results, codes, fmt, output, rules_dir)
     if any(result.report is not None and result.report.incomplete for result in results):
-        click.echo("lmscan: interrupted; the report holds the models and detectors that finished", err=True)
-        sys.exit(130)
+        from lmscan.interrupts import stop_exit_status, stop_name
+
+        click.echo(f"lmscan: interrupted ({stop_name()}); the report holds the models and detectors that finished",
+                   err=True)
+        sys.exit(stop_exit_status())
     sys.exit(fleet_exit_code(codes))
 
 
@@ -62,7 +65,7 @@ def _allowlist(result, project: dict) -> None:
     from lmscan.config import allowlist_reason
 
     if result.report is not None:
-        result.report.allowlisted = allowlist_reason(project, result.report.model["model_sha256"])
+        result.report.allowlisted = allowlist_reason(project, result.report.model.get("folder_sha256", ""))
 
 
 def check_out_dir(out_dir: Path) -> None:

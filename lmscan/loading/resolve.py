@@ -65,6 +65,10 @@ class ResolvedModel:
     # Weight-like files in the folder that lmscan does not load (an extra pickle beside
     # safetensors, TF/Flax/ONNX exports): name -> what the static pass found.
     unloaded: dict[str, dict] = field(default_factory=dict)
+    # Every other file in the folder (READMEs, exports, a pickle dropped in later):
+    # name -> {"size", "sha256"}. Part of the folder's identity, so a file added beside
+    # weights that were scanned before is never covered by that earlier scan.
+    other_files: dict[str, dict] = field(default_factory=dict)
 
     @property
     def model_sha256(self) -> str:
@@ -75,6 +79,17 @@ class ResolvedModel:
             digest.update(b"\0")
             digest.update(sha.encode("ascii"))
             digest.update(b"\n")
+        return digest.hexdigest()
+
+    @property
+    def folder_sha256(self) -> str:
+        """One digest over every file in the folder (weights, computation files and the rest):
+        what the result cache and an allowlist entry vouch for."""
+        entries = {**self.weight_sha256, **self.file_sha256,
+                   **{name: entry["sha256"] for name, entry in self.other_files.items()}}
+        digest = hashlib.sha256()
+        for name, sha in sorted(entries.items()):
+            digest.update(f"{name}\0{sha}\n".encode("utf-8"))
         return digest.hexdigest()
 
     @property
@@ -224,6 +239,8 @@ def _finish(resolved: ResolvedModel, label: str, weights: list[Path] | None) -> 
     resolved.weight_sha256 = {_rel_name(f, model_dir): file_digest(f) for f in weights}
     resolved.file_sha256 = {_rel_name(f, model_dir): file_digest(f) for f in computation_files(model_dir)}
     resolved.unloaded = inventory_unloaded(model_dir, weights)
+    known = set(resolved.weight_sha256) | set(resolved.file_sha256)
+    resolved.other_files = {name: entry for name, entry in folder_inventory(model_dir).items() if name not in known}
     return resolved
 
 
@@ -259,21 +276,41 @@ OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".onnx", ".gguf", ".npz", ".npy", ".
 
 
 def inventory_unloaded(model_dir: Path, loaded: list[Path]) -> dict[str, dict]:
-    """Every weight-like file in the folder (two levels deep) that is not among ``loaded``.
+    """Every weight-like file in the folder (any depth) that is not among ``loaded``.
     Pickle-like files get the same static opcode pass as a loaded pickle (nothing runs)."""
     from lmscan.loading.safe_load import scan_pickle_file  # noqa: PLC0415 - torch import, only when needed
 
     loaded_set = {Path(f).resolve() for f in loaded}
     found: dict[str, dict] = {}
-    for path in sorted(list(model_dir.glob("*")) + list(model_dir.glob("*/*"))):
+    for path in folder_files(model_dir):
         name = path.name.lower()
-        if not path.is_file() or path.resolve() in loaded_set or name.endswith(".index.json"):
+        if path.resolve() in loaded_set or name.endswith(".index.json"):
             continue
         if name.endswith(PICKLE_LIKE_SUFFIXES):
             found[_rel_name(path, model_dir)] = {"kind": "pickle", **scan_pickle_file(path)}
         elif name.endswith(OTHER_WEIGHT_SUFFIXES):
             found[_rel_name(path, model_dir)] = {"kind": name.rsplit(".", 1)[-1], "scanned": False}
     return found
+
+
+# Version-control internals are never loaded by any tool and can be large; everything else counts.
+SKIPPED_DIRS = (".git", ".hg", ".svn", "__pycache__")
+
+
+def folder_files(model_dir: Path) -> list[Path]:
+    """Every regular file under ``model_dir``, any depth, sorted; links to files are
+    followed, links to folders are not (a loop cannot trap the walk)."""
+    found = []
+    for root, dirs, files in os.walk(model_dir, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS)
+        found.extend(path for path in (Path(root) / name for name in files) if path.is_file())
+    return sorted(found)
+
+
+def folder_inventory(model_dir: Path) -> dict[str, dict]:
+    """Every file of :func:`folder_files`: relative name -> {"size", "sha256"}."""
+    return {_rel_name(path, model_dir): {"size": path.stat().st_size, "sha256": file_digest(path)}
+            for path in folder_files(model_dir)}
 
 
 def _rel_name(path: Path, base: Path) -> str:

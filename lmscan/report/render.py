@@ -92,6 +92,9 @@ def _header(report: Report, console: Console) -> None:
     sha = str(model.get("model_sha256") or "")
     if sha:
         rows.append(("sha256", sha[:16] + ("…" if len(sha) > 16 else "")))
+    folder = str(model.get("folder_sha256") or "")
+    if folder:
+        rows.append(("folder", f"{folder} (every file; what an allowlist entry names)"))
     weights = model.get("weight_sha256") or {}
     if isinstance(weights, dict) and weights:
         rows.append(("weights", ", ".join(str(name) for name in weights)))

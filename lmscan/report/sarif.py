@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from urllib.parse import quote
 
-from lmscan import __version__
+from lmscan import DISTRIBUTION, __version__
 from lmscan.findings import Finding, Report, severity_rank
 from lmscan.report.json_report import jsonable, summarize_evidence
 from lmscan.report.verdict import load_policy
@@ -72,6 +72,7 @@ def to_sarif(report: Report, rules_dir: str | Path | None = None) -> dict:
             "model": report.model.get("ref"),
             "commit": report.model.get("commit"),
             "model_sha256": model_sha,
+            "folder_sha256": report.model.get("folder_sha256"),
             "architecture": report.model.get("architecture"),
             "allowlisted": report.allowlisted,
             "from_cache": bool(report.from_cache),
@@ -86,6 +87,7 @@ def driver(version: str, rules: list[dict], policy: dict) -> dict:
     """``tool.driver``: lmscan at ``version`` with the rules its results refer to."""
     return {
         "name": "lmscan",
+        "fullName": f"lmscan ({DISTRIBUTION} {version})",
         "version": version,
         "semanticVersion": version,
         "informationUri": str(policy["sarif"].get("information_uri") or DEFAULT_INFORMATION_URI),
@@ -241,6 +243,9 @@ def _invocation(report: Report) -> dict:
                       "descriptor": {"id": "not-assessed"}})
     if report.incomplete:
         invocation["executionSuccessful"] = False
+        notes.append({"level": "error", "descriptor": {"id": "incomplete"},
+                      "message": {"text": "the scan was stopped before it finished (a signal or Ctrl-C): this report "
+                                          "holds only the detectors that finished"}})
     if notes:
         invocation["toolExecutionNotifications"] = notes
     return invocation
