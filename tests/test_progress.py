@@ -32,3 +32,63 @@ def test_stage_log_prints_a_stage_start_then_at_most_every_interval():
     assert out.getvalue().splitlines() == ["[lmscan] org/name: vocab-sweep 0/1000",
                                            "[lmscan] org/name: vocab-sweep 200/1000, 31s, ETA 2m04s",
                                            "[lmscan] org/name: vocab-sweep 400/1000, 2m10s, ETA 3m15s"]
+
+
+def test_a_quiet_stage_still_prints_a_heartbeat_line():
+    """A stage that stops counting (the sweep verifying after its last group) must not leave
+    a CI log silent: tick() prints the current stage once the log was quiet for the heartbeat."""
+    out, now = io.StringIO(), [0.0]
+    log = StageLog(Console(file=out, width=200), interval=30, heartbeat=25, clock=lambda: now[0])
+    log.update("vocab-sweep", 1846, 1846, "candidates alone")
+    for second in (10, 20, 24):
+        now[0] = second
+        log.tick()
+    assert len(out.getvalue().splitlines()) == 1  # nothing yet: the log spoke 24 s ago
+    now[0] = 26
+    log.tick()
+    lines = out.getvalue().splitlines()
+    assert lines[-1] == "[lmscan] vocab-sweep 1846/1846 candidates alone, 26s, still working"
+    now[0] = 40
+    log.tick()  # 14 s after the heartbeat: quiet again
+    assert len(out.getvalue().splitlines()) == 2
+    now[0] = 52
+    log.tick()
+    assert len(out.getvalue().splitlines()) == 3
+
+
+def test_a_stage_whose_total_changes_starts_a_numbered_part_with_its_own_eta():
+    out, now = io.StringIO(), [0.0]
+    log = StageLog(Console(file=out, width=200), interval=30, clock=lambda: now[0])
+    log.update("vocab-sweep", 0, 3691, "groups, round 1 of 2")
+    now[0] = 20
+    log.update("vocab-sweep", 3691, 3691, "groups, round 1 of 2")  # within the interval: no line
+    now[0] = 61
+    log.update("vocab-sweep", 0, 923, "groups, round 2 of 2")  # a new part: a line at once
+    now[0] = 100
+    log.update("vocab-sweep", 461, 923, "groups, round 2 of 2")
+    lines = out.getvalue().splitlines()
+    assert lines[1] == "[lmscan] vocab-sweep (part 2) 0/923 groups, round 2 of 2, 1m01s"
+    # ETA from the part's own start (39 s for 461 of 923), not from the stage's 100 s
+    assert lines[2] == "[lmscan] vocab-sweep (part 2) 461/923 groups, round 2 of 2, 1m40s, ETA 39s"
+
+
+def test_the_heartbeat_thread_calls_tick_until_the_block_ends():
+    from lmscan.report.progress import heartbeat
+
+    class Counting:
+        ticks = 0
+
+        def tick(self):
+            self.ticks += 1
+
+    counting = Counting()
+    with heartbeat(counting, every=0.01):
+        import time
+
+        deadline = time.monotonic() + 5
+        while counting.ticks < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    seen = counting.ticks
+    assert seen >= 3
+    time.sleep(0.05)
+    assert counting.ticks == seen  # stopped with the block

@@ -184,7 +184,9 @@ def _sweep(reader: SiteReader, vocab, probes, config, rng, progress):
     if len(second) < 2:
         return shift, collapse, shift, collapse, population, texts
     # Candidates are ranked on stage-2 numbers; tokens outside the rescored set drop out.
-    rank_shift, rank_collapse = _scored_at(len(vocab), extreme, *_score(reader, vocab[extreme], second, config, None))
+    rescore = None if progress is None else (lambda done, total, _info: progress(done, total, "rescoring extremes"))
+    rank_shift, rank_collapse = _scored_at(len(vocab), extreme,
+                                           *_score(reader, vocab[extreme], second, config, rescore))
     return shift, collapse, rank_shift, rank_collapse, population, texts
 
 
@@ -230,8 +232,10 @@ def _first_stage(reader: SiteReader, vocab, texts, config, rng, progress, ordina
         # members of the best-ranked share of the groups before.
         order = generator.permutation(pool)
         groups = [order[i : i + config.group_size] for i in range(0, len(order), config.group_size)]
+        # One count per round: later rounds hold fewer groups, so the progress display starts a
+        # new part with its own total and ETA instead of a total that shrinks mid-stage.
         report = None if progress is None else (
-            lambda done, total, info, r=round_: progress(r * total + done, config.group_rounds * total, info))
+            lambda done, total, _info, r=round_: progress(done, total, f"groups, round {r + 1} of {config.group_rounds}"))
         group_shift, group_collapse = _score(reader, [tuple(vocab[g]) for g in groups], texts, config, report)
         best_rank = np.full(len(groups), len(groups))
         for site in reader.sites:
@@ -242,7 +246,8 @@ def _first_stage(reader: SiteReader, vocab, texts, config, rng, progress, ordina
         kept = np.argsort(best_rank, kind="stable")[: max(1, round(config.regroup_share * len(groups)))]
         pool = np.concatenate([groups[g] for g in kept])
     chosen = np.array(sorted(chosen))
-    shift, collapse = _scored_at(len(vocab), chosen, *_score(reader, vocab[chosen], texts, config, None))
+    alone = None if progress is None else (lambda done, total, _info: progress(done, total, "candidates alone"))
+    shift, collapse = _scored_at(len(vocab), chosen, *_score(reader, vocab[chosen], texts, config, alone))
     return shift, collapse, population
 
 
@@ -279,7 +284,7 @@ def _score(reader: SiteReader, token_ids, texts, config, progress):
                 shift[site][start : start + len(ids)] = moved / spread[site]
                 collapse[site][start : start + len(ids)] = pair / spread[site]
             if progress is not None:
-                progress(min(start + chunk, len(token_ids)), len(token_ids), 0.0)
+                progress(min(start + chunk, len(token_ids)), len(token_ids), "")
     return shift, collapse
 
 
@@ -540,4 +545,4 @@ class VocabSweep(Detector):
             # Resumed from a report: no new sweep, the ranked candidates verified deeper.
             return reverify(ctx.loaded, ctx.resume, ctx.sites, ctx.heldout, ctx.config, ctx.verify, seed=ctx.seed)
         return run_vocab_sweep(ctx.loaded, ctx.sites, ctx.fit, ctx.heldout, ctx.config, ctx.verify, seed=ctx.seed,
-                               progress=lambda done, total, _loss=0.0: ctx.progress(done, total))
+                               progress=lambda done, total, info="": ctx.progress(done, total, info))
