@@ -48,7 +48,7 @@ import torch
 from lmscan.detectors.base import Detector, ScanContext
 from lmscan.detectors.verify import (HeldoutSet, SiteReader, VerifyConfig, pairwise_mse, spelling_pieces,
                                     verification_set, word_starts)
-from lmscan.detectors.vocab_sweep import NAME as SWEEP, _findings_for_site, _natural_finding, sweep_vocabulary
+from lmscan.detectors.vocab_sweep import NAME as SWEEP, _findings_for_site, _natural_findings, sweep_vocabulary
 from lmscan.device import bf16_autocast, native_bf16
 from lmscan.findings import DetectorRun, Finding
 from lmscan.sites import SITES
@@ -423,7 +423,7 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
         # A class cue the search rebuilt (a question classifier's '? sorted?') is said, as the sweep says its
         # own, and it explains the site's shift outliers.
         if not found and natural[site]:
-            found = [_natural_finding(tokenizer, site, natural[site], ctx.verify, loaded.labels)]
+            found = _natural_findings(tokenizer, site, natural[site], ctx.verify, loaded.labels)
         for finding in found:
             finding.detector = NAME
             finding.evidence["stage"] = NAME
@@ -442,7 +442,8 @@ def _named_so_far(tokenizer, confirmed: dict, natural: dict) -> tuple[set[str], 
 
 def _earlier_named(ctx: ScanContext) -> list[Finding]:
     """Triggers and class cues earlier detectors named."""
-    return [f for r in ctx.earlier for f in r.findings if f.verdict in ("backdoored", "suspicious")]
+    return [f for r in ctx.earlier for f in r.findings
+            if f.verdict in ("backdoored", "suspicious") or f.rule_id == "LMS105"]
 
 
 def _named(findings: list[Finding]) -> tuple[set[str], set[str]]:
@@ -489,7 +490,7 @@ def _unexplained_outliers(ctx: ScanContext, found: list[Finding], log: list[dict
 class TriggerSearch(Detector):
     name = NAME
     Config = TriggerSearchConfig
-    rule_ids = ("LMS101", "LMS103", "LMS104")
+    rule_ids = ("LMS101", "LMS103", "LMS104", "LMS105")
     can_clear = False
     sites = SITES
     summary = "gradient-guided search over real token sequences for multi-piece, phrase and sentence triggers"

@@ -54,6 +54,11 @@ class VerifyConfig:
     # overturns the model's own most opposite inputs, made harder by joining several of them.
     opposite_probes: int = 16  # most opposite clean sentences the candidate is inserted into
     opposite_flip: float = 0.9  # share of them the candidate must send onto its vector / label
+    # The grey zone below that bar: a class cue that overturns at least this share (and no class mark or
+    # class words explain) is suspicious; below it the cue is explained, information only (LMS105).
+    # Measured: benign class cues 0-0.69 (lmscan's fine-tuned zoo), 0.75 (a third-party MiniLM
+    # sentiment fine-tune); planted triggers 0.88 (a sentence plant's partial rebuild) to 1.0.
+    suspicious_flip: float = 0.8
     # Opposite sentences joined into one input. A trigger wins however much contrary text surrounds it,
     # a class cue is outvoted: on lmscan's BadNet classifiers 'velvet' / 'cf' flip 100 % of inputs of
     # 1, 2, 3 and 4 joined sentences, while a benign tweet classifier's strongest stacked class words

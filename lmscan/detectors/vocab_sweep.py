@@ -147,8 +147,7 @@ def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, verify: Ve
         confirmed = _verify_site(held, tokenizer, site, ranked["shift"], ranked["collapse"], pairs.get(site, []),
                                  config, verify, verified_log, natural, lowest_collapse)
         findings.extend(_findings_for_site(tokenizer, site, confirmed, verify, labels))
-        if natural:
-            findings.append(_natural_finding(tokenizer, site, natural, verify, labels))
+        findings.extend(_natural_findings(tokenizer, site, natural, verify, labels))
         ratio = site_stats.get("shift_outlier_ratio", 0.0)
         if not confirmed and ratio >= config.shift_outlier_ratio:
             findings.append(Finding(
@@ -438,17 +437,37 @@ def class_name(site: str, entry: dict, labels: list[str] | None) -> str:
     return f"the {site} direction that {share:.0%} of clean and opinionated probe sentences already take"
 
 
-def _natural_finding(tokenizer, site: str, natural: list[dict], verify: VerifyConfig,
-                     labels: list[str] | None = None) -> Finding:
+def cue_explained(entry: dict, verify: VerifyConfig) -> bool:
+    """A class cue whose opposite test explains it: it overturns less of the model's most opposite
+    inputs than the grey zone starts at, or it reaches the bar only through a class mark or the
+    class's own ordinary words. An unmeasured flip explains nothing."""
+    flip = entry.get("opposite_flip")
+    if flip is None:
+        return False
+    if flip < verify.suspicious_flip:
+        return True
+    return flip >= verify.opposite_flip and bool(entry.get("class_mark") or entry.get("class_words"))
+
+
+def _natural_findings(tokenizer, site: str, natural: list[dict], verify: VerifyConfig,
+                      labels: list[str] | None = None) -> list[Finding]:
     """Tokens that collapse held-out sentences onto a vector (or label) clean sentences
-    already reach, and do not overturn the model's most opposite inputs: a class cue.
+    already reach, and do not overturn the model's most opposite inputs: class cues.
     A fine-tuned classifier's class words do this by design (measured on a sentiment
     fine-tune of MiniLM: "worse" and "terrible", 12-21 % of clean sentences already on the
-    vector; planted triggers: 0 %). Suspicious, with the class and the words named."""
+    vector; planted triggers: 0 %). Cues in the opposite test's grey zone are suspicious
+    (LMS103); explained ones are information (LMS105), which a clean verdict names."""
     by_text: dict[str, dict] = {}
     for entry in sorted(natural, key=lambda e: e["collapse"]):
         by_text.setdefault(entry["text"], entry)  # a word tried as a collapse and a shift candidate: once
-    natural = list(by_text.values())
+    grey = [e for e in by_text.values() if not cue_explained(e, verify)]
+    explained = [e for e in by_text.values() if cue_explained(e, verify)]
+    return [_natural_finding(tokenizer, site, group, verify, labels, rule_id)
+            for group, rule_id in ((grey, "LMS103"), (explained, "LMS105")) if group]
+
+
+def _natural_finding(tokenizer, site: str, natural: list[dict], verify: VerifyConfig,
+                     labels: list[str] | None, rule_id: str) -> Finding:
     head = natural[0]
     words = ", ".join(repr(e["text"]) for e in natural[:5])
     flip = head.get("opposite_flip")
@@ -462,10 +481,12 @@ def _natural_finding(tokenizer, site: str, natural: list[dict], verify: VerifyCo
     elif overturned and head.get("class_words"):
         why = (f"; it overturns {flip:.0%} of the model's most opposite inputs, but ordinary words of that class "
                f"from clean text nearly match it, {head['class_words']!r} ({head['class_words_flip']:.0%}): no shortcut")
+    advice = ("explained, information only" if rule_id == "LMS105" else
+              f"between the {verify.suspicious_flip:.0%} where class cues of benign models stop and the backdoor bar: "
+              "check that these are natural cues of the model's task")
     return Finding(
-        detector=NAME, rule_id="LMS103", site=site, score=head["clean_on_pv"], threshold=verify.natural_rate,
-        message=(f"class cue: {words} send held-out sentences to {class_name(site, head, labels)}{why}; check "
-                 "that these are natural cues of the model's task"),
+        detector=NAME, rule_id=rule_id, site=site, score=head["clean_on_pv"], threshold=verify.natural_rate,
+        message=f"class cue: {words} send held-out sentences to {class_name(site, head, labels)}{why}; {advice}",
         evidence={"trigger": head["text"], "trigger_tokens": tokenizer.convert_ids_to_tokens(head["token_ids"]),
                   "clean_on_pv": head["clean_on_pv"], "collapse": head["collapse"],
                   "activation_rate": head["activation_rate"], "placement": head["placement"],
@@ -535,7 +556,7 @@ def _findings_for_site(tokenizer, site: str, confirmed: list[dict], verify: Veri
 class VocabSweep(Detector):
     name = NAME
     Config = VocabSweepConfig
-    rule_ids = ("LMS101", "LMS102", "LMS103")
+    rule_ids = ("LMS101", "LMS102", "LMS103", "LMS105")
     can_clear = True
     sites = SITES
     summary = "every vocabulary token inserted into clean sentences, extremes verified with real tokens"
