@@ -338,11 +338,13 @@ def _shards_by_name(model_dir: Path, stem: str, ext: str) -> list[Path]:
     if len(totals) != 1:
         raise InputError(f"{model_dir}: shard files of different checkpoints are mixed ({sorted(totals)} parts)")
     total = totals.pop()
-    missing = [i for i in range(1, total + 1) if i not in shards]
+    # Counted from the files found, not by walking 1..total: a name can claim 10**60 parts.
+    missing = total - sum(1 for i in shards if 1 <= i <= total)
     if missing:
+        first = next(i for i in range(1, total + 1) if i not in shards)
         raise InputError(
-            f"sharded checkpoint in {model_dir} is incomplete: {len(missing)} of {total} shards missing "
-            f"(first missing: part {missing[0]})"
+            f"sharded checkpoint in {model_dir} is incomplete: {missing} of {total} shards missing "
+            f"(first missing: part {first})"
         )
     return [shards[i] for i in range(1, total + 1)]
 
