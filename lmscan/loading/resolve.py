@@ -244,10 +244,13 @@ def computation_files(model_dir: Path) -> list[Path]:
         try:
             entries = json.loads(modules.read_text(encoding="utf-8"))
             folders = [e.get("path", "") for e in entries if isinstance(e, dict)]
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError):
             folders = []
         for folder in folders:
-            sub = (model_dir / str(folder)).resolve()
+            try:
+                sub = (model_dir / str(folder)).resolve()
+            except (OSError, ValueError, RuntimeError):  # a NUL byte in the name, a symlink loop
+                continue
             if folder and sub.is_dir() and model_dir.resolve() in sub.parents:
                 files.extend(sorted(p for p in sub.glob("*.json") if p.is_file()))
     return files
@@ -310,7 +313,7 @@ def _files_from_index(index: Path, model_dir: Path) -> list[Path]:
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
         names = sorted(set(data["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise InputError(f"{index}: not a valid sharded-checkpoint index (no readable weight_map)") from None
     if not names or not all(isinstance(n, str) for n in names):
         raise InputError(f"{index}: the weight_map lists no shard files")
