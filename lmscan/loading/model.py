@@ -134,7 +134,8 @@ def load_model(
 
 def _names_a_classifier(raw_config: dict) -> bool:
     names = raw_config.get("architectures") or []
-    return any(isinstance(n, str) and n.endswith("ForSequenceClassification") for n in names)
+    return isinstance(names, list) and any(isinstance(n, str) and n.endswith("ForSequenceClassification")
+                                           for n in names)
 
 
 def _label_names(config) -> list[str]:
