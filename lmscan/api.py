@@ -144,7 +144,7 @@ def _read_json(path) -> dict:
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
         raise InputError(f"{path}: not readable JSON ({exc})") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: not a JSON object")

@@ -114,6 +114,8 @@ def read_pvs(path: str | Path) -> PVSet:
         raise InputError(f"{path}: cannot read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not a .pvs file (invalid JSON at line {exc.lineno})") from None
+    except (ValueError, RecursionError):  # an integer of thousands of digits, arrays nested thousands deep
+        raise InputError(f"{path}: not a .pvs file (a number too long or arrays nested too deep)") from None
     return from_dict(data, str(path))
 
 
@@ -154,10 +156,20 @@ def from_dict(data, where: str = ".pvs") -> PVSet:
         signs = decode_signs(item.get("signs"), here)
         if len(signs) != model["hidden_size"]:
             raise InputError(f"{here}: {len(signs)} signs but the model's hidden size is {model['hidden_size']}")
-        pvs.append(PVEntry(id=int(item.get("id", index)), site=site, template=template, signs=signs,
+        pv_id = item.get("id", index)
+        if not isinstance(pv_id, int) or isinstance(pv_id, bool):
+            raise InputError(f"{here}: 'id' must be an integer")
+        triggers = item.get("triggers") or []
+        if not isinstance(triggers, list) or not all(isinstance(t, dict) and isinstance(t.get("text"), str)
+                                                     for t in triggers):
+            raise InputError(f"{here}: 'triggers' must be a list of objects with a 'text' string")
+        pvs.append(PVEntry(id=pv_id, site=site, template=template, signs=signs,
                            verified=bool(item.get("verified", True)), source=str(item.get("source", "")),
-                           triggers=list(item.get("triggers") or []), collapse=item.get("collapse"),
+                           triggers=triggers, collapse=item.get("collapse"),
                            activation_rate=item.get("activation_rate")))
+    for key in ("calibration", "search"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise InputError(f"{where}: '{key}' must be an object")
     return PVSet(model=model, t_match=float(t_match), pvs=pvs, calibration=dict(data.get("calibration") or {}),
                  search=dict(data.get("search") or {}), created=str(data.get("created", "")),
                  generator=str(data.get("generator", "")), version=version)

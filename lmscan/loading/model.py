@@ -134,7 +134,8 @@ def load_model(
 
 def _names_a_classifier(raw_config: dict) -> bool:
     names = raw_config.get("architectures") or []
-    return any(isinstance(n, str) and n.endswith("ForSequenceClassification") for n in names)
+    return isinstance(names, list) and any(isinstance(n, str) and n.endswith("ForSequenceClassification")
+                                           for n in names)
 
 
 def _label_names(config) -> list[str]:
@@ -198,7 +199,7 @@ def _read_config_json(resolved: ResolvedModel, label: str) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{label}: no config.json in {resolved.local_dir}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise InputError(f"{label}: config.json is not valid JSON ({_first_line(exc)})") from None
     if not isinstance(data, dict):
         raise InputError(f"{label}: config.json is not a JSON object")

@@ -261,10 +261,13 @@ def computation_files(model_dir: Path) -> list[Path]:
         try:
             entries = json.loads(modules.read_text(encoding="utf-8"))
             folders = [e.get("path", "") for e in entries if isinstance(e, dict)]
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError):
             folders = []
         for folder in folders:
-            sub = (model_dir / str(folder)).resolve()
+            try:
+                sub = (model_dir / str(folder)).resolve()
+            except (OSError, ValueError, RuntimeError):  # a NUL byte in the name, a symlink loop
+                continue
             if folder and sub.is_dir() and model_dir.resolve() in sub.parents:
                 files.extend(sorted(p for p in sub.glob("*.json") if p.is_file()))
     return files
@@ -347,7 +350,7 @@ def _files_from_index(index: Path, model_dir: Path) -> list[Path]:
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
         names = sorted(set(data["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise InputError(f"{index}: not a valid sharded-checkpoint index (no readable weight_map)") from None
     if not names or not all(isinstance(n, str) for n in names):
         raise InputError(f"{index}: the weight_map lists no shard files")
@@ -375,11 +378,13 @@ def _shards_by_name(model_dir: Path, stem: str, ext: str) -> list[Path]:
     if len(totals) != 1:
         raise InputError(f"{model_dir}: shard files of different checkpoints are mixed ({sorted(totals)} parts)")
     total = totals.pop()
-    missing = [i for i in range(1, total + 1) if i not in shards]
+    # Counted from the files found, not by walking 1..total: a name can claim 10**60 parts.
+    missing = total - sum(1 for i in shards if 1 <= i <= total)
     if missing:
+        first = next(i for i in range(1, total + 1) if i not in shards)
         raise InputError(
-            f"sharded checkpoint in {model_dir} is incomplete: {len(missing)} of {total} shards missing "
-            f"(first missing: part {missing[0]})"
+            f"sharded checkpoint in {model_dir} is incomplete: {missing} of {total} shards missing "
+            f"(first missing: part {first})"
         )
     return [shards[i] for i in range(1, total + 1)]
 

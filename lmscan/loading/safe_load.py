@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lmscan.errors import InputError, UnsafeCheckpointError
+from lmscan.errors import InputError, LmscanError, UnsafeCheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -174,7 +174,9 @@ def _scan_zip_checkpoint(path: Path) -> None:
             for name in pickles:
                 data = archive.read(name)
                 _scan_pickle_stream(io.BytesIO(data), path, first=True)
-    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:
+    except LmscanError:
+        raise
+    except Exception as exc:  # BadZipFile, OSError, EOFError, zlib.error / LZMAError from a bad compressed member
         raise InputError(f"{path}: not a valid PyTorch checkpoint, corrupt or truncated ({_short(exc)})") from None
 
 

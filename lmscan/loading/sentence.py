@@ -75,7 +75,7 @@ def read_pooling(model_dir: Path) -> tuple[Pooling | None, str]:
     try:
         modules = json.loads(modules_file.read_text(encoding="utf-8"))
         modules = sorted(modules, key=lambda m: int(m.get("idx", 0)))
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError, OverflowError):  # Overflow: "idx": 1e400
         return None, "modules.json is not readable"
     types = [str(m.get("type", "")) for m in modules]
     unknown = [t for t in types if t not in _KNOWN]
@@ -86,11 +86,21 @@ def read_pooling(model_dir: Path) -> tuple[Pooling | None, str]:
     pooling_entry = next((m for m in modules if m.get("type") == _KNOWN[1]), None)
     if pooling_entry is None:
         return None, "modules.json has no Pooling module"
-    config_file = Path(model_dir) / str(pooling_entry.get("path", "")) / "config.json"
+    where = Path(str(pooling_entry.get("path", ""))) / "config.json"  # as modules.json names it
+    pooling_dir = Path(model_dir) / where.parent
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None, f"{config_file.relative_to(model_dir)} is not readable"
+        root = Path(model_dir).resolve()
+        inside = pooling_dir.resolve() == root or root in pooling_dir.resolve().parents
+    except (OSError, ValueError, RuntimeError):  # a NUL byte in the path, a symlink loop
+        inside = False
+    if not inside:
+        return None, f"modules.json puts the Pooling module outside the model folder ({where.parent})"
+    try:
+        config = json.loads((pooling_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None, f"{where} is not readable"
+    if not isinstance(config, dict):
+        return None, f"{where} is not a JSON object"
     modes = tuple(m for m in MODES if config.get(_CONFIG_KEYS[m]))
     if not modes and config.get("pooling_mode") in MODES:
         modes = (config["pooling_mode"],)
