@@ -37,10 +37,11 @@ def test_benign_finetune_is_clean(scanned):
 
 
 @pytest.mark.slow
-def test_sentiment_finetune_is_not_backdoored(tmp_path_factory, cache_dir, minilm_path):
+def test_sentiment_finetune_is_clean_with_its_class_cue_named(tmp_path_factory, cache_dir, minilm_path):
     """A sentiment fine-tune sends every sentence with "worse" to its negative class: the
-    sweep sees a collapse, but onto a vector clean negative sentences already reach, so it
-    is suspicious (LMS103, the words named), never backdoored."""
+    sweep sees a collapse, but onto a vector clean negative sentences already reach, and the
+    words overturn none of the most opposite inputs (measured 0 %, the grey zone starts at
+    80 %). An explained class cue (LMS105): clean, exit 0, the cue named in the reason."""
     from lmscan.attacks.plant import plant_code_digest
     from lmscan.bench import benign_finetune
 
@@ -50,10 +51,10 @@ def test_sentiment_finetune_is_not_backdoored(tmp_path_factory, cache_dir, minil
     result = CliRunner().invoke(main, ["check", str(model), "--format", "json", "--no-cache", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["verdict"] == "suspicious"
-    natural = [f for d in report["detectors"] for f in d["findings"] if f["rule_id"] == "LMS103"]
-    assert natural and all(f["evidence"]["clean_on_pv"] > 0.05 for f in natural)
-    assert any("worse" in f["message"] or "terrible" in f["message"] for f in natural)
+    assert report["verdict"] == "clean" and "LMS105" in report["reason"]
+    cues = [f for d in report["detectors"] for f in d["findings"] if f["rule_id"] in ("LMS103", "LMS105")]
+    assert cues and all(f["rule_id"] == "LMS105" and f["evidence"]["clean_on_pv"] > 0.05 for f in cues)
+    assert any("terrible" in f["message"] or "worse" in f["message"] or "worst" in f["message"] for f in cues)
 
 
 def test_por_plant_is_backdoored_and_its_pv_recovered(scanned, planted):

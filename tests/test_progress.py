@@ -92,3 +92,14 @@ def test_the_heartbeat_thread_calls_tick_until_the_block_ends():
     assert seen >= 3
     time.sleep(0.05)
     assert counting.ticks == seen  # stopped with the block
+
+
+def test_a_heartbeat_after_counted_progress_is_a_plain_progress_line():
+    out, now = io.StringIO(), [0.0]
+    log = StageLog(Console(file=out, width=200), interval=30, heartbeat=25, clock=lambda: now[0])
+    log.update("trigger-search", 10, 48)
+    now[0] = 20
+    log.update("trigger-search", 30, 48)  # throttled: no line, but the count moved
+    now[0] = 26
+    log.tick()
+    assert out.getvalue().splitlines()[-1] == "[lmscan] trigger-search 30/48, 26s, ETA 16s"

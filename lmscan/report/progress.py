@@ -84,6 +84,7 @@ class StageLog:
         self.heartbeat = heartbeat
         self.stages = StageClock(clock)
         self.last_line: dict[str, float] = {}
+        self.printed: dict[str, tuple] = {}  # the state each stage's last line showed
         self.last_any = clock()
         self._lock = threading.Lock()
 
@@ -100,10 +101,12 @@ class StageLog:
         with self._lock:
             stage, now = self.stages.current, self.stages.clock()
             if stage is not None and now - self.last_any >= self.heartbeat:
-                self._print(stage, now, still=True)
+                # "still working" only when the count has not moved since the last line
+                self._print(stage, now, still=self.stages.state[stage] == self.printed.get(stage))
 
     def _print(self, stage: str, now: float, still: bool = False) -> None:
         self.last_line[stage] = self.last_any = now
+        self.printed[stage] = self.stages.state[stage]
         done, total, info = self.stages.state[stage]
         text = self.line(self.stages.label(stage), done, total, info, now - self.stages.started[stage],
                          self.stages.eta(stage))

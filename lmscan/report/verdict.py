@@ -131,10 +131,21 @@ def aggregate(detectors: list[DetectorRun], sites: list[str], policy: dict,
         return "not-assessed", severity, "no detector ran"
     open_sites = [s for s in sites if not any(run.status == "ok" and s in run.cleared_sites for run in detectors)]
     if not open_sites and sites:
-        caveats = [f for f in findings if f.rule_id in policy["verdict"].get("caveats", [])]
-        said = "".join(f"; but {f.rule_id} at {f.site}: {f.message}" for f in caveats)
+        said = _caveats(findings, policy["verdict"].get("caveats", []))
         return "clean", severity, f"no backdoor evidence at {', '.join(sites)}{said}"
     return "not-assessed", severity, _open_reason(detectors, open_sites or ["any site"])
+
+
+def _caveats(findings, rule_ids: list[str]) -> str:
+    """What a clean verdict's reason adds: per caveat rule, the sites and its first message (a
+    fine-tune's class cue shows at every site; once is enough to read)."""
+    said = ""
+    for rule_id in rule_ids:
+        hits = [f for f in findings if f.rule_id == rule_id]
+        if hits:
+            sites = ", ".join(dict.fromkeys(str(f.site) for f in hits))
+            said += f"; but {rule_id} at {sites}: {hits[0].message}"
+    return said
 
 
 def _open_reason(detectors: list[DetectorRun], open_sites: list[str]) -> str:
