@@ -137,6 +137,37 @@ def test_unsupported_architecture_is_not_assessed(tmp_path):
     assert json.loads(result.stdout)["verdict"] == "not-assessed"  # CI still gets a document
 
 
+def test_a_site_that_could_not_be_scanned_is_named_everywhere(minilm_path, tmp_path):
+    """MiniLM with an unreadable pooling config: its embedding site is lost, and every
+    report form says so (one cheap static scan; the text and SARIF are drawn from its JSON,
+    as the result cache does)."""
+    import shutil
+
+    from lmscan.cli.output import plain_text
+    from lmscan.report.json_report import from_dict
+    from lmscan.report.render import render_text
+    from lmscan.report.sarif import to_sarif
+
+    model = tmp_path / "minilm"
+    shutil.copytree(minilm_path, model)
+    (model / "1_Pooling" / "config.json").write_text("{not json")
+    result = CliRunner().invoke(main, ["check", str(model), "--detectors", "static", "--format", "json",
+                                       "--no-cache", "--device", "cpu"])
+    assert result.exit_code == 3, result.output  # static rules alone cannot clear it
+    data = json.loads(result.stdout)
+    why = "1_Pooling/config.json is not readable"
+    assert data["skipped_sites"] == {"embedding": why}
+    assert data["config"]["sites"] == ["cls", "pooler", "mask"]
+    assert data["reason"].endswith(f"; embedding not scanned: {why}")
+
+    report = from_dict(data)
+    text = plain_text(lambda console: render_text(report, console))
+    assert f"embedding site: {why}" in text
+    assert f"embedding not scanned: {why}" in text.rstrip().splitlines()[-1]  # the verdict line
+    notes = to_sarif(report)["runs"][0]["invocations"][0]["toolExecutionNotifications"]
+    assert f"site embedding not scanned: {why}" in [note["message"]["text"] for note in notes]
+
+
 def test_bad_options_exit_2(tmp_path):
     runner = CliRunner()
     wrong_type = tmp_path / "rules-type"
