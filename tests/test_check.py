@@ -112,6 +112,28 @@ def test_json_on_stdout_parses_in_a_pipe(tmp_path):
     assert report["config"]["detectors"] == ["files", "static"]
 
 
+def test_text_off_a_terminal_keeps_every_line_whole(tmp_path):
+    """Piped text (a CI log, a file) is not wrapped at 80 columns: a long model path stays
+    on one line in the report, and so does the cache notice on stderr."""
+    import os
+    import shutil
+
+    model = tmp_path / ("a-rather-long-folder-name-" * 4) / "tiny-bert-checkpoint-with-a-long-name"
+    shutil.copytree(FIXTURES / "tiny-bert", model)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env["LMSCAN_CACHE_DIR"] = str(tmp_path / "cache")
+    args = ["check", str(model), "--detectors", "vocab-sweep", "--device", "cpu"]
+    assert CliRunner().invoke(main, args, env=env).exit_code == 0  # fills the result cache
+    proc = subprocess.run([sys.executable, "-m", "lmscan.cli", *args], capture_output=True, text=True, check=False,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(str(model)) > 120
+    assert f"lmscan check {model}" in proc.stdout.splitlines()
+    assert any(line.split() == ["path", str(model)] for line in proc.stdout.splitlines())
+    notice = [line for line in proc.stderr.splitlines() if line.startswith("using the cached result")]
+    assert notice and notice[0].endswith("--no-cache to rescan)"), proc.stderr
+
+
 def test_sarif_output_file(tmp_path):
     from sarif_pydantic import Sarif
 
