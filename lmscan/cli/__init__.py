@@ -26,8 +26,8 @@ _HELP_REQUESTS = tuple(getattr(click.exceptions, name) for name in ("NoArgsIsHel
 
 
 def usage_error(exc: click.UsageError):
-    """A usage error as one line on stderr (click prints the usage block, a blank line and
-    the error), with where to look; exit 2."""
+    """A usage error as one line on stderr, with where to look, and its exit code (2).
+    Click's own display takes four lines: usage, a help hint, a blank line, the error."""
     message = " ".join(exc.format_message().split())
     hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
     click.echo(f"lmscan: error: {message}{hint}", err=True)
