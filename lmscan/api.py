@@ -99,6 +99,7 @@ class Prepared:
     heldout: list[str]
     load_seconds: float
     spare: list[str] = field(default_factory=list)  # probes in neither set
+    skipped_sites: dict[str, str] = field(default_factory=dict)  # expected sites not scanned: site -> why
 
 
 def check_request(config: ScanConfig) -> None:
@@ -162,10 +163,12 @@ def prepare(config: ScanConfig, resolved=None) -> Prepared:
     resolved = resolved or resolve_model(config.model, revision=config.revision, offline=config.offline)
     settings, _ = scan_settings(config, resolved)
     loaded = load_model(resolved, device=str(device), for_scan=True)
-    sites = _pick_sites(config.sites, loaded.arch)
+    sites = _pick_sites(config.sites, loaded.arch, loaded.skipped_sites)
     fit, heldout, spare = _probe_sets(config, settings)
+    # Sites the user narrowed away with --sites were not expected; the default sites were.
+    skipped = {} if config.sites else dict(loaded.skipped_sites)
     return Prepared(resolved, loaded, device, settings, sites, fit, heldout, round(time.perf_counter() - t0, 2),
-                    spare)
+                    spare, skipped)
 
 
 def model_info(resolved, loaded=None) -> dict:
@@ -180,8 +183,6 @@ def model_info(resolved, loaded=None) -> dict:
         arch = loaded.arch
         info.update(architecture=arch.model_type, hidden_size=arch.hidden_size, sites=list(arch.sites),
                     head_labels=loaded.labels, pooling=loaded.pooling, weight_dtypes=loaded.stored_dtypes)
-        if loaded.pooling_note:
-            info["pooling_note"] = loaded.pooling_note  # why a sentence-transformers layout gave no embedding site
     return info
 
 
@@ -219,12 +220,13 @@ def scan(config: ScanConfig, progress: ProgressFn | None = None, resolved=None) 
         incomplete = True
     timings["total"] = round(time.perf_counter() - t0, 2)
 
-    verdict, severity, reason = aggregate(runs, sites, policy, incomplete)
+    verdict, severity, reason = aggregate(runs, sites, policy, incomplete, prepared.skipped_sites)
     resolved_config = {**dataclasses.asdict(config), "detectors": detectors, "sites": sites, "settings": settings}
     return Report(
         schema_version="1.0", tool=tool_info(), model=model_info(prepared.resolved, prepared.loaded),
         config=resolved_config, seed=config.seed, device=str(prepared.device), detectors=runs, verdict=verdict,
         severity=severity, timings=timings, started_at=started_at, reason=reason, incomplete=incomplete,
+        skipped_sites=dict(prepared.skipped_sites),
     )
 
 
@@ -336,12 +338,13 @@ def export_pvs(config: ScanConfig, from_report: Report | None = None, include_un
     return pvset, result
 
 
-def _pick_sites(requested: list[str] | None, arch) -> list[str]:
+def _pick_sites(requested: list[str] | None, arch, skipped: dict[str, str]) -> list[str]:
     if requested:
         missing = [s for s in requested if s not in arch.sites]
         if missing:
+            why = "".join(f"; {s}: {skipped[s]}" for s in missing if s in skipped)
             raise InputError(f"site(s) {', '.join(missing)} not offered by this {arch.model_type} checkpoint "
-                             f"(offers: {', '.join(arch.sites)})")
+                             f"(offers: {', '.join(arch.sites)}{why})")
         return list(requested)
     sites = [s for s in arch.default_sites if s in arch.sites]
     if not sites:

@@ -67,3 +67,6 @@ class Report:
     from_cache: bool = False
     reason: str = ""  # one line: why this verdict (always set for not-assessed)
     incomplete: bool = False  # interrupted: the detectors after the interruption did not run
+    # Sites the model should have been scanned at but was not: site -> why (e.g. the
+    # embedding of a sentence-transformers folder whose pooling config is unreadable).
+    skipped_sites: dict = field(default_factory=dict)

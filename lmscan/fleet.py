@@ -133,14 +133,13 @@ def scan_one(index: int, config: ScanConfig, cache=None, threads: int | None = N
 def _scan(config: ScanConfig, label: str, cache, progress: str) -> Report:
     from contextlib import nullcontext
 
-    from rich.console import Console
-
     from lmscan.api import not_assessed_report, scan_cached
     from lmscan.loading import resolve_model
+    from lmscan.report.console import OutputConsole
     from lmscan.report.progress import detector_progress
 
     resolved = resolve_model(config.model, revision=config.revision, offline=config.offline)
-    stderr = Console(stderr=True)
+    stderr = OutputConsole(stderr=True)
     plain = True if progress == "lines" else None  # None: bars on a terminal, lines elsewhere
     shown = nullcontext() if progress == "off" else detector_progress(stderr, label, plain=plain)
 

@@ -190,6 +190,24 @@ def test_missing_path(ref, tmp_path, monkeypatch):
         resolve_model(ref)
 
 
+@pytest.mark.parametrize("ref", ["loop", "./loop", "ring/model"])
+def test_symlink_loop_is_named_not_missing(ref, tmp_path, monkeypatch):
+    # A bare name or one slash would otherwise be taken for a Hub id.
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop", "loop")
+    os.symlink("ring-b", "ring")
+    os.symlink("ring", "ring-b")
+    with pytest.raises(InputError, match="symlink loop"):
+        resolve_model(ref)
+
+
+def test_dangling_symlink_names_its_target(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.symlink("gone", "model")
+    with pytest.raises(InputError, match="broken symlink .*gone"):
+        resolve_model("model")
+
+
 def test_revision_with_local_path_is_rejected(minilm_dir):
     with pytest.raises(InputError, match="only applies to Hub models"):
         resolve_model(str(minilm_dir), revision="main")

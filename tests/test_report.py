@@ -82,15 +82,15 @@ def local_model(tmp: Path, sha=SHA_B) -> dict:
     }
 
 
-def make_report(detectors, policy, model=None, allowlisted=None) -> Report:
-    verdict, severity, reason = aggregate(detectors, ["cls"], policy)
+def make_report(detectors, policy, model=None, allowlisted=None, skipped_sites=None) -> Report:
+    verdict, severity, reason = aggregate(detectors, ["cls"], policy, skipped=skipped_sites)
     return Report(
         schema_version=SCHEMA_VERSION,
         tool={"name": "lmscan", "version": "0.1.0", "torch": "2.13.0", "python": "3.11"},
         model=model or hub_model(), config={"profile": "default", "detectors": ["vocab-sweep"], "sites": ["cls"]},
         seed=0, device="cpu", detectors=detectors, verdict=verdict, severity=severity,
         timings={"load": 0.5, "total": 2.0, "vocab-sweep": np.float32(1.5)}, allowlisted=allowlisted,
-        started_at="2026-11-23T13:00:00Z", reason=reason,
+        started_at="2026-11-23T13:00:00Z", reason=reason, skipped_sites=dict(skipped_sites or {}),
     )
 
 
@@ -198,6 +198,41 @@ def test_user_policy_in_rules_dir_is_checked(tmp_path):
     (tmp_path / "policy.toml").write_text('[verdict]\nprecedence = ["backdoored"]\n[fail_on]\ndefault = "nope"\n')
     with pytest.raises(InputError, match="policy.toml"):
         load_policy(tmp_path)
+
+
+POOLING_UNREADABLE = {"embedding": "1_Pooling/config.json is not readable"}
+
+
+@pytest.mark.parametrize("runs, verdict", [
+    ([run(sites=("cls", "pooler"))], "clean"),
+    ([run(findings=[trigger_finding()])], "backdoored"),
+    ([run(name="static", sites=("weights",))], "not-assessed"),
+])
+def test_every_verdict_names_the_sites_it_did_not_scan(policy, runs, verdict):
+    got, _, reason = aggregate(runs, ["cls", "pooler"], policy, skipped=POOLING_UNREADABLE)
+    assert got == verdict
+    assert reason.endswith("; embedding not scanned: 1_Pooling/config.json is not readable")
+    if verdict == "clean":
+        assert reason == ("no backdoor evidence at cls, pooler; "
+                          "embedding not scanned: 1_Pooling/config.json is not readable")
+
+
+def test_skipped_sites_in_json_sarif_and_text(policy, tmp_path):
+    report = make_report([run()], policy, skipped_sites=POOLING_UNREADABLE)
+    data = to_dict(report)
+    assert data["skipped_sites"] == POOLING_UNREADABLE
+    assert to_dict(from_dict(json.loads(to_json(report)))) == data  # the result cache keeps them
+    log = to_sarif(report)
+    read_with_sarif_pydantic(log, tmp_path)
+    notes = log["runs"][0]["invocations"][0]["toolExecutionNotifications"]
+    assert {"level": "warning", "message": {"text": "site embedding not scanned: 1_Pooling/config.json is not readable"},
+            "descriptor": {"id": "site-not-scanned"}} in notes
+    text = rendered(report)
+    assert "not scanned  embedding site: 1_Pooling/config.json is not readable" in text
+    assert "embedding not scanned: 1_Pooling/config.json is not readable" in text.rstrip().splitlines()[-1]
+    data["skipped_sites"] = {"embedding": 3}
+    with pytest.raises(InputError, match="skipped_sites"):
+        from_dict(data)
 
 
 # ------------------------------------------------------------------------ JSON

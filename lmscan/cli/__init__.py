@@ -20,8 +20,30 @@ from lmscan import DISTRIBUTION, __version__
 from lmscan.errors import LmscanError
 
 
+# What a bare command prints (its help) is not an error.
+_HELP_REQUESTS = tuple(getattr(click.exceptions, name) for name in ("NoArgsIsHelpError",)
+                       if hasattr(click.exceptions, name))
+
+
+def usage_error(exc: click.UsageError):
+    """A usage error as one line on stderr, with where to look, and its exit code (2).
+    Click's own display takes four lines: usage, a help hint, a blank line, the error."""
+    message = " ".join(exc.format_message().split())
+    hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+    click.echo(f"lmscan: error: {message}{hint}", err=True)
+    sys.exit(exc.exit_code)
+
+
 class LmscanGroup(click.Group):
     """Turns expected failures into one line on stderr and the right exit code."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except _HELP_REQUESTS:
+            raise
+        except click.UsageError as exc:  # an unknown option of lmscan itself
+            usage_error(exc)
 
     def invoke(self, ctx):
         from lmscan.interrupts import stop_exit_status, stop_name, stop_signals_handled
@@ -29,6 +51,10 @@ class LmscanGroup(click.Group):
         try:
             with stop_signals_handled():
                 return super().invoke(ctx)
+        except _HELP_REQUESTS:
+            raise
+        except click.UsageError as exc:  # an unknown command, a bad option or value of any command
+            usage_error(exc)
         except LmscanError as exc:
             click.echo(f"lmscan: error: {exc}", err=True)
             sys.exit(exc.exit_code)

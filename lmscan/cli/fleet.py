@@ -14,6 +14,7 @@ from rich.console import Console
 from lmscan.cli.options import stderr
 from lmscan.cli.output import emit_report, plain_text, write_text
 from lmscan.errors import InputError
+from lmscan.report.console import OutputConsole
 
 RAY_DEFAULT = ""  # what a bare --ray gives: the Ray that ray.init() finds, or a local one
 REPORT_SUFFIX = {"json": "json", "sarif": "sarif", "text": "txt"}
@@ -97,7 +98,7 @@ def emit_fleet(results: list, codes: list[int], fmt: str, output: Path | None, r
     from lmscan.report.fleet import render_summary, to_fleet_json, to_fleet_sarif_json
 
     if fmt == "text" and output is None:
-        render_summary(results, Console())
+        render_summary(results, OutputConsole())
         return
     if fmt == "text":
         text = plain_text(lambda console: render_summary(results, console))

@@ -4,10 +4,11 @@ the stderr console and the comma-list parser."""
 from __future__ import annotations
 
 import click
-from rich.console import Console
+
+from lmscan.report.console import OutputConsole
 
 # Progress, logs and notes go here; stdout carries only the report or machine output.
-stderr = Console(stderr=True)
+stderr = OutputConsole(stderr=True)
 
 
 def split_option(value: str | None) -> list[str] | None:

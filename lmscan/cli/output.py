@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from lmscan.cli.options import stderr
 from lmscan.errors import LmscanError
+from lmscan.report.console import OutputConsole
 
 
 def check_writable(output: Path | None) -> None:
@@ -34,7 +34,7 @@ def emit_report(report, fmt: str, output: Path | None, rules_dir, quiet: bool = 
 
     if fmt == "text" and output is None:
         if not quiet:
-            render_text(report, Console())
+            render_text(report, OutputConsole())
         return
     if fmt == "text":
         text = plain_text(lambda console: render_text(report, console))
@@ -49,9 +49,9 @@ def emit_report(report, fmt: str, output: Path | None, rules_dir, quiet: bool = 
 
 
 def plain_text(draw) -> str:
-    """What ``draw(console)`` prints, as plain text 120 columns wide (for a file)."""
+    """What ``draw(console)`` prints, as plain text with whole lines (for a file)."""
     with open(os.devnull, "w") as sink:
-        console = Console(record=True, width=120, file=sink)
+        console = OutputConsole(record=True, file=sink)
         draw(console)
     return console.export_text()
 

@@ -47,7 +47,9 @@ class LoadedModel:
     unexpected_keys: list[str] = field(default_factory=list)  # checkpoint tensors the base model ignores
     labels: list[str] | None = None  # the classification head's id2label, in index order (label site)
     pooling: str | None = None  # the sentence-transformers pooling (embedding site), described
-    pooling_note: str = ""  # why a modules.json layout gives no embedding site
+    # Sites the checkpoint's files promise but lmscan cannot compute, with why (e.g. a
+    # sentence-transformers folder whose pooling config is unreadable: no ``embedding``).
+    skipped_sites: dict[str, str] = field(default_factory=dict)
     stored_dtypes: list[str] = field(default_factory=list)  # floating dtypes in the weight files
 
 
@@ -93,11 +95,13 @@ def load_model(
         else:
             model, missing, unexpected = _build_model(config, state_dict, eager_attention, dtype, label)
     del state_dict
-    pooling_note = ""
+    skipped_sites = {}
     if for_scan:
         from lmscan.loading.sentence import read_pooling  # noqa: PLC0415
 
         pooling, pooling_note = read_pooling(resolved.local_dir)
+        if pooling_note:
+            skipped_sites["embedding"] = pooling_note
 
     missing_set = set(missing)
     loaded_keys = [k for k in (classifier or model).state_dict() if k not in missing_set]
@@ -127,7 +131,7 @@ def load_model(
         unexpected_keys=sorted(unexpected),
         labels=labels,
         pooling=pooling.describe() if pooling is not None else None,
-        pooling_note=pooling_note,
+        skipped_sites=skipped_sites,
         stored_dtypes=stored,
     )
 

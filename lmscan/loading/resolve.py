@@ -6,6 +6,7 @@ hashes every weight file so that a scan can name exactly which weights it looked
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -143,13 +144,15 @@ def resolve_model(ref: str, revision: str | None = None, offline: bool | None = 
     if local.exists():
         _reject_revision(revision, "a local path")
         return _resolve_local(ref, local)
+    if os.path.lexists(local) or _is_symlink_loop(local):  # a broken link: meant as a path, whatever its name
+        raise InputError(_missing_path_message(ref_clean, local))
 
     if ref_clean.lower() in BUNDLED_ALIASES:
         _reject_revision(revision, "the bundled model")
         return _resolve_bundled(ref)
 
     if _looks_like_path(ref_clean):
-        raise InputError(f"{ref_clean}: no such file or directory")
+        raise InputError(_missing_path_message(ref_clean, local))
 
     return _resolve_hub(ref, ref_clean, revision, offline_mode(offline))
 
@@ -168,6 +171,25 @@ def _looks_like_path(ref: str) -> bool:
     if ref.count("/") >= 2:  # Hub ids have at most one slash
         return True
     return ref.lower().endswith(WEIGHT_SUFFIXES + (".json",))
+
+
+def _is_symlink_loop(path: Path) -> bool:
+    """``Path.exists`` is False for a symlink loop (in the path or any folder above it)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
+def _missing_path_message(ref: str, path: Path) -> str:
+    """Why a path that does not exist cannot be read: a symlink loop and a dangling
+    symlink are named as such, not as a missing file."""
+    if _is_symlink_loop(path):
+        return f"{ref}: symlink loop (too many levels of symbolic links)"
+    if path.is_symlink():
+        return f"{ref}: broken symlink (its target {os.readlink(path)} does not exist)"
+    return f"{ref}: no such file or directory"
 
 
 def _reject_revision(revision: str | None, what: str) -> None:

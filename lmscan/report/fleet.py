@@ -169,7 +169,10 @@ def _finding_text(result) -> Text:
         return Text(result.error, style="red")
     finding = top_finding(result)
     if finding is None:
-        return Text(result.report.reason if result.verdict == "not-assessed" else "—", style="dim")
+        if result.verdict == "not-assessed":
+            return Text(result.report.reason, style="dim")
+        not_scanned = "; ".join(f"{site} not scanned: {why}" for site, why in result.report.skipped_sites.items())
+        return Text(not_scanned or "—", style="dim")
     trigger = finding.evidence.get("trigger") if isinstance(finding.evidence, dict) else None
     text = f"{finding.rule_id} {finding.severity}" + (f" {trigger!r}" if trigger else f" {finding.title}")
     return Text(text + (f" at {finding.site}" if finding.site else ""))

@@ -86,6 +86,7 @@ def to_dict(report: Report) -> dict:
         "verdict": report.verdict,
         "reason": report.reason,
         "incomplete": bool(report.incomplete),
+        "skipped_sites": jsonable(report.skipped_sites),
         "severity": report.severity,
         "allowlisted": report.allowlisted,
         "from_cache": bool(report.from_cache),
@@ -189,6 +190,9 @@ def from_dict(d: dict) -> Report:
     seed = d.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise InputError("report: seed must be an integer or null")
+    skipped_sites = _get(d, "skipped_sites", dict, "report", default={})
+    if not all(isinstance(why, str) for why in skipped_sites.values()):
+        raise InputError("report: skipped_sites must map each site to a reason (a string)")
     allowlisted = d.get("allowlisted")
     if allowlisted is not None and not isinstance(allowlisted, str):
         raise InputError("report: allowlisted must be a string or null")
@@ -208,6 +212,7 @@ def from_dict(d: dict) -> Report:
         from_cache=bool(d.get("from_cache", False)),
         reason=_get(d, "reason", str, "report", default=""),
         incomplete=bool(d.get("incomplete", False)),
+        skipped_sites=dict(skipped_sites),
     )
 
 

@@ -102,6 +102,8 @@ def _header(report: Report, console: Console) -> None:
         rows.append(("head", f"sequence classifier, labels {', '.join(map(str, model['head_labels']))} (label site)"))
     if model.get("pooling"):
         rows.append(("embedding", f"sentence-transformers {model['pooling']} (embedding site)"))
+    for site, why in report.skipped_sites.items():
+        rows.append(("not scanned", f"{site} site: {why}"))
     details = [("architecture", model.get("architecture")), ("device", report.device),
                ("profile", report.config.get("profile")), ("seed", report.seed)]
     rows.append(("scan", "  ".join(f"{k} {v}" for k, v in details if v not in (None, ""))))

@@ -68,6 +68,7 @@ def to_sarif(report: Report, rules_dir: str | Path | None = None) -> dict:
             "verdict": report.verdict,
             "reason": report.reason,
             "incomplete": bool(report.incomplete),
+            "skipped_sites": report.skipped_sites,
             "severity": report.severity,
             "model": report.model.get("ref"),
             "commit": report.model.get("commit"),
@@ -238,6 +239,9 @@ def _invocation(report: Report) -> dict:
         level = "warning" if run.status == "error" else "note"
         text = f"detector {run.name} {run.status}" + (f": {run.note}" if run.note else "")
         notes.append({"level": level, "message": {"text": text}, "descriptor": {"id": run.name}})
+    for site, why in report.skipped_sites.items():
+        notes.append({"level": "warning", "message": {"text": f"site {site} not scanned: {why}"},
+                      "descriptor": {"id": "site-not-scanned"}})
     if report.verdict == "not-assessed":
         notes.append({"level": "error", "message": {"text": f"the model was not assessed: {report.reason}"},
                       "descriptor": {"id": "not-assessed"}})

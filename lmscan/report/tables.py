@@ -10,8 +10,9 @@ from pathlib import Path
 
 import click
 import numpy as np
-from rich.console import Console
 from rich.table import Table
+
+from lmscan.report.console import OutputConsole
 
 
 def _pct(value) -> str:
@@ -19,7 +20,7 @@ def _pct(value) -> str:
 
 
 def print_heads(run, scores, strongest, threshold) -> None:
-    console = Console()
+    console = OutputConsole()
     if strongest is None:
         matrix, title = np.asarray(run.stats["clean_variance"]), "clean [CLS] attention variance (no trigger given)"
     else:
@@ -44,7 +45,7 @@ def print_heads(run, scores, strongest, threshold) -> None:
 
 
 def print_inversion(run) -> None:
-    console = Console()
+    console = OutputConsole()
     for entry in run.stats["runs"]:
         if not entry.get("candidates"):
             continue
@@ -80,7 +81,7 @@ def print_purify(report: dict) -> None:
                       _pct(metrics["lfr_before"]), _pct(metrics["lfr_after"]))
         for trigger, pair in metrics["lfr_per_trigger"].items():
             table.add_row(f"  {trigger!r}", _pct(pair["before"]), _pct(pair["after"]))
-    console = Console()
+    console = OutputConsole()
     console.print(table)
     pruned = ", ".join(f"L{l}H{h}" for l, h in heads["pruned"][:24]) + (" ..." if heads["pruned_count"] > 24 else "")
     console.print(f"pruned {heads['pruned_count']} of {heads['layers'] * heads['heads_per_layer']} heads"
@@ -100,7 +101,7 @@ def print_pvset(pvset, out: Path) -> None:
         triggers = ", ".join(f"{t['text']!r} ({t['activation_rate']:.0%})" for t in p.triggers[:6]) or "-"
         rate = "-" if p.activation_rate is None else f"{p.activation_rate:.0%}"
         table.add_row(str(p.id), p.site, "yes" if p.verified else "no", rate, triggers)
-    Console().print(table)
+    OutputConsole().print(table)
     clean = pvset.calibration.get("clean_flag_rate")
     if clean is not None:
         click.echo(f"clean held-out sentences flagged at T_match: {clean:.1%} "
@@ -109,7 +110,7 @@ def print_pvset(pvset, out: Path) -> None:
 
 def print_finetune(report: dict) -> None:
     metrics = report["metrics"]
-    console = Console()
+    console = OutputConsole()
     if "attack_success" not in metrics:
         console.print(f"{report['peft']} fine-tune ({report['defense']}) of {report['model']['ref']}: "
                       f"clean accuracy {_pct(metrics['accuracy'])} on {report['data']['rows']['test']} test rows")

@@ -91,8 +91,11 @@ def check_fail_on(fail_on: str | None, policy: dict | None = None) -> str:
 
 
 def aggregate(detectors: list[DetectorRun], sites: list[str], policy: dict,
-              incomplete: bool = False) -> tuple[str, str, str]:
+              incomplete: bool = False, skipped: dict[str, str] | None = None) -> tuple[str, str, str]:
     """Return (verdict, severity, reason) for the detector runs of one scan of ``sites``.
+
+    ``skipped``: sites that should have been scanned and were not (site -> why); every
+    reason names them, so no verdict reads as if they had been looked at.
 
     - backdoored: a finding says so; a found backdoor stands whatever else failed;
     - not-assessed: a detector failed, or the scan was interrupted (the findings made
@@ -104,6 +107,13 @@ def aggregate(detectors: list[DetectorRun], sites: list[str], policy: dict,
     - not-assessed otherwise, with the sites left open and why.
     severity: the highest severity of any finding, "info" when there is none.
     """
+    verdict, severity, reason = _aggregate(detectors, sites, policy, incomplete)
+    not_scanned = "".join(f"; {site} not scanned: {why}" for site, why in (skipped or {}).items())
+    return verdict, severity, reason + not_scanned
+
+
+def _aggregate(detectors: list[DetectorRun], sites: list[str], policy: dict,
+               incomplete: bool) -> tuple[str, str, str]:
     findings = [finding for run in detectors for finding in run.findings]
     severity = "info"
     for finding in findings:
