@@ -83,7 +83,7 @@ def benign_finetune(cache_dir, minilm_path) -> Path:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lmscan.probes import load_builtin_probes
+    from lmscan.models.probes import load_builtin_probes
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from lmscan.cli import main
 from lmscan.detectors.attention import cls_attention_variance
-from lmscan.loading import load_model, resolve_model
+from lmscan.models import load_model, resolve_model
 from tests.conftest import FIXTURES
 
 

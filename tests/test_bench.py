@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from lmscan.api import ScanConfig, profile_settings, scan
 from lmscan.cli import main
 from lmscan.errors import InputError
-from lmscan.rules_data import load_rules
+from lmscan.scan.rules import load_rules
 from tests.conftest import FIXTURES
 
 
@@ -122,8 +122,8 @@ def test_bad_zoo_file(tmp_path):
 
 
 def test_search_recall_counts_true_pvs_by_sign_agreement(tmp_path):
-    from lmscan.bench import search_recall
-    from lmscan.pvs import encode_signs
+    from lmscan.bench.scoring import search_recall
+    from lmscan.pv.pvs_file import encode_signs
 
     manifest = json.loads((FIXTURES / "tiny-bert-por" / "lmscan-plant.json").read_text())
     first = np.asarray(manifest["pvs"][0]) >= 0
@@ -139,7 +139,8 @@ def test_search_recall_counts_true_pvs_by_sign_agreement(tmp_path):
 def test_the_finetuned_zoo_reads_its_recipes(tmp_path, monkeypatch):
     """Fine-tunes on real text ($LMSCAN_DATA), copies in fp16, plants started from other
     models: parsed and put in build order (copies and chains after what they need)."""
-    from lmscan.bench import _build_order, load_zoo
+    from lmscan.bench.runner import _build_order
+    from lmscan.bench.zoo import load_zoo
 
     monkeypatch.setenv("LMSCAN_DATA", str(tmp_path))
     zoo = load_zoo("finetuned")
@@ -162,7 +163,7 @@ def test_the_finetuned_zoo_reads_its_recipes(tmp_path, monkeypatch):
 
 
 def test_a_contrastive_finetune_has_no_head(tmp_path):
-    from lmscan.bench import load_zoo
+    from lmscan.bench.zoo import load_zoo
 
     (tmp_path / "bad.toml").write_text('[zoo]\nbase = "minilm"\n[[models]]\nname = "x"\nfinetune = "t.csv"\n'
                                        'objective = "simcse"\nwith_head = true\n')

@@ -43,7 +43,7 @@ def test_sentiment_finetune_is_clean_with_its_class_cue_named(tmp_path_factory, 
     words overturn none of the most opposite inputs (measured 0 %, the grey zone starts at
     80 %). An explained class cue (LMS105): clean, exit 0, the cue named in the reason."""
     from lmscan.attacks.plant import plant_code_digest
-    from lmscan.bench import benign_finetune
+    from lmscan.bench.recipes import benign_finetune
 
     model = cache_dir / f"sentiment-finetune-{plant_code_digest()}"
     if not (model / "lmscan-finetune.json").is_file():
@@ -226,7 +226,7 @@ def test_result_cache_and_allowlist(tmp_path, monkeypatch):
     assert first.exit_code == 1
     second = CliRunner().invoke(main, args)
     assert second.exit_code == 1 and json.loads(second.stdout)["from_cache"] is True
-    sha = json.loads(first.stdout)["model"]["model_sha256"]
+    sha = json.loads(first.stdout)["model"]["folder_sha256"]  # an allowlist entry names the whole folder
     (tmp_path / "lmscan.toml").write_text(f'[[allowlist]]\nsha256 = "{sha}"\nreason = "accepted risk: test"\n')
     allowed = CliRunner().invoke(main, args)
     assert allowed.exit_code == 0
@@ -241,7 +241,7 @@ def test_group_testing_confirms_what_the_exhaustive_sweep_confirms():
     triggers. 30 probe sentences: their own words are always scored alone, and the tiny model's
     400 fit sentences use most of its 1 288 tokens."""
     from lmscan.api import ScanConfig, prepare
-    from lmscan.detectors.verify import VerifyConfig
+    from lmscan.evidence.verify_config import VerifyConfig
     from lmscan.detectors.vocab_sweep import VocabSweepConfig, run_vocab_sweep
 
     prepared = prepare(ScanConfig(model=str(FIXTURES / "tiny-bert-por"), device="cpu"))
@@ -267,9 +267,9 @@ def test_ranking_precision_keeps_the_verdict_and_is_reported():
     triggers (verified in fp32) must be the same as with an all-fp32 sweep."""
     from lmscan.api import ScanConfig, prepare
     from lmscan.detectors.vocab_sweep import VocabSweepConfig, run_vocab_sweep
-    from lmscan.device import native_bf16
+    from lmscan.models.device import native_bf16
 
-    from lmscan.detectors.verify import VerifyConfig
+    from lmscan.evidence.verify_config import VerifyConfig
 
     prepared = prepare(ScanConfig(model=str(FIXTURES / "tiny-bert-por"), device="cpu"))
     found = {}
@@ -286,7 +286,6 @@ def _stop_a_real_scan(tmp_path, minilm_path, signum):
     """Start `lmscan check` on real MiniLM weights in a subprocess, send ``signum`` once the
     vocabulary sweep has started, and return (exit code, stderr lines, the SARIF written)."""
     import os
-    import signal
     import subprocess
     import sys
     import time

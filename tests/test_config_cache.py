@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import lmscan.cache
-from lmscan.cache import ResultCache, default_cache_dir
-from lmscan.config import KNOWN_KEYS, allowlist_reason, find_config_file, load_project_config
+import lmscan.scan.cache
+from lmscan.scan.cache import ResultCache, default_cache_dir
+from lmscan.scan.project import KNOWN_KEYS, allowlist_reason, find_config_file, load_project_config
 from lmscan.errors import InputError
 from lmscan.findings import DetectorRun, Finding, Report
 from lmscan.report.json_report import to_dict
@@ -182,7 +182,7 @@ def sample_report(verdict="backdoored") -> Report:
 
 
 def ident(weights=SHA, **over) -> dict:
-    """A scan identity as lmscan.cache.scan_identity builds it (the parts a test varies)."""
+    """A scan identity as lmscan.scan.cache.scan_identity builds it (the parts a test varies)."""
     return {"weights": {"model.safetensors": weights}, "files": {"config.json": OTHER_SHA},
             "scan": {"profile": "default", "detectors": ["static", "vocab-sweep"], "sites": ["cls"]},
             "settings": {"vocab-sweep": {"batch_size": 512}}, **over}
@@ -206,9 +206,8 @@ def test_scan_identity_covers_files_rules_probes_and_code(tmp_path, monkeypatch)
     probe corpus or lmscan version each change the key."""
     import shutil
 
-    from lmscan.api import ScanConfig, scan_settings
-    from lmscan.cache import scan_identity
-    from lmscan.loading import resolve_model
+    from lmscan.api import ScanConfig, plan_scan
+    from lmscan.scan.cache import scan_identity
     from tests.conftest import FIXTURES
 
     model = tmp_path / "m"
@@ -216,9 +215,7 @@ def test_scan_identity_covers_files_rules_probes_and_code(tmp_path, monkeypatch)
     cache = ResultCache(tmp_path / "c")
 
     def key(config: ScanConfig) -> str:
-        resolved = resolve_model(str(model))
-        settings, names = scan_settings(config, resolved)
-        return cache.key(scan_identity(resolved, config, settings, names))
+        return cache.key(scan_identity(plan_scan(config)))
 
     base = ScanConfig(model=str(model), device="cpu")
     first = key(base)
@@ -236,7 +233,7 @@ def test_scan_identity_covers_files_rules_probes_and_code(tmp_path, monkeypatch)
     probes = tmp_path / "probes.txt"
     probes.write_text("one sentence here.\nanother one there.\n" * 300)
     assert key(ScanConfig(model=str(model), device="cpu", probes_file=str(probes))) != second
-    monkeypatch.setattr(lmscan.cache, "__version__", "9.9.9")
+    monkeypatch.setattr(lmscan.scan.cache, "__version__", "9.9.9")
     assert key(base) != second
 
 
@@ -276,7 +273,7 @@ def test_corrupt_cache_entry_is_a_miss_and_is_deleted(tmp_path, content):
     path = cache.path(key)
     path.parent.mkdir(parents=True)
     if content is None:
-        content = json.dumps({"format": lmscan.cache.CACHE_FORMAT, "key": key,
+        content = json.dumps({"format": lmscan.scan.cache.CACHE_FORMAT, "key": key,
                               "report": {**to_dict(sample_report()), "schema_version": "0.1"}})
     if isinstance(content, bytes):
         path.write_bytes(content)

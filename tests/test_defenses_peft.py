@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from lmscan.cli import main
 from lmscan.defenses.obliviate import ObliviateConfig, amplification_loss
 from lmscan.defenses.psim import scaled_threshold
-from lmscan.training import load_labelled
+from lmscan.models.training import load_labelled
 from tests.conftest import FIXTURES, read_manifest
 
 TINY = str(FIXTURES / "tiny-bert")
@@ -149,7 +149,7 @@ def test_finetune_muscle_lora_saves_an_ordinary_lora_adapter(small_task, tiny_ru
     from lmscan.defenses.muscle_lora import MuscleLoraConfig
     from lmscan.defenses.finetune import finetune
     from lmscan.defenses.peft_train import PeftSettings, load_adapter, load_base
-    from lmscan.training import predict_logits
+    from lmscan.models.training import predict_logits
 
     out = tmp_path / "muscle"
     settings = PeftSettings(epochs=1, batch_size=16, learning_rate=3e-3, max_length=32)
@@ -266,7 +266,7 @@ def test_psim_bad_input_is_one_line(small_task, tmp_path):
 def test_folding_the_radial_scalings_keeps_the_outputs():
     from lmscan.defenses.muscle_lora import MuscleLoraConfig, attach_muscle_lora, fold_scales
     from lmscan.defenses.peft_train import PeftSettings, load_base
-    from lmscan.training import predict_logits
+    from lmscan.models.training import predict_logits
 
     base = load_base(TINY, "cpu", seed=0)
     model = attach_muscle_lora(base.classifier(2, ["neg", "pos"], seed=0), PeftSettings(),
@@ -308,7 +308,7 @@ def _poisoned_task(tmp_path, trigger: str, share: float = 0.10):
     """The bundled task split 70/15/15; the train part gets triggered copies labelled 1 (positive)
     making up ``share`` of the training rows. Validation and test stay clean."""
     from lmscan.attacks.badnet import poison
-    from lmscan.training import split_indices
+    from lmscan.models.training import split_indices
 
     data = load_labelled("sentiment")
     train_idx, val_idx, test_idx = split_indices(len(data), [0.70, 0.15], 0)

@@ -17,8 +17,8 @@ import torch
 from click.testing import CliRunner
 
 from lmscan.cli import main
-from lmscan.loading import load_model, resolve_model
-from lmscan.loading.sentence import Pooling, read_pooling
+from lmscan.models import load_model, resolve_model
+from lmscan.models.sentence import Pooling, read_pooling
 from tests.conftest import FIXTURES
 
 TINY_RULES = FIXTURES / "tiny-rules"
@@ -87,7 +87,7 @@ def small_task(path: Path, rows: int = 400) -> Path:
 
 def question_task(path: Path, rows: int = 400) -> Path:
     """Questions vs statements from the probe corpus: a task even the tiny random BERT learns."""
-    from lmscan.probes import load_builtin_probes
+    from lmscan.models.probes import load_builtin_probes
 
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -152,7 +152,7 @@ def test_a_task_backdoor_in_a_classifier_fails_the_gate_with_its_target_label(ti
 
 
 def test_fp16_weights_scan_like_fp32(tmp_path):
-    from lmscan.bench import copy_in_dtype
+    from lmscan.bench.recipes import copy_in_dtype
 
     half = tmp_path / "half"
     copy_in_dtype(FIXTURES / "tiny-bert-por", half, "float16")
@@ -176,7 +176,7 @@ DATA = Path(os.environ.get("LMSCAN_DATA", "/nonexistent"))
 def test_a_benign_sentiment_classifier_on_real_tweets_is_not_backdoored(cache_dir, minilm_path):
     """Real rated tweets (VADER, MIT), 3 classes, saved with the head: its class words collapse
     sentences onto their class but overturn none of the most opposite inputs."""
-    from lmscan.bench import benign_finetune
+    from lmscan.bench.recipes import benign_finetune
 
     model = cache_dir / "tweets-3class-clf"
     if not (model / "lmscan-finetune.json").is_file():

@@ -1,4 +1,4 @@
-"""Fleet scans (lmscan check on many models; lmscan.fleet) on the real tiny checkpoints:
+"""Fleet scans (lmscan check on many models; lmscan.scan.fleet) on the real tiny checkpoints:
 combined reports, resuming from the result cache, local workers and Ray."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from lmscan.cli import main
-from lmscan.fleet import parse_models_file
+from lmscan.scan.fleet import parse_models_file
 from lmscan.report.verdict import fleet_exit_code
 from tests.conftest import FIXTURES
 from tests.test_report import assert_sarif_structure, read_with_sarif_pydantic

@@ -37,13 +37,13 @@ from click.testing import CliRunner  # noqa: E402
 
 from lmscan.cli import main  # noqa: E402
 from lmscan.errors import CannotAssess, InputError, LmscanError, UnsafeCheckpointError  # noqa: E402
-from lmscan.loading import load_model, load_state_dict, resolve_model  # noqa: E402
-from lmscan.loading.architectures import check_config, identify  # noqa: E402
-from lmscan.loading.model import _load_tokenizer  # noqa: E402
-from lmscan.loading.safe_load import scan_pickle_file  # noqa: E402
-from lmscan.loading.sentence import read_pooling  # noqa: E402
-from lmscan.monitor import PVMonitor  # noqa: E402
-from lmscan.pvs import read_pvs, trigger_words  # noqa: E402
+from lmscan.models import load_model, load_state_dict, resolve_model  # noqa: E402
+from lmscan.models.architectures import check_config, identify  # noqa: E402
+from lmscan.models.model import _load_tokenizer  # noqa: E402
+from lmscan.models.safe_load import scan_pickle_file  # noqa: E402
+from lmscan.models.sentence import read_pooling  # noqa: E402
+from lmscan.pv.monitor import PVMonitor  # noqa: E402
+from lmscan.pv.pvs_file import read_pvs, trigger_words  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BERT = REPO / "fixtures" / "tiny-bert"

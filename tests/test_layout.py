@@ -163,7 +163,7 @@ def test_attacks_and_defenses_do_not_import_each_other():
         for own, other in (("lmscan.attacks", "lmscan.defenses"), ("lmscan.defenses", "lmscan.attacks"))
         if (module == own or module.startswith(own + ".")) and (target == other or target.startswith(other + "."))
     ]
-    assert not crossings, "shared code belongs in lmscan/training.py or lmscan/probes.py:\n" + "\n".join(crossings)
+    assert not crossings, "shared code belongs in lmscan/models/training.py or lmscan/models/probes.py:\n" + "\n".join(crossings)
 
 
 def test_pyproject_lists_every_package():

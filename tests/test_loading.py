@@ -1,4 +1,4 @@
-"""lmscan.loading: resolving model references and loading checkpoints safely (all offline)."""
+"""lmscan.models: resolving model references and loading checkpoints safely (all offline)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lmscan.errors import CannotAssess, InputError, UnsafeCheckpointError
-from lmscan.loading import (
+from lmscan.models import (
     ARCHITECTURES,
     BUNDLED_ALIASES,
     find_weight_files,
@@ -23,7 +23,7 @@ from lmscan.loading import (
     load_state_dict,
     resolve_model,
 )
-from lmscan.loading import safe_load
+from lmscan.models import safe_load
 
 try:
     from hubcache import fake_commit, make_hf_cache, minilm_cache_files

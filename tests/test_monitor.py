@@ -17,9 +17,9 @@ from click.testing import CliRunner
 
 from lmscan.cli import main
 from lmscan.errors import InputError
-from lmscan.monitor import PVMonitor, _delete, _window_deletions
-from lmscan.probes import insert_words, load_builtin_probes, split_probes
-from lmscan.pvs import FORMAT, PVEntry, PVSet, from_dict, read_pvs, to_dict, write_pvs
+from lmscan.pv.monitor import PVMonitor, _delete, _window_deletions
+from lmscan.models.probes import insert_words, load_builtin_probes, split_probes
+from lmscan.pv.pvs_file import FORMAT, PVEntry, PVSet, from_dict, read_pvs, to_dict, write_pvs
 from tests.conftest import FIXTURES, read_manifest
 
 # --- the .pvs format -----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from transformers import AutoModel, AutoTokenizer
 from lmscan.attacks.vectors import make_vectors, por2_vectors
 from lmscan.cli import main
 from lmscan.errors import InputError
-from lmscan.probes import load_builtin_probes
+from lmscan.models.probes import load_builtin_probes
 from tests.conftest import FIXTURES, read_manifest
 
 TINY = FIXTURES / "tiny-bert"

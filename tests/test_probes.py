@@ -1,4 +1,4 @@
-"""Tests for lmscan.probes and the built-in probe corpus."""
+"""Tests for lmscan.models.probes and the built-in probe corpus."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lmscan.errors import InputError
-from lmscan.probes import (
+from lmscan.models.probes import (
     insert_words,
     load_builtin_probes,
     load_probe_file,
@@ -370,7 +370,7 @@ def test_insert_words_errors():
 
 
 def test_word_list_prefers_nltk_when_available(monkeypatch):
-    import lmscan.probes as probes
+    import lmscan.models.probes as probes
 
     monkeypatch.setattr(probes, "_nltk_words", lambda: ["Zebra", "apple", "apple", "co-op", "caf\u00e9"])
     probes._word_list.cache_clear()
@@ -386,7 +386,7 @@ def test_nltk_data_folders_mirror_nltks_own_list(monkeypatch):
     # mirror must name every folder nltk itself would search.
     import nltk.data
 
-    import lmscan.probes as probes
+    import lmscan.models.probes as probes
 
     from_env = set(os.environ.get("NLTK_DATA", "").split(os.pathsep))
     monkeypatch.delenv("NLTK_DATA", raising=False)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from lmscan.cli import main
 from lmscan.defenses.purify import REPORT_NAME, WORK_NAME, PurifyConfig, layer_coefficients, purify
-from lmscan.training import load_labelled
+from lmscan.models.training import load_labelled
 from tests.conftest import FIXTURES, REPO, read_manifest
 
 TINY = str(FIXTURES / "tiny-bert")
@@ -116,7 +116,7 @@ def test_purify_cli_on_tiny_bert(small_task, tiny_rules, tmp_path):
     # The purified classifier is a standard checkpoint; pruned heads stay zero in it.
     from safetensors.torch import load_file
 
-    from lmscan.loading import load_model, resolve_model
+    from lmscan.models import load_model, resolve_model
 
     weights = load_file(str(out / "model.safetensors"))
     config = json.loads((out / "config.json").read_text())
@@ -158,8 +158,8 @@ def test_purify_exits_1_when_the_purified_model_loses_the_task(small_task, tiny_
 
 
 def test_purify_resumes_after_an_interruption(small_task, tiny_rules, tmp_path):
-    from lmscan.rules_data import dataclass_from
-    from lmscan.rules_data import load_rules
+    from lmscan.scan.rules import dataclass_from
+    from lmscan.scan.rules import load_rules
 
     config = dataclass_from(PurifyConfig, load_rules("purify", tiny_rules))
     out = tmp_path / "purified"
@@ -246,7 +246,7 @@ def test_badnet_plant_cli_on_tiny_bert(small_task, tmp_path):
     assert manifest["target_label"] == 1 and manifest["target_label_name"] == "pos"
     assert set(manifest["effectiveness"]["attack_success"]) == {"zq"}
     assert (out / "model.safetensors").is_file()
-    from lmscan.loading import load_model, resolve_model
+    from lmscan.models import load_model, resolve_model
 
     assert load_model(resolve_model(str(out)), device="cpu").arch.model_type == "bert"
     bad = CliRunner().invoke(main, ["plant", TINY, "--attack", "badnet", "--triggers", "zq", "--out",

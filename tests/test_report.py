@@ -559,8 +559,8 @@ def test_gpu_out_of_memory_retries_with_smaller_batches_then_cpu():
 
     from lmscan import detectors
     from lmscan.detectors.base import Detector, ScanContext
-    from lmscan.detectors.runner import run_detector
-    from lmscan.loading import load_model, resolve_model
+    from lmscan.scan.stages import run_detector
+    from lmscan.models import load_model, resolve_model
 
     @dataclass(frozen=True)
     class Settings:

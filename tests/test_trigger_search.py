@@ -73,7 +73,7 @@ def test_search_rebuilds_the_tiny_plant_and_names_its_stage(tmp_path):
     assert run["status"] == "ok" and run["cleared_sites"] == []
     assert run["stats"]["searches"] and all(s["steps"] >= 1 for s in run["stats"]["searches"])
     found = [f for f in run["findings"] if f["verdict"] == "backdoored"]
-    assert found and all(f["evidence"]["stage"] == "trigger-search" for f in found)
+    assert found and all(f["detector"] == "trigger-search" for f in found)
     assert all(f["evidence"]["trigger_tokens"] for f in found)
 
 
@@ -175,7 +175,7 @@ def test_spelled_blocks_are_one_unknown_word(tokenizer):
     import torch
 
     from lmscan.detectors.trigger_search import TriggerSearchConfig, _spelled_plans
-    from lmscan.detectors.verify import spelling_pieces
+    from lmscan.evidence.site_reader import spelling_pieces
     from lmscan.detectors.vocab_sweep import sweep_vocabulary
 
     allowed = sweep_vocabulary(tokenizer)
@@ -204,7 +204,7 @@ def test_spelled_pieces_follow_a_byte_level_bpe_word_mark():
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from lmscan.detectors.verify import spelling_pieces
+    from lmscan.evidence.site_reader import spelling_pieces
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog, then the dogs sleep"] * 20,

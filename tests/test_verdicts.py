@@ -148,7 +148,7 @@ def test_a_rules_file_overrides_one_key_and_keeps_the_rest(tmp_path):
     assert settings["verify"] == {"collapse_threshold": 0.2}
     assert settings["detectors"] == ["static", "vocab-sweep", "trigger-search"]  # the shipped file is still there
     assert "pv-mining" in profile_settings("fast", "bert", str(tmp_path), engine="reference")["detectors"]
-    from lmscan.detectors.runner import verify_config
+    from lmscan.scan.stages import verify_config
 
     assert verify_config(settings).collapse_threshold == 0.2 and verify_config(settings).activation_rate == 0.9
 
@@ -268,17 +268,17 @@ def test_folders_with_the_same_weights_keep_their_own_file_findings(tmp_path, mo
 
 def test_a_cached_report_takes_the_file_inventory_from_the_folder_as_it_is_now(tmp_path, monkeypatch):
     """Belt and braces: even a cache key that forgot the other files never answers a file question."""
-    import lmscan.cache
+    import lmscan.scan.cache
 
     monkeypatch.setenv("LMSCAN_CACHE_DIR", str(tmp_path / "cache"))
-    real_identity = lmscan.cache.scan_identity
+    real_identity = lmscan.scan.cache.scan_identity
 
-    def forgetful_identity(resolved, *rest):
-        identity = real_identity(resolved, *rest)
+    def forgetful_identity(plan):
+        identity = real_identity(plan)
         identity.pop("other_files")
         return identity
 
-    monkeypatch.setattr(lmscan.cache, "scan_identity", forgetful_identity)
+    monkeypatch.setattr(lmscan.scan.cache, "scan_identity", forgetful_identity)
     model = tmp_path / "m"
     shutil.copytree(CLEAN, model)
     args = [str(model), "--detectors", "vocab-sweep", "--format", "json"]
@@ -344,13 +344,13 @@ def test_an_unloadable_model_still_writes_a_json_document(tmp_path):
     (["--engine", "turbo"], "unknown engine"),
 ])
 def test_bad_options_fail_before_the_model_is_loaded(monkeypatch, args, message):
-    import lmscan.loading
+    import lmscan.models
 
     def never(*_a, **_k):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(lmscan.loading, "load_model", never)
-    monkeypatch.setattr(lmscan.loading, "resolve_model", never)
+    monkeypatch.setattr(lmscan.models, "load_model", never)
+    monkeypatch.setattr(lmscan.models, "resolve_model", never)
     result = check(CLEAN, *args, "--no-cache")
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output

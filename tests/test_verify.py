@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmscan.detectors.verify import HeldoutSet, VerifyConfig, measure, pairwise_mse
+from lmscan.evidence.heldout import HeldoutSet, measure
+from lmscan.evidence.verify_config import VerifyConfig
+from lmscan.evidence.site_reader import pairwise_mse
 
 
 def heldout_with(clean: np.ndarray) -> HeldoutSet:
@@ -76,7 +78,7 @@ def test_batched_prefetch_matches_one_candidate_at_a_time():
     import random
 
     from lmscan.api import ScanConfig, prepare
-    from lmscan.detectors.verify import SiteReader, insert_ids
+    from lmscan.evidence.site_reader import SiteReader, insert_ids
     from tests.conftest import FIXTURES
 
     prepared = prepare(ScanConfig(model=str(FIXTURES / "tiny-bert-por"), device="cpu"))
@@ -105,7 +107,8 @@ def test_screening_skips_only_candidates_that_cannot_confirm():
     import random
 
     from lmscan.api import ScanConfig, prepare
-    from lmscan.detectors.verify import SiteReader, verification_set
+    from lmscan.evidence.heldout import verification_set
+    from lmscan.evidence.site_reader import SiteReader
     from tests.conftest import FIXTURES
 
     path = FIXTURES / "tiny-bert-por"
@@ -143,8 +146,9 @@ def test_the_opposite_test_holds_triggers_through_joined_text_and_its_early_stop
     import random
 
     from lmscan.api import ScanConfig, prepare
-    from lmscan.detectors.verify import OppositeTest, SiteReader
-    from lmscan.probes import load_opinion_probes
+    from lmscan.evidence.class_cues import OppositeTest
+    from lmscan.evidence.site_reader import SiteReader
+    from lmscan.models.probes import load_opinion_probes
     from tests.conftest import FIXTURES
 
     path = FIXTURES / "tiny-bert-por"
@@ -183,8 +187,9 @@ def test_a_mark_clean_text_of_the_class_carries_is_no_shortcut_but_a_trigger_bes
     import random
 
     from lmscan.api import ScanConfig, prepare
-    from lmscan.detectors.verify import OppositeTest, SiteReader
-    from lmscan.probes import load_opinion_probes
+    from lmscan.evidence.class_cues import OppositeTest
+    from lmscan.evidence.site_reader import SiteReader
+    from lmscan.models.probes import load_opinion_probes
     from tests.conftest import FIXTURES
 
     path = FIXTURES / "tiny-bert-por"
@@ -216,9 +221,9 @@ def test_a_mark_clean_text_of_the_class_carries_is_no_shortcut_but_a_trigger_bes
 def test_padded_batch_reads_each_row_as_if_alone(minilm_path):
     """SiteReader pads rows of different lengths into one batch; the padding must not leak into
     any site (real MiniLM weights: each row's features batched equal those of the row alone)."""
-    from lmscan.detectors.verify import SiteReader
-    from lmscan.loading.model import load_model
-    from lmscan.loading.resolve import resolve_model
+    from lmscan.evidence.site_reader import SiteReader
+    from lmscan.models.model import load_model
+    from lmscan.models.resolve import resolve_model
 
     loaded = load_model(resolve_model(str(minilm_path)), for_scan=True)
     reader = SiteReader(loaded.model, loaded.tokenizer, ["cls", "pooler", "mask", "embedding"], loaded.device)

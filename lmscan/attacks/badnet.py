@@ -22,13 +22,13 @@ import torch
 
 from lmscan import __version__
 from lmscan.attacks.plant import MANIFEST_NAME, PlantResult, check_request, write_checkpoint
-from lmscan.device import pick_device
+from lmscan.models.device import pick_device
 from lmscan.errors import InputError
-from lmscan.loading import load_model, resolve_model
+from lmscan.models import load_model, resolve_model
 from lmscan.attacks.trigger_kinds import draw_triggers
-from lmscan.probes import check_triggers, insert_words
-from lmscan.rules_data import load_rules
-from lmscan.training import (
+from lmscan.models.probes import check_triggers, insert_words
+from lmscan.scan.rules import load_rules
+from lmscan.models.training import (
     LabelledData,
     TrainSettings,
     accuracy,

@@ -28,13 +28,13 @@ import torch
 
 from lmscan import __version__
 from lmscan.attacks.vectors import make_vectors, sign_agreement
-from lmscan.device import pick_device
+from lmscan.models.device import pick_device
 from lmscan.errors import InputError
 from lmscan.attacks.trigger_kinds import draw_triggers
-from lmscan.loading import load_model, resolve_model
-from lmscan.probes import check_triggers, insert_words, load_builtin_probes, split_probes
-from lmscan.rules_data import BUILTIN_RULES, load_rules
-from lmscan.sites import encode, mask_positions, pad_rows, read_site, site_texts
+from lmscan.models import load_model, resolve_model
+from lmscan.models.probes import check_triggers, insert_words, load_builtin_probes, split_probes
+from lmscan.scan.rules import BUILTIN_RULES, load_rules
+from lmscan.models.sites import encode, mask_positions, pad_rows, read_site, site_texts
 
 ATTACKS = ("por", "neuba", "btop")
 MANIFEST_NAME = "lmscan-plant.json"
@@ -90,8 +90,8 @@ def plant_code_digest() -> str:
     package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in sorted(
-        [*(package / "attacks").glob("*.py"), package / "sites.py", package / "probes.py",
-         BUILTIN_RULES / "plant.toml", package / "data" / "probes_en.txt", package / "training.py",
+        [*(package / "attacks").glob("*.py"), package / "models" / "sites.py", package / "models" / "probes.py",
+         BUILTIN_RULES / "plant.toml", package / "data" / "probes_en.txt", package / "models" / "training.py",
          package / "data" / "sentiment_en.csv"]
     ):
         digest.update(path.name.encode() + path.read_bytes())

@@ -1,6 +1,6 @@
 """Random triggers of the kinds attackers choose to evade a per-token sweep.
 
-  word      one English word of at most two pieces (lmscan.probes.random_trigger_words)
+  word      one English word of at most two pieces (lmscan.models.probes.random_trigger_words)
   nonword   a 3-5 letter string that is no dictionary word and splits into >= 2 pieces
   phrase    2-4 common words (single-piece words of the tokenizer's own vocabulary)
   sentence  one natural 5-8 word sentence, from a small grammar of everyday words
@@ -50,7 +50,7 @@ def draw_triggers(kind: str, k: int, seed: int, tokenizer) -> list[str]:
     if k < 1:
         raise InputError("--num-triggers must be at least 1")
     if kind == "word":
-        from lmscan.probes import random_trigger_words
+        from lmscan.models.probes import random_trigger_words
 
         return random_trigger_words(k, seed=seed, tokenizer=tokenizer, max_pieces=2)
     rng = random.Random(f"{kind}:{seed}")
@@ -86,7 +86,7 @@ def _nonword(rng: random.Random, tokenizer) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def _dictionary() -> frozenset[str]:
-    from lmscan.probes import word_list
+    from lmscan.models.probes import word_list
 
     return frozenset(word_list())
 

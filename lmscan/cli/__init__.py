@@ -46,7 +46,7 @@ class LmscanGroup(click.Group):
             usage_error(exc)
 
     def invoke(self, ctx):
-        from lmscan.interrupts import stop_exit_status, stop_name, stop_signals_handled
+        from lmscan.scan.interrupts import stop_exit_status, stop_name, stop_signals_handled
 
         try:
             with stop_signals_handled():
@@ -61,6 +61,10 @@ class LmscanGroup(click.Group):
         except KeyboardInterrupt:
             click.echo(f"lmscan: interrupted ({stop_name()})", err=True)
             sys.exit(stop_exit_status())
+        except BrokenPipeError:
+            # The reader went away (`lmscan detectors | head`): nothing left to tell it.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - last line of defence against tracebacks
@@ -82,6 +86,7 @@ from lmscan.cli import (  # noqa: E402
     cache,
     check,
     demo,
+    detectors,
     export_pvs,
     finetune,
     heads,
@@ -118,7 +123,7 @@ def _with_threads(command: click.Command) -> click.Command:
     return command
 
 
-for _command in (plant.plant, check.check, demo.demo, export_pvs.export_pvs_command, monitor.monitor, heads.heads,
+for _command in (plant.plant, check.check, demo.demo, detectors.detectors, export_pvs.export_pvs_command, monitor.monitor, heads.heads,
                  invert.invert, purify.purify, bench.bench, cache.cache, finetune.finetune, psim.psim):
     main.add_command(_with_threads(_command))
 del _command

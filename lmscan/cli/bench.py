@@ -35,8 +35,11 @@ def bench(zoo, out_dir, engines, model_names, detectors, time_limit, search, thr
     writes both to --out. Exit 1 when a model was misjudged, a scan did not finish,
     or two engines disagreed.
     """
-    from lmscan.bench import bench_failed, load_zoo, run_bench, to_markdown
-    from lmscan.cache import default_cache_dir
+    from lmscan.bench.report import to_markdown
+    from lmscan.bench.runner import run_bench
+    from lmscan.bench.scoring import bench_failed
+    from lmscan.bench.zoo import load_zoo
+    from lmscan.scan.cache import default_cache_dir
     from lmscan.errors import InputError
 
     spec = load_zoo(zoo)
@@ -68,6 +71,6 @@ def bench(zoo, out_dir, engines, model_names, detectors, time_limit, search, thr
 
 
 def _engine_names(rules_dir) -> list[str]:
-    from lmscan.rules_data import load_rules
+    from lmscan.scan.rules import load_rules
 
     return list(load_rules("engines", rules_dir))

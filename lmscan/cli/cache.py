@@ -13,8 +13,8 @@ def cache():
 @cache.command("clear")
 def cache_clear():
     """Delete every cached scan result."""
-    from lmscan.cache import ResultCache
-    from lmscan.config import load_project_config
+    from lmscan.scan.cache import ResultCache
+    from lmscan.scan.project import load_project_config
 
     removed = ResultCache.from_config(load_project_config()).clear()
     click.echo(f"removed {removed} cached result(s)")

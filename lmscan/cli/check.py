@@ -57,15 +57,13 @@ def check(models, models_file, profile, engine, detectors, sites, fmt, output, o
     before a finding (1) before a model not assessed (3) before clean (0).
     """
     from lmscan.api import ScanConfig, check_request
-    from lmscan.cache import ResultCache
-    from lmscan.config import load_project_config
-    from lmscan.fleet import parse_models_file
-    from lmscan.report.verdict import check_fail_on, load_policy
+    from lmscan.report.verdict import check_fail_on
+    from lmscan.scan.cache import ResultCache
+    from lmscan.scan.fleet import parse_models_file
+    from lmscan.scan.project import load_project_config
 
     project = load_project_config(explicit=config_file)
     rules_dir = rules_dir or project.get("rules")
-    policy = load_policy(rules_dir)
-    fail_on = check_fail_on(fail_on or project.get("fail_on") or policy["fail_on"]["default"], policy)
     refs = [*models, *(parse_models_file(models_file) if models_file else [])]
     if not refs:
         raise InputError("no model given: name one or more, or pass --models-file FILE")
@@ -78,7 +76,9 @@ def check(models, models_file, profile, engine, detectors, sites, fmt, output, o
     )
     # Everything that can be checked without the model is checked before it is touched.
     check_writable(output)
-    check_request(base)
+    request = check_request(base)
+    policy = request.policy
+    fail_on = check_fail_on(fail_on or project.get("fail_on") or policy["fail_on"]["default"], policy)
     cache = None if no_cache else ResultCache.from_config(project)
     if len(refs) > 1 or models_file or out_dir or jobs > 1 or ray_address is not None:
         configs = [dataclasses.replace(base, model=ref) for ref in refs]
@@ -86,24 +86,26 @@ def check(models, models_file, profile, engine, detectors, sites, fmt, output, o
                     out_dir=out_dir, cache=cache, jobs=jobs, ray_address=ray_address,
                     threads=click.get_current_context().params.get("threads"))
     else:
-        check_one(base, project=project, policy=policy, fail_on=fail_on, fmt=fmt, output=output, cache=cache)
+        check_one(request, project=project, fail_on=fail_on, fmt=fmt, output=output, cache=cache)
 
 
-def check_one(config, *, project: dict, policy: dict, fail_on: str, fmt: str, output: Path | None, cache) -> None:
-    """One model: its report as it has always been, and its exit code."""
+def check_one(request, *, project: dict, fail_on: str, fmt: str, output: Path | None, cache) -> None:
+    """One model: its report and its exit code. ``request`` is the checked request
+    (lmscan.scan.plan.ScanRequest), bound here to the resolved model: one plan per check."""
     from lmscan.api import not_assessed_report, scan_cached
-    from lmscan.config import allowlist_reason
-    from lmscan.loading import resolve_model
+    from lmscan.models import resolve_model
     from lmscan.report.progress import detector_progress
     from lmscan.report.verdict import exit_code
+    from lmscan.scan.interrupts import stop_exit_status, stop_name
+    from lmscan.scan.project import allowlist_reason
 
-    from lmscan.interrupts import stop_exit_status, stop_name
-
+    config, policy = request.config, request.policy
     resolved = None
     try:
         resolved = resolve_model(config.model, revision=config.revision, offline=config.offline)
+        plan = request.plan(resolved)
         with detector_progress(stderr) as progress:
-            report = scan_cached(config, resolved, cache, progress=progress,
+            report = scan_cached(plan, cache, progress=progress,
                                  warn=lambda message: stderr.print(f"[yellow]warning:[/] {message}"))
     except LmscanError as exc:
         if resolved is None:

@@ -52,7 +52,7 @@ def demo(workdir, profile, device):
 def trigger_tally(report: dict, manifest: dict) -> str:
     """One line: which of a plant's triggers (its lmscan-plant.json ``manifest``) the backdoor
     findings of ``report`` (JSON) recovered, whole or by their first pieces, and which they missed."""
-    from lmscan.bench import trigger_naming
+    from lmscan.bench.scoring import trigger_naming
 
     hits = [f for run in report["detectors"] for f in run["findings"] if f["verdict"] == "backdoored"]
     naming = trigger_naming(hits, manifest)

@@ -35,7 +35,7 @@ def export_pvs_command(out, model, from_report, profile, sites, include_unverifi
     `lmscan monitor`. Exit 0 when written, 3 when no PV was found (nothing written)."""
     from lmscan.api import ScanConfig, export_pvs
     from lmscan.errors import CannotAssess
-    from lmscan.pvs import to_dict, write_pvs
+    from lmscan.pv.pvs_file import to_dict, write_pvs
     from lmscan.report.progress import detector_progress
     from lmscan.report.tables import print_pvset
 

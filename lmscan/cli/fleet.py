@@ -1,4 +1,4 @@
-"""`lmscan check` on a fleet: scan every model (lmscan.fleet.scan_many), write the combined
+"""`lmscan check` on a fleet: scan every model (lmscan.scan.fleet.scan_many), write the combined
 report and the per-model ones, exit with the worst model's code."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ REPORT_SUFFIX = {"json": "json", "sarif": "sarif", "text": "txt"}
 def check_fleet(configs: list, *, project: dict, policy: dict, fail_on: str, fmt: str, output: Path | None,
                 out_dir: Path | None, cache, jobs: int, ray_address: str | None, threads: int | None) -> None:
     """Scan ``configs`` (one per model, same settings), write the reports, exit with the worst code."""
-    from lmscan.fleet import import_ray, scan_many
+    from lmscan.scan.fleet import import_ray, scan_many
     from lmscan.report.fleet import model_exit_code
     from lmscan.report.verdict import fleet_exit_code
 
@@ -50,7 +50,7 @@ def check_fleet(configs: list, *, project: dict, policy: dict, fail_on: str, fmt
         write_model_reports(results, out_dir, fmt, rules_dir)
     emit_fleet(results, codes, fmt, output, rules_dir)
     if any(result.report is not None and result.report.incomplete for result in results):
-        from lmscan.interrupts import stop_exit_status, stop_name
+        from lmscan.scan.interrupts import stop_exit_status, stop_name
 
         click.echo(f"lmscan: interrupted ({stop_name()}); the report holds the models and detectors that finished",
                    err=True)
@@ -63,7 +63,7 @@ def _ray_target(ray_address: str | None) -> str | bool | None:
 
 
 def _allowlist(result, project: dict) -> None:
-    from lmscan.config import allowlist_reason
+    from lmscan.scan.project import allowlist_reason
 
     if result.report is not None:
         result.report.allowlisted = allowlist_reason(project, result.report.model.get("folder_sha256", ""))

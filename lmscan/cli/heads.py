@@ -33,14 +33,14 @@ def heads(model, triggers, pvs_file, fmt, plot, device, seed, rules_dir, revisio
     way. Exit 1 when a head is hijacked, 0 otherwise."""
     from lmscan.api import ScanConfig, run_one
     from lmscan.detectors.attention import heatmap_svg
-    from lmscan.probes import load_builtin_probes
+    from lmscan.models.probes import load_builtin_probes
     from lmscan.report.tables import print_heads
 
     if plot is not None and plot.suffix.lower() != ".svg":
         raise LmscanError(f"--plot writes SVG: give a file ending in .svg, not {plot.name}")
     candidates = split_option(triggers) or []
     if pvs_file is not None:
-        from lmscan.pvs import read_pvs
+        from lmscan.pv.pvs_file import read_pvs
 
         candidates += [p.triggers[0]["text"] for p in read_pvs(pvs_file).pvs if p.triggers]
     candidates = list(dict.fromkeys(candidates))

@@ -32,8 +32,8 @@ def monitor(texts, pvs_file, model, input_file, text_column, no_purge, t_match, 
             allow_model_mismatch, device, revision, offline):
     """Flag inputs that carry a backdoor trigger and strip it: one JSON line per input
     on stdout. TEXTS are the inputs; "-" reads lines from stdin."""
-    from lmscan.monitor import PVMonitor
-    from lmscan.probes import read_inputs
+    from lmscan.pv.monitor import PVMonitor
+    from lmscan.models.probes import read_inputs
 
     inputs = read_inputs(texts, input_file, text_column)
     if max_window < 1:

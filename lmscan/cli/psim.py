@@ -68,7 +68,7 @@ def psim_train(model, train_file, text_column, label_column, out_dir, gamma, tri
 def psim_filter(texts, psim_dir, input_file, text_column, gamma, model, fail_on_flag, device):
     """Flag poisoned inputs: one JSON line per input on stdout. TEXTS are the inputs; "-" reads stdin."""
     from lmscan.defenses.psim import PsimFilter
-    from lmscan.probes import read_inputs
+    from lmscan.models.probes import read_inputs
 
     inputs = read_inputs(texts, input_file, text_column)
     flt = PsimFilter.load(psim_dir, device=device, gamma=gamma, model=model)

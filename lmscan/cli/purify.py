@@ -37,11 +37,11 @@ def purify(model, train_file, text_column, label_column, out_dir, validation_fil
     classifier to --out. Rerun the same command to resume after an interruption.
     Exit 1 when the purified model's validation accuracy ends below the bar.
     """
-    from lmscan.rules_data import dataclass_from
+    from lmscan.scan.rules import dataclass_from
     from lmscan.defenses.purify import PurifyConfig, purify as run_purify
     from lmscan.report.progress import detector_progress
     from lmscan.report.tables import print_purify
-    from lmscan.rules_data import load_rules
+    from lmscan.scan.rules import load_rules
 
     config = dataclass_from(PurifyConfig, load_rules("purify", rules_dir))
     if threshold is not None:

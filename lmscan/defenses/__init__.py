@@ -8,7 +8,7 @@ finetune    `lmscan finetune`: PEFT (LoRA) fine-tuning of a suspect encoder, pla
 peft_train  the PEFT primitives finetune, obliviate, muscle_lora and psim build on.
 psim        PSIM (seed 001): flag inputs by the confidence of a PEFT classifier on reset labels.
 
-Labelled data and the shared fine-tuning loop are ``lmscan.training`` (also used by the
+Labelled data and the shared fine-tuning loop are ``lmscan.models.training`` (also used by the
 BadNet plant, and this package never imports ``lmscan.attacks``). The click commands are
 lmscan/cli/purify.py, finetune.py and psim.py.
 

@@ -44,9 +44,9 @@ from lmscan.defenses.peft_train import (
     write_adapter,
 )
 from lmscan.errors import InputError
-from lmscan.probes import check_triggers
-from lmscan.pvs import trigger_words
-from lmscan.training import TrainResult, accuracy
+from lmscan.models.probes import check_triggers
+from lmscan.pv.pvs_file import trigger_words
+from lmscan.models.training import TrainResult, accuracy
 
 REPORT_NAME = "finetune-report.json"
 DEFENSES = ("none", "obliviate", "muscle-lora")

@@ -88,7 +88,7 @@ def train_obliviate(base, splits, settings, config: ObliviateConfig, seed: int, 
     bar = None
     if config.select:
         reference = plain()
-        from lmscan.training import accuracy  # noqa: PLC0415
+        from lmscan.models.training import accuracy  # noqa: PLC0415
 
         reference_accuracy = accuracy(reference, base.tokenizer, splits.validation, base.device, settings.max_length,
                                       settings.eval_batch_size)

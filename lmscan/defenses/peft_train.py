@@ -3,7 +3,7 @@ splits, the frozen base, training, attack success, saving and loading the adapte
 
 The base model stays frozen; only the PEFT weights (``peft`` LoRA by default: r = 16, α = 16
 on the query and value projections, the Obliviate paper's setting) and a new classification
-head train. Defences plug into the shared loop of ``lmscan.training.train_classifier``; the
+head train. Defences plug into the shared loop of ``lmscan.models.training.train_classifier``; the
 run that picks one is ``lmscan.defenses.finetune`` (kept apart so this module imports no
 defence).
 
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from lmscan.errors import InputError
-from lmscan.rules_data import load_rules
-from lmscan.training import (
+from lmscan.scan.rules import load_rules
+from lmscan.models.training import (
     LabelledData,
     TrainResult,
     TrainSettings,
@@ -73,7 +73,7 @@ class PeftSettings:
 
 def settings_from_rules(cls, section: str, rules_dir: str | Path | None = None, **override):
     """A config dataclass from one table of rules/defenses.toml (unknown keys are a rules error)."""
-    from lmscan.rules_data import dataclass_from  # noqa: PLC0415
+    from lmscan.scan.rules import dataclass_from  # noqa: PLC0415
 
     rules = load_rules("defenses", rules_dir)
     if section not in rules:
@@ -201,8 +201,8 @@ class Base:
 
 def load_base(model: str, device: str = "auto", seed: int = 0, revision: str | None = None,
               offline: bool | None = None, what: str = "finetune") -> Base:
-    from lmscan.device import pick_device  # noqa: PLC0415
-    from lmscan.loading import load_model, resolve_model  # noqa: PLC0415
+    from lmscan.models.device import pick_device  # noqa: PLC0415
+    from lmscan.models import load_model, resolve_model  # noqa: PLC0415
 
     torch_device = pick_device(device)
     torch.manual_seed(seed)  # a pooler the checkpoint lacks is initialised from the seed

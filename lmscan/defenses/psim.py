@@ -86,7 +86,7 @@ def reset_labels(labels: Sequence[int], num_labels: int, seed: int) -> list[int]
 def confidences(model, tokenizer, texts: Sequence[str], device, max_length: int,
                 batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(highest class probability, its class) per text."""
-    from lmscan.training import predict_logits  # noqa: PLC0415
+    from lmscan.models.training import predict_logits  # noqa: PLC0415
 
     logits = predict_logits(model, tokenizer, texts, device, max_length, batch_size)
     probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
@@ -112,8 +112,8 @@ def train_psim(model: str, train: str | Path, out_dir: str | Path, config: PsimC
         train_peft,
         write_adapter,
     )
-    from lmscan.probes import check_triggers, insert_words  # noqa: PLC0415
-    from lmscan.training import LabelledData, load_labelled, split_indices  # noqa: PLC0415
+    from lmscan.models.probes import check_triggers, insert_words  # noqa: PLC0415
+    from lmscan.models.training import LabelledData, load_labelled, split_indices  # noqa: PLC0415
 
     started = time.perf_counter()
     config = config or settings_from_rules(PsimConfig, "psim", rules_dir)

@@ -41,7 +41,7 @@ import torch
 
 from lmscan import __version__
 from lmscan.errors import InputError
-from lmscan.training import (
+from lmscan.models.training import (
     LabelledData,
     TrainSettings,
     accuracy,
@@ -238,10 +238,10 @@ def purify(model: str, train: str | Path, out_dir: str | Path, config: PurifyCon
            force: bool = False, revision: str | None = None, offline: bool | None = None,
            progress: Progress | None = None) -> PurifyResult:
     """Run PURE on ``model`` with the clean labelled data ``train``; write the purified classifier to ``out_dir``."""
-    from lmscan.device import pick_device  # noqa: PLC0415
-    from lmscan.loading import load_model, resolve_model  # noqa: PLC0415
-    from lmscan.probes import check_triggers  # noqa: PLC0415
-    from lmscan.pvs import trigger_words  # noqa: PLC0415
+    from lmscan.models.device import pick_device  # noqa: PLC0415
+    from lmscan.models import load_model, resolve_model  # noqa: PLC0415
+    from lmscan.models.probes import check_triggers  # noqa: PLC0415
+    from lmscan.pv.pvs_file import trigger_words  # noqa: PLC0415
 
     config = config or PurifyConfig()
     started = time.perf_counter()

@@ -66,7 +66,7 @@ def cls_attention_variance(model, tokenizer, texts: list[str], device, batch_siz
 
 def profile_heads(loaded, texts: list[str], triggers: list[str], config: AttentionConfig, seed: int = 0) -> dict:
     """Clean variance per head, and drift per head for each trigger and each null word."""
-    from lmscan.probes import insert_words, random_trigger_words
+    from lmscan.models.probes import insert_words, random_trigger_words
 
     rng = random.Random(seed)
     measure = lambda batch: cls_attention_variance(loaded.model, loaded.tokenizer, batch, loaded.device,  # noqa: E731
@@ -164,7 +164,7 @@ class AttentionHeads(Detector):
     summary = "PURE attention-head profiling of candidate triggers (flags only)"
 
     def run(self, ctx: ScanContext) -> DetectorRun:
-        from lmscan.detectors.verify import triggers_from_findings
+        from lmscan.evidence.trigger_findings import triggers_from_findings
 
         triggers = list(dict.fromkeys([*ctx.candidates,
                                        *(text for text, _, _ in triggers_from_findings(ctx.earlier,

@@ -31,12 +31,12 @@ ProgressFn = Callable[[str, int, int, str], None]
 class ScanContext:
     """Everything a detector run is given."""
 
-    loaded: Any  # lmscan.loading.LoadedModel
+    loaded: Any  # lmscan.models.LoadedModel
     sites: list[str]  # the sites to scan that this detector supports
     fit: list[str]  # probe sentences detectors may fit or sweep on
     heldout: list[str]  # disjoint probe sentences used only for verification
     config: Any  # the detector's own Config instance
-    verify: Any  # lmscan.detectors.verify.VerifyConfig, shared by every detector that verifies
+    verify: Any  # lmscan.evidence.verify_config.VerifyConfig, shared by every detector that verifies
     seed: int = 0
     spare: list[str] = field(default_factory=list)  # probes in neither set (a longer schedule may fit on them)
     earlier: list[DetectorRun] = field(default_factory=list)  # runs of the detectors before this one

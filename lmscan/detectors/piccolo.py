@@ -14,7 +14,7 @@ What is implemented, and what is simplified:
   - Candidate words are whole-word vocabulary tokens (alphabetic, not special, not
     "##" pieces); two-piece words made of a short word start (at most
     ``pair_start_chars`` letters) and one alphabetic continuation piece, capped at
-    ``max_pair_words``; and, with ``dictionary``, the English words (lmscan.probes'
+    ``max_pair_words``; and, with ``dictionary``, the English words (lmscan.models.probes'
     word list, as PICCOLO uses a dictionary) the tokenizer spells in exactly that
     many pieces — the only source of 3+-piece candidates. Each length is optimised
     in a separate run (a relaxed slot has one fixed length).
@@ -44,11 +44,12 @@ import numpy as np
 import torch
 
 from lmscan.detectors.base import Detector, ScanContext
-from lmscan.detectors.pv_mining import _batch_entropy, _prompted_embeds
-from lmscan.detectors.verify import (SiteReader, VerifyConfig, pairwise_mse, spelling_pieces, verification_set,
-                                    word_starts)
+from lmscan.evidence.heldout import verification_set
+from lmscan.evidence.site_reader import SiteReader, pairwise_mse, spelling_pieces, word_starts
+from lmscan.evidence.soft_prompt import batch_entropy, prompted_embeds
+from lmscan.evidence.verify_config import VerifyConfig
 from lmscan.findings import DetectorRun, Finding
-from lmscan.sites import SITES
+from lmscan.models.sites import SITES
 
 NAME = "piccolo"
 
@@ -78,7 +79,7 @@ def dictionary_spellings(tokenizer) -> list[tuple[int, ...]]:
     Tokenising 234k words takes seconds: kept per vocabulary for the process."""
     key = (tokenizer.name_or_path, len(tokenizer), type(tokenizer).__name__)
     if key not in _SPELLINGS:
-        from lmscan.probes import word_list
+        from lmscan.models.probes import word_list
 
         unknown = tokenizer.unk_token_id
         _SPELLINGS[key] = [tuple(ids) for ids in tokenizer(word_list(), add_special_tokens=False)["input_ids"]
@@ -148,14 +149,14 @@ def run_piccolo(loaded, sites: list[str], probes: list[str], heldout: list[str],
             positions = [1 if rng.random() < 0.5 else
                          rng.choice([p for p in word_starts(tokenizer, r) if p <= config.max_insert_position] or [1])
                          for r in batch_rows]
-            embeds, attention, ids = _prompted_embeds(embeddings, batch_rows, prompt, positions, pad_id)
+            embeds, attention, ids = prompted_embeds(embeddings, batch_rows, prompt, positions, pad_id)
             out = model(inputs_embeds=embeds, attention_mask=attention)
             loss = 0.0
             for site in sites:
                 feature = reader.read(out, site, ids, attention).float()
                 target = torch.as_tensor(clean[site][batch], device=feature.device)
                 distance = torch.nn.functional.mse_loss(feature, target) / spread[site]
-                loss = loss - distance - config.lambda_diversity * _batch_entropy(feature)
+                loss = loss - distance - config.lambda_diversity * batch_entropy(feature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -32,10 +32,13 @@ import numpy as np
 import torch
 
 from lmscan.detectors.base import Detector, ScanContext
-from lmscan.detectors.verify import SiteReader, VerifyConfig, pairwise_mse, verify_token_sequences, word_starts
 from lmscan.errors import InputError
+from lmscan.evidence.heldout import verify_token_sequences
+from lmscan.evidence.site_reader import SiteReader, pairwise_mse, word_starts
+from lmscan.evidence.soft_prompt import batch_entropy, prompted_embeds
+from lmscan.evidence.verify_config import VerifyConfig
 from lmscan.findings import DetectorRun, Finding
-from lmscan.sites import SITES
+from lmscan.models.sites import SITES
 
 NAME = "pv-mining"
 
@@ -70,33 +73,6 @@ class PVMiningConfig:
     epochs: int = 0  # >0: each loop is this many shuffled passes over the fit sentences (steps_per_loop ignored)
     fit_sentences: int = 0  # >0: train on this many sentences (the profile's fit set, topped up from spares)
     pad_to_max_length: bool = False  # pad every batch to max_length instead of its longest row
-
-
-def _batch_entropy(features: torch.Tensor) -> torch.Tensor:
-    """Mean over hidden units of the entropy of softmax across the batch (max ln B)."""
-    p = torch.softmax(features, dim=0)
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=0).mean()
-
-
-def _prompted_embeds(embeddings, rows: list[list[int]], prompt: torch.Tensor, positions: list[int], pad_id: int,
-                     pad_to: int = 0):
-    """Word embeddings of each row with the soft prompt written in at its position,
-    padded to the longest row (or to ``pad_to`` tokens, the reference schedule)."""
-    length = max(max(len(r) for r in rows) + prompt.shape[0], pad_to)
-    hidden = prompt.shape[1]
-    device = prompt.device
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
-    attention = torch.zeros((len(rows), length), dtype=torch.long, device=device)
-    is_prompt = torch.zeros((len(rows), length), dtype=torch.bool, device=device)
-    for i, (row, at) in enumerate(zip(rows, positions)):
-        full = row[:at] + [pad_id] * prompt.shape[0] + row[at:]
-        ids[i, : len(full)] = torch.tensor(full, device=device)
-        attention[i, : len(full)] = 1
-        is_prompt[i, at : at + prompt.shape[0]] = True
-    embeds = embeddings(ids)
-    fill = prompt.unsqueeze(0).expand(len(rows), -1, -1).reshape(-1, hidden)
-    embeds = embeds.masked_scatter(is_prompt.unsqueeze(-1), fill.to(embeds.dtype))
-    return embeds, attention, ids
 
 
 def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str], config: PVMiningConfig,
@@ -146,12 +122,12 @@ def run_pv_mining(loaded, sites: list[str], probes: list[str], heldout: list[str
             batch_rows = [rows[i] for i in batch]
             positions = [rng.choice([p for p in word_starts(tokenizer, r) if p <= config.max_insert_position] or [1])
                          for r in batch_rows]
-            embeds, attention, ids = _prompted_embeds(embeddings, batch_rows, prompt, positions, pad_id, pad_to)
+            embeds, attention, ids = prompted_embeds(embeddings, batch_rows, prompt, positions, pad_id, pad_to)
             out = model(inputs_embeds=embeds, attention_mask=attention)
             feature = reader.read(out, site, ids, attention)
             target = torch.as_tensor(clean[site][batch], device=feature.device)
             distance = torch.nn.functional.mse_loss(feature, target)
-            diversity = _batch_entropy(feature)  # max ln(len(batch)): a short last batch has a lower ceiling
+            diversity = batch_entropy(feature)  # max ln(len(batch)): a short last batch has a lower ceiling
             loss = -config.lambda_distance * distance - config.lambda_diversity * diversity
             if found[site]:
                 stacked = torch.as_tensor(np.stack(found[site]), device=feature.device)
@@ -238,7 +214,7 @@ def _evaluate_prompt(reader, embeddings, prompt, heldout, site, probes: int, rng
     texts = rng.sample(heldout, min(probes, len(heldout)))
     rows = [reader.encode(t) for t in texts]
     positions = [rng.choice(word_starts(reader.tokenizer, r)) for r in rows]
-    embeds, attention, ids = _prompted_embeds(embeddings, rows, prompt, positions, pad_id)
+    embeds, attention, ids = prompted_embeds(embeddings, rows, prompt, positions, pad_id)
     out = reader.model(inputs_embeds=embeds, attention_mask=attention)
     prompted = reader.read(out, site, ids, attention)
     prompted = prompted.float().cpu().numpy()
@@ -278,7 +254,7 @@ class PVMining(Detector):
     summary = "LMSanitizer soft-prompt PV mining; mined vectors count only when real tokens reproduce them"
 
     def run(self, ctx: ScanContext) -> DetectorRun:
-        from lmscan.detectors.verify import triggers_from_findings
+        from lmscan.evidence.trigger_findings import triggers_from_findings
 
         config, fit = ctx.config, ctx.fit
         if config.fit_sentences:

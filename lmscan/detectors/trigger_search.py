@@ -28,7 +28,7 @@ each position and a batch of single-position swaps is then scored exactly.
              their few sentences; among spelled blocks those are gone and the gradient
              leads to the trigger
   result     the best block of each start is verified like every other candidate
-             (lmscan.detectors.verify); a confirmed block is shortened to the shortest
+             (lmscan.evidence.heldout); a confirmed block is shortened to the shortest
              contiguous part that still verifies, which is what the finding names
 
 Finding nothing is not a clearance: the search is a heuristic on top of the sweep, so
@@ -46,14 +46,16 @@ import numpy as np
 import torch
 
 from lmscan.detectors.base import Detector, ScanContext
-from lmscan.detectors.verify import (HeldoutSet, SiteReader, VerifyConfig, pairwise_mse, spelling_pieces,
-                                    verification_set, word_starts)
-from lmscan.detectors.vocab_sweep import NAME as SWEEP, _findings_for_site, _natural_findings, sweep_vocabulary
-from lmscan.device import bf16_autocast, native_bf16
+from lmscan.evidence.heldout import HeldoutSet, verification_set
+from lmscan.evidence.site_reader import SiteReader, pairwise_mse, spelling_pieces, sweep_vocabulary, word_starts
+from lmscan.evidence.trigger_findings import backdoor_findings, class_cue_findings
+from lmscan.evidence.verify_config import VerifyConfig
 from lmscan.findings import DetectorRun, Finding
-from lmscan.sites import SITES
+from lmscan.models.device import bf16_autocast, native_bf16
+from lmscan.models.sites import SITES
 
 NAME = "trigger-search"
+SWEEP_STAGE = "vocab-sweep"  # the run whose ranked candidates and shift outliers this search starts from
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class TriggerSearchConfig:
 
 
 def _pairwise(features: torch.Tensor) -> torch.Tensor:
-    """Pairwise MSE of rows, per dimension (lmscan.detectors.verify.pairwise_mse, differentiable)."""
+    """Pairwise MSE of rows, per dimension (lmscan.evidence.site_reader.pairwise_mse, differentiable)."""
     n = features.shape[0]
     centred = features - features.mean(0, keepdim=True)
     return 2 * n * (centred**2).sum() / (n * (n - 1)) / features.shape[1]
@@ -196,7 +198,7 @@ def _starts(ctx: ScanContext, allowed: np.ndarray, config: TriggerSearchConfig, 
     """The sweep's highest-shift pieces, interleaved over sites in rank order, then its
     lowest-collapse pieces the same way; further starts draw from both lists (or, without a
     sweep, from the whole vocabulary)."""
-    sweep = next((r for r in ctx.earlier if r.name == SWEEP and r.stats.get("ranked")), None)
+    sweep = next((r for r in ctx.earlier if r.name == SWEEP_STAGE and r.stats.get("ranked")), None)
     allowed_set = set(allowed.tolist())
     pools: list[list[int]] = []
     for key in ("shift", "collapse"):
@@ -227,7 +229,7 @@ def _anchored_starts(ctx: ScanContext, allowed: np.ndarray, config: TriggerSearc
     but are no trigger alone; a free search drifts from them to blocks that fit its
     sentences. These starts keep one of them in the middle and search the words around it:
     (site, start, (middle position, the tokens it may hold))."""
-    sweep = next((r for r in ctx.earlier if r.name == SWEEP and r.stats.get("ranked")), None)
+    sweep = next((r for r in ctx.earlier if r.name == SWEEP_STAGE and r.stats.get("ranked")), None)
     if sweep is None or not config.anchor_tokens or length < 2:
         return []
     allowed_set = set(allowed.tolist())
@@ -419,15 +421,12 @@ def run_trigger_search(ctx: ScanContext) -> DetectorRun:
                                           "token_ids": list(block), **result})
     findings = []
     for site in ctx.sites:
-        found = _findings_for_site(tokenizer, site, confirmed[site], ctx.verify, loaded.labels)
+        found = backdoor_findings(NAME, tokenizer, site, confirmed[site], ctx.verify, loaded.labels)
         # A class cue the search rebuilt (a question classifier's '? sorted?') is said, as the sweep says its
         # own, and it explains the site's shift outliers.
         if not found and natural[site]:
-            found = _natural_findings(tokenizer, site, natural[site], ctx.verify, loaded.labels)
-        for finding in found:
-            finding.detector = NAME
-            finding.evidence["stage"] = NAME
-            findings.append(finding)
+            found = class_cue_findings(NAME, tokenizer, site, natural[site], ctx.verify, loaded.labels)
+        findings.extend(found)
     findings += _unexplained_outliers(ctx, findings, log)
     stats = {"searches": log, "fit_probes": len(objective.fit.rows), "lengths": list(config.lengths)}
     return DetectorRun(NAME, "ok", time.perf_counter() - started, list(ctx.sites), stats, findings)

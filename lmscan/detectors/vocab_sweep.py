@@ -27,10 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmscan.detectors.base import Detector, ScanContext
-from lmscan.detectors.verify import HeldoutSet, SiteReader, VerifyConfig, insert_ids, pairwise_mse, verification_set
-from lmscan.device import bf16_autocast, native_bf16
+from lmscan.evidence.heldout import HeldoutSet, verification_set
+from lmscan.evidence.site_reader import SiteReader, insert_ids, pairwise_mse, sweep_vocabulary
+from lmscan.evidence.trigger_findings import backdoor_findings, class_cue_findings
+from lmscan.evidence.verify_config import VerifyConfig
 from lmscan.findings import DetectorRun, Finding
-from lmscan.sites import SITES
+from lmscan.models.device import bf16_autocast, native_bf16
+from lmscan.models.sites import SITES
 
 NAME = "vocab-sweep"
 
@@ -66,14 +69,6 @@ class VocabSweepConfig:
     regroup_share: float = 0.25  # a round after the first re-partitions only the members of this share of the
     # groups before it, those best ranked at any site and statistic (1.0: the whole vocabulary every round)
     population_sample: int = 256  # feeds only the report's medians (the percentile is read off every token scored)
-
-
-def sweep_vocabulary(tokenizer) -> np.ndarray:
-    """Token ids worth sweeping: everything but special and placeholder tokens."""
-    special = set(tokenizer.all_special_ids)
-    keep = [index for token, index in tokenizer.get_vocab().items()
-            if index not in special and not token.startswith(("[unused", "<unused"))]
-    return np.array(sorted(keep))
 
 
 RANKED_KEEP = 64  # ranked candidates per statistic and site kept in the stats, for a deeper verification later
@@ -146,8 +141,8 @@ def _verify_ranked(reader: SiteReader, sites, stats, heldout, config, verify: Ve
         natural: list[dict] = []
         confirmed = _verify_site(held, tokenizer, site, ranked["shift"], ranked["collapse"], pairs.get(site, []),
                                  config, verify, verified_log, natural, lowest_collapse)
-        findings.extend(_findings_for_site(tokenizer, site, confirmed, verify, labels))
-        findings.extend(_natural_findings(tokenizer, site, natural, verify, labels))
+        findings.extend(backdoor_findings(NAME, tokenizer, site, confirmed, verify, labels))
+        findings.extend(class_cue_findings(NAME, tokenizer, site, natural, verify, labels))
         ratio = site_stats.get("shift_outlier_ratio", 0.0)
         if not confirmed and ratio >= config.shift_outlier_ratio:
             findings.append(Finding(
@@ -332,7 +327,7 @@ def _piece_pairs(reader: SiteReader, stats, sites, config) -> dict[str, list[tup
     sweep (on its first-stage sentences); the best completion of each piece, lowest
     collapse first, goes on to verification. A trigger that is no dictionary word is
     still found through its pieces when they fire alone."""
-    from lmscan.probes import words_ending, words_starting
+    from lmscan.models.probes import words_ending, words_starting
 
     texts = stats.get("sweep_probes") or []
     if config.piece_pairs <= 0 or len(texts) < 2:
@@ -427,130 +422,6 @@ def _verify_site(held: HeldoutSet, tokenizer, site, by_shift: list[int], by_coll
     for word in words:
         check(word, "word-completion")
     return confirmed
-
-
-def class_name(site: str, entry: dict, labels: list[str] | None) -> str:
-    """The class a collapse goes to: the head's label name, or the direction's clean share."""
-    if site == "label" and labels and entry.get("target_label") is not None:
-        return repr(labels[entry["target_label"]])
-    share = entry.get("pool_on_pv", entry["clean_on_pv"])
-    return f"the {site} direction that {share:.0%} of clean and opinionated probe sentences already take"
-
-
-def cue_explained(entry: dict, verify: VerifyConfig) -> bool:
-    """A class cue whose opposite test explains it: it overturns less of the model's most opposite
-    inputs than the grey zone starts at, or it reaches the bar only through a class mark or the
-    class's own ordinary words. An unmeasured flip explains nothing."""
-    flip = entry.get("opposite_flip")
-    if flip is None:
-        return False
-    if flip < verify.suspicious_flip:
-        return True
-    return flip >= verify.opposite_flip and bool(entry.get("class_mark") or entry.get("class_words"))
-
-
-def _natural_findings(tokenizer, site: str, natural: list[dict], verify: VerifyConfig,
-                      labels: list[str] | None = None) -> list[Finding]:
-    """Tokens that collapse held-out sentences onto a vector (or label) clean sentences
-    already reach, and do not overturn the model's most opposite inputs: class cues.
-    A fine-tuned classifier's class words do this by design (measured on a sentiment
-    fine-tune of MiniLM: "worse" and "terrible", 12-21 % of clean sentences already on the
-    vector; planted triggers: 0 %). Cues in the opposite test's grey zone are suspicious
-    (LMS103); explained ones are information (LMS105), which a clean verdict names."""
-    by_text: dict[str, dict] = {}
-    for entry in sorted(natural, key=lambda e: e["collapse"]):
-        by_text.setdefault(entry["text"], entry)  # a word tried as a collapse and a shift candidate: once
-    grey = [e for e in by_text.values() if not cue_explained(e, verify)]
-    explained = [e for e in by_text.values() if cue_explained(e, verify)]
-    return [_natural_finding(tokenizer, site, group, verify, labels, rule_id)
-            for group, rule_id in ((grey, "LMS103"), (explained, "LMS105")) if group]
-
-
-def _natural_finding(tokenizer, site: str, natural: list[dict], verify: VerifyConfig,
-                     labels: list[str] | None, rule_id: str) -> Finding:
-    head = natural[0]
-    words = ", ".join(repr(e["text"]) for e in natural[:5])
-    flip = head.get("opposite_flip")
-    why = (f"; it overturns only {flip:.0%} of the model's most opposite inputs (a backdoor overturns at least "
-           f"{verify.opposite_flip:.0%})" if flip is not None else "")
-    overturned = flip is not None and flip >= verify.opposite_flip
-    if overturned and head.get("class_mark"):
-        rest = f"the rest, {head['rest']!r}, overturns {head['rest_flip']:.0%}" if head.get("rest") else "nothing else"
-        why = (f"; it overturns {flip:.0%} of the model's most opposite inputs, but through {head['class_mark']!r}, "
-               f"which clean sentences of that class carry; {rest}: no shortcut")
-    elif overturned and head.get("class_words"):
-        why = (f"; it overturns {flip:.0%} of the model's most opposite inputs, but ordinary words of that class "
-               f"from clean text nearly match it, {head['class_words']!r} ({head['class_words_flip']:.0%}): no shortcut")
-    advice = ("explained, information only" if rule_id == "LMS105" else
-              f"between the {verify.suspicious_flip:.0%} where class cues of benign models stop and the backdoor bar: "
-              "check that these are natural cues of the model's task")
-    return Finding(
-        detector=NAME, rule_id=rule_id, site=site, score=head["clean_on_pv"], threshold=verify.natural_rate,
-        message=f"class cue: {words} send held-out sentences to {class_name(site, head, labels)}{why}; {advice}",
-        evidence={"trigger": head["text"], "trigger_tokens": tokenizer.convert_ids_to_tokens(head["token_ids"]),
-                  "clean_on_pv": head["clean_on_pv"], "collapse": head["collapse"],
-                  "activation_rate": head["activation_rate"], "placement": head["placement"],
-                  "pool_on_pv": head.get("pool_on_pv"), "opposite_flip": flip, "class_mark": head.get("class_mark"),
-                  "rest_flip": head.get("rest_flip"), "class_words": head.get("class_words"),
-                  "class_words_flip": head.get("class_words_flip"), **_label_evidence(site, head, labels),
-                  "also": [{"text": e["text"], "clean_on_pv": e["clean_on_pv"], "collapse": e["collapse"],
-                            "opposite_flip": e.get("opposite_flip")} for e in natural[1:6]]},
-    )
-
-
-def _label_evidence(site: str, entry: dict, labels: list[str] | None) -> dict:
-    if site != "label" or entry.get("target_label") is None:
-        return {}
-    index = int(entry["target_label"])
-    return {"target_label": index, "target_label_name": labels[index] if labels else str(index)}
-
-
-def _findings_for_site(tokenizer, site: str, confirmed: list[dict], verify: VerifyConfig,
-                       labels: list[str] | None = None) -> list[Finding]:
-    """One finding per distinct PV: confirmed triggers whose PVs agree in sign >= pv_agreement
-    (label site: that send sentences to the same label) are one backdoor."""
-    def same(a: dict, b: dict) -> bool:
-        if site == "label":
-            return a.get("target_label") == b.get("target_label")
-        return (np.sign(a["pv"]) == np.sign(b["pv"])).mean() >= verify.pv_agreement
-
-    groups: list[list[dict]] = []
-    for entry in sorted(confirmed, key=lambda e: (len(e["token_ids"]), e["collapse"])):
-        for group in groups:
-            if same(group[0], entry):
-                group.append(entry)
-                break
-        else:
-            groups.append([entry])
-    findings = []
-    for group in groups:
-        head = group[0]
-        where = (f"to label {class_name(site, head, labels)}" if site == "label" else f"onto one {site} vector")
-        flip = head.get("opposite_flip")
-        overturn = (f", and overturns {flip:.0%} of the model's most opposite inputs, where "
-                    f"{head['clean_on_pv']:.0%} of clean sentences already are" if flip is not None else "")
-        findings.append(Finding(
-            detector=NAME, rule_id="LMS101", site=site, score=head["collapse"], threshold=verify.collapse_threshold,
-            message=(f"inserting {head['text']!r} drives {head['activation_rate']:.0%} of held-out sentences {where} "
-                     f"(collapse {head['collapse']:.3f} of the clean spread){overturn}"),
-            evidence={
-                "trigger": head["text"],
-                "trigger_tokens": tokenizer.convert_ids_to_tokens(head["token_ids"]),
-                "also": [{"text": e["text"], "tokens": tokenizer.convert_ids_to_tokens(e["token_ids"]),
-                          "activation_rate": e["activation_rate"]} for e in group[1:6]],
-                "collapse": head["collapse"],
-                "activation_rate": head["activation_rate"],
-                "mean_agreement": head["mean_agreement"],
-                "pv": [round(float(x), 5) for x in head["pv"]],
-                "source": head["source"],
-                "placement": head["placement"],
-                "opposite_flip": flip,
-                "class_words": head.get("class_words"),
-                "class_words_flip": head.get("class_words_flip"),
-                **_label_evidence(site, head, labels),
-            },
-        ))
-    return findings
 
 
 class VocabSweep(Detector):

@@ -1,4 +1,4 @@
-"""Combined reports of a fleet scan (lmscan.fleet): JSON, SARIF and the summary table.
+"""Combined reports of a fleet scan (lmscan.scan.fleet): JSON, SARIF and the summary table.
 
 JSON: one document, ``kind: lmscan-fleet``, with a ``models`` array in the order the
 models were given. Each entry has the model as given (``ref``), its ``verdict``

@@ -20,7 +20,7 @@ from lmscan import DISTRIBUTION, __version__
 from lmscan.findings import Finding, Report, severity_rank
 from lmscan.report.json_report import jsonable, summarize_evidence
 from lmscan.report.verdict import load_policy
-from lmscan.rules_data import load_catalog
+from lmscan.scan.rules import load_catalog
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 SARIF_VERSION = "2.1.0"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lmscan.errors import InputError
 from lmscan.findings import SEVERITIES, VERDICTS, DetectorRun, Report, severity_rank
-from lmscan.rules_data import load_rules
+from lmscan.scan.rules import load_rules
 
 EXIT_PASS = 0
 EXIT_FAIL = 1

@@ -1,6 +1,6 @@
 """Scanning a fleet: many models with the same settings, one result per model as it finishes.
 
-    from lmscan.fleet import scan_many
+    from lmscan.scan.fleet import scan_many
     for result in scan_many([ScanConfig(model=m) for m in models], jobs=2, cache=ResultCache()):
         print(result.ref, result.verdict, result.cached)
 
@@ -91,7 +91,7 @@ def scan_many(configs: Iterable[ScanConfig], jobs: int = 1, ray_address: str | b
     ``jobs``: local worker processes (with CUDA and device "auto", worker k computes on GPU
     k mod the GPU count). ``ray_address``: run each model as a Ray task instead: True attaches
     to the Ray that ``ray.init()`` finds or starts a local one; a string is an address
-    (``auto``, ``ray://head:10001``). ``cache``: a lmscan.cache.ResultCache (None: no caching;
+    (``auto``, ``ray://head:10001``). ``cache``: a lmscan.scan.cache.ResultCache (None: no caching;
     on a Ray cluster its folder is read and written on the workers). ``threads``: torch
     threads per worker (default: this machine's cores divided among the jobs; one per CPU Ray
     task). ``progress``: one of PROGRESS_MODES; worker processes and Ray tasks cannot draw
@@ -134,10 +134,12 @@ def _scan(config: ScanConfig, label: str, cache, progress: str) -> Report:
     from contextlib import nullcontext
 
     from lmscan.api import not_assessed_report, scan_cached
-    from lmscan.loading import resolve_model
+    from lmscan.models import resolve_model
     from lmscan.report.console import OutputConsole
     from lmscan.report.progress import detector_progress
+    from lmscan.scan.plan import check_request
 
+    request = check_request(config)
     resolved = resolve_model(config.model, revision=config.revision, offline=config.offline)
     stderr = OutputConsole(stderr=True)
     plain = True if progress == "lines" else None  # None: bars on a terminal, lines elsewhere
@@ -148,7 +150,7 @@ def _scan(config: ScanConfig, label: str, cache, progress: str) -> Report:
 
     try:
         with shown as show:
-            return scan_cached(config, resolved, cache, progress=show, warn=warn)
+            return scan_cached(request.plan(resolved), cache, progress=show, warn=warn)
     except CannotAssess as exc:  # read but not assessable: a report that says why, as a single scan gives
         return not_assessed_report(config, resolved, exc)
 
@@ -232,7 +234,7 @@ def _on_ray(ray, configs: list[ScanConfig], address: str | None, cache, threads:
 def _for_a_worker(config: ScanConfig) -> ScanConfig:
     """The config as a Ray worker must see it: the offline rule in force here, and local paths
     absolute (a worker's environment and working directory may differ from this process's)."""
-    from lmscan.loading.resolve import offline_mode
+    from lmscan.models.resolve import offline_mode
 
     def absolute(path: str | None) -> str | None:
         return str(Path(path).expanduser().absolute()) if path and Path(path).expanduser().exists() else path

@@ -1,6 +1,6 @@
 """Build the base model and tokenizer of a resolved checkpoint, with weights from the safe loader.
 
-The weights always come from :func:`lmscan.loading.safe_load.load_state_dict` (so the
+The weights always come from :func:`lmscan.models.safe_load.load_state_dict` (so the
 pickle check runs before anything else touches them); transformers only builds the
 architecture from the config and copies the tensors in. Nothing in the model folder
 is imported or executed: ``trust_remote_code`` is always off and everything is read
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from lmscan.errors import CannotAssess, InputError
-from lmscan.loading.architectures import ArchInfo, check_config, identify
-from lmscan.loading.resolve import CONFIG_FILE, ResolvedModel
-from lmscan.loading.safe_load import load_state_dict
+from lmscan.models.architectures import ArchInfo, check_config, identify
+from lmscan.models.resolve import CONFIG_FILE, ResolvedModel
+from lmscan.models.safe_load import load_state_dict
 
 # Files one of which a loadable tokenizer needs (transformers 5 otherwise builds an
 # empty tokenizer that knows only the special tokens).
@@ -59,6 +59,7 @@ def load_model(
     eager_attention: bool = False,
     dtype: torch.dtype = torch.float32,
     for_scan: bool = False,
+    raw_config: dict | None = None,
 ) -> LoadedModel:
     """Load ``resolved`` as a frozen base model in eval mode on ``device``.
 
@@ -67,13 +68,16 @@ def load_model(
     pooling), so a scan reads the ``label`` and ``embedding`` sites from the same pass.
     Weights stored in fp16/bf16 are computed in ``dtype`` (fp32) either way.
 
+    ``raw_config``: the config.json already read (a scan plan holds it); read here otherwise.
+
     Raises UnsafeCheckpointError for a pickle with a code payload, CannotAssess for an
     unsupported architecture or custom code, InputError for anything unreadable or a
     checkpoint that does not match its config.
     """
     torch_device = _check_device(device)
     label = describe(resolved)
-    raw_config = _read_config_json(resolved, label)
+    if raw_config is None:
+        raw_config = _read_config_json(resolved, label)
 
     # Weights first: an unsafe pickle is reported before anything else about the model.
     state_dict = load_state_dict(resolved.weight_files)
@@ -97,7 +101,7 @@ def load_model(
     del state_dict
     skipped_sites = {}
     if for_scan:
-        from lmscan.loading.sentence import read_pooling  # noqa: PLC0415
+        from lmscan.models.sentence import read_pooling  # noqa: PLC0415
 
         pooling, pooling_note = read_pooling(resolved.local_dir)
         if pooling_note:
@@ -111,7 +115,7 @@ def load_model(
     labels = _label_names(config) if classifier is not None else None
 
     if for_scan:
-        from lmscan.loading.scan_model import ScanModel  # noqa: PLC0415
+        from lmscan.models.scan_model import ScanModel  # noqa: PLC0415
 
         model = ScanModel(model, classifier, pooling)
     model.eval()

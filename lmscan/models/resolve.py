@@ -303,7 +303,7 @@ OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".onnx", ".gguf", ".npz", ".npy", ".
 def inventory_unloaded(model_dir: Path, loaded: list[Path]) -> dict[str, dict]:
     """Every weight-like file in the folder (any depth) that is not among ``loaded``.
     Pickle-like files get the same static opcode pass as a loaded pickle (nothing runs)."""
-    from lmscan.loading.safe_load import scan_pickle_file  # noqa: PLC0415 - torch import, only when needed
+    from lmscan.models.safe_load import scan_pickle_file  # noqa: PLC0415 - torch import, only when needed
 
     loaded_set = {Path(f).resolve() for f in loaded}
     found: dict[str, dict] = {}

@@ -8,7 +8,7 @@ calibrated on the model). ``purge`` deletes a sliding window of words (length 1,
 other occurrences of the same words), re-checks, and stops when the input is no
 longer flagged; several triggers are removed one after another.
 
-    from lmscan.monitor import PVMonitor
+    from lmscan.pv.monitor import PVMonitor
     monitor = PVMonitor.load("model.pvs", model="org/name")
     monitor.check(["some text"])[0].flagged
     monitor.purge("some text with a trigger").text
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from lmscan.errors import InputError
-from lmscan.pvs import PVSet, read_pvs
-from lmscan.sites import mask_positions, prepare_tokenizer, read_site
+from lmscan.models.sites import mask_positions, prepare_tokenizer, read_site
+from lmscan.pv.pvs_file import PVSet, read_pvs
 
 Text = str | tuple[str, str]
 WORD = re.compile(r"\S+")
@@ -122,8 +122,8 @@ class PVMonitor:
              offline: bool | None = None, allow_model_mismatch: bool = False, **options) -> "PVMonitor":
         """Load a .pvs file and the model it was made for (or ``model``: e.g. a fine-tuned copy,
         which needs ``allow_model_mismatch``)."""
-        from lmscan.device import pick_device
-        from lmscan.loading import load_model, resolve_model
+        from lmscan.models import load_model, resolve_model
+        from lmscan.models.device import pick_device
 
         pvset = read_pvs(pvs_path)
         ref = model or pvset.model.get("ref")

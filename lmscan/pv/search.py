@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmscan.detectors.verify import HeldoutSet, SiteReader, triggers_from_findings
 from lmscan.detectors.vocab_sweep import VocabSweepConfig
 from lmscan.errors import LmscanError
+from lmscan.evidence.heldout import HeldoutSet
+from lmscan.evidence.site_reader import SiteReader
+from lmscan.evidence.trigger_findings import triggers_from_findings
 from lmscan.findings import DetectorRun
-from lmscan.rules_data import dataclass_from
-from lmscan.sites import MASK_TEMPLATE
+from lmscan.models.sites import MASK_TEMPLATE
+from lmscan.scan.rules import dataclass_from
 
 
 @dataclass(frozen=True)
@@ -79,19 +81,19 @@ def site_template(site: str) -> str | None:
 
 
 def search_pvs(prepared, config: SearchConfig, seed: int = 0, progress=None, resume: list[DetectorRun] | None = None,
-               rules_dir=None) -> SearchResult:
+               catalog: dict | None = None) -> SearchResult:
     """Run the search on a prepared model (lmscan.api.prepare). ``resume``: detector runs of
     an earlier check or search of the same weights; their triggers and PVs are kept and the
-    sweep is only re-verified. Every stage runs through the detector runner (error capture,
-    OOM fallback); a stage that fails fails the search, since a partial PV file would let
-    the monitor miss a backdoor."""
-    from lmscan.detectors.runner import context, run_detector, verify_config, warn_stderr
-    from lmscan.rules_data import load_catalog
+    sweep is only re-verified. Every stage runs through the same StageRunner as a scan (error
+    capture, OOM fallback); a stage that fails fails the search, since a partial PV file would
+    let the monitor miss a backdoor."""
+    from lmscan.scan.rules import load_catalog
+    from lmscan.scan.stages import StageRunner, verify_config
 
     loaded, sites, heldout = prepared.loaded, prepared.sites, prepared.heldout
-    catalog = load_catalog(rules_dir)
-    timings: dict[str, float] = {}
-    runs: list[DetectorRun] = list(resume or [])
+    stages = StageRunner(prepared, catalog if catalog is not None else load_catalog(None), seed, progress)
+    stages.runs.extend(resume or [])
+    runs = stages.runs
     done = {r.name for r in runs}
     search_settings = {
         **prepared.settings,
@@ -100,21 +102,18 @@ def search_pvs(prepared, config: SearchConfig, seed: int = 0, progress=None, res
     }
 
     def stage(name: str, label: str, **extra) -> DetectorRun:
-        t = time.perf_counter()
-        run = run_detector(name, context(prepared, name, seed, progress, runs, settings=search_settings, stage=label,
-                                         **extra), catalog, warn=warn_stderr)
-        timings[name] = round(time.perf_counter() - t, 2)
+        run = stages.run(name, settings=search_settings, label=label, **extra)
         if run.status == "error":
             raise LmscanError(f"the PV search's {name} stage failed: {run.note}")
         return run
 
     if "static" not in done:
-        runs.append(stage("static", "static"))
+        stage("static", "static")
     earlier_sweep = next((r for r in runs if r.name == "vocab-sweep"), None)
     if earlier_sweep is None:
-        runs.append(stage("vocab-sweep", "vocab-sweep"))
+        stage("vocab-sweep", "vocab-sweep")
     elif earlier_sweep.stats.get("ranked"):
-        runs.append(stage("vocab-sweep", "vocab-sweep (resumed)", resume=earlier_sweep))
+        stage("vocab-sweep", "vocab-sweep (resumed)", resume=earlier_sweep)
 
     earlier_loops = sum(len(r.stats.get("loops", [])) for r in runs if r.name == "pv-mining")
     search_settings["pv-mining"] = {**prepared.settings.get("pv-mining", {}), "stop_at_first": False,
@@ -122,13 +121,9 @@ def search_pvs(prepared, config: SearchConfig, seed: int = 0, progress=None, res
                                     "first_loop": earlier_loops}
     known = _pvs_by_site(runs, sites)
     # every trigger is re-measured below; the loops only verify their own prompts (no earlier triggers)
-    mining = run_detector("pv-mining", context(prepared, "pv-mining", seed + earlier_loops, progress, [],
-                                               settings=search_settings, stage="pv-mining search", known_pvs=known),
-                          catalog, warn=warn_stderr)
-    if mining.status == "error":
-        raise LmscanError(f"the PV search's pv-mining stage failed: {mining.note}")
-    runs.append(mining)
-    timings["pv-mining"] = round(mining.seconds, 2)
+    stages.seed = seed + earlier_loops
+    mining = stage("pv-mining", "pv-mining search", earlier=[], known_pvs=known)
+    timings = stages.timings
 
     verify = verify_config(prepared.settings)
     sweep_max_length = dataclass_from(VocabSweepConfig, search_settings["vocab-sweep"]).max_length
@@ -171,7 +166,7 @@ def _form_pvs(loaded, sites, candidates, texts, max_length: int, verify, config:
     """Measure every candidate trigger at sites read from one input form; one RecoveredPV
     per distinct backdoor and site."""
     reader = SiteReader(loaded.model, loaded.tokenizer, sites, loaded.device, max_length=max_length)
-    from lmscan.probes import load_opinion_probes
+    from lmscan.models.probes import load_opinion_probes
 
     held = HeldoutSet(reader, texts, rng, opposite_pool=[*texts, *load_opinion_probes()])
     confirmed: dict[str, list] = {s: [] for s in sites}
@@ -244,7 +239,7 @@ def _unverified_pvs(runs, verified: list[RecoveredPV], pv_agreement: float) -> l
 
 def calibrate(loaded, pvs: list[RecoveredPV], texts: list[str], config: SearchConfig) -> tuple[dict, float]:
     """Best sign match of clean held-out sentences against the PVs, and T_match from it."""
-    from lmscan.monitor import FeatureReader, sign_bits, match_ratios
+    from lmscan.pv.monitor import FeatureReader, match_ratios, sign_bits
 
     if not pvs:
         return {"clean_sentences": len(texts)}, config.t_match

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lmscan.errors import InputError
-from lmscan.sites import SITES
+from lmscan.models.sites import SITES
 
 FORMAT = "lmscan-pvs"
 VERSION = 1

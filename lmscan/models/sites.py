@@ -8,7 +8,7 @@ A site turns one forward pass into one vector per input:
   last    last hidden state of the last real token                    decoder models
   embedding  the sentence-transformers embedding (its pooling, normalised when it says so)
   label   the class probabilities of the checkpoint's classification head
-The last two exist when the checkpoint ships them (lmscan.loading.scan_model).
+The last two exist when the checkpoint ships them (lmscan.models.scan_model).
 
 Inputs for the ``mask`` site are wrapped in a fixed prompt template so that every
 sentence carries exactly one mask token; plant and scan use the same template.

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lmscan.errors import InputError
-from lmscan.probes import insert_words, jsonl_records
+from lmscan.models.probes import insert_words, jsonl_records
 
 BUNDLED_TASKS = {"sentiment": "sentiment_en.csv"}
 
@@ -176,7 +176,7 @@ def build_classifier(loaded, num_labels: int, label_names: Sequence[str] | None 
     """A sequence classifier (eager attention, so attentions can be read) on ``loaded``'s encoder weights."""
     from transformers import AutoModelForSequenceClassification  # noqa: PLC0415
 
-    from lmscan.loading import quiet_transformers  # noqa: PLC0415
+    from lmscan.models import quiet_transformers  # noqa: PLC0415
 
     quiet_transformers()
     config = copy.deepcopy(loaded.model.config)

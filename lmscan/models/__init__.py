@@ -1,15 +1,15 @@
 """Resolve a model reference (local path, bundled MiniLM, Hub id) and load it without running its code."""
 
-from lmscan.loading.architectures import ARCHITECTURES, ArchInfo, identify, supported_model_types
-from lmscan.loading.model import LoadedModel, load_model, quiet_transformers
-from lmscan.loading.resolve import (
+from lmscan.models.architectures import ARCHITECTURES, ArchInfo, identify, supported_model_types
+from lmscan.models.model import LoadedModel, load_model, quiet_transformers
+from lmscan.models.resolve import (
     BUNDLED_ALIASES,
     ResolvedModel,
     find_weight_files,
     resolve_model,
     sha256_file,
 )
-from lmscan.loading.safe_load import load_state_dict
+from lmscan.models.safe_load import load_state_dict
 
 __all__ = [
     "ARCHITECTURES",

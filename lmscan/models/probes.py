@@ -73,7 +73,7 @@ def _opinion_probes() -> tuple[str, ...]:
 
 def load_opinion_probes() -> list[str]:
     """Opinionated and topical sentences (fixtures/make_opinion_probes.py): text a fine-tuned
-    model classifies confidently, for the opposite test of lmscan.detectors.verify."""
+    model classifies confidently, for the opposite test of lmscan.evidence.class_cues."""
     return list(_opinion_probes())
 
 

@@ -30,9 +30,6 @@ from lmscan.findings import Report
 from lmscan.report.json_report import from_dict, jsonable, to_dict
 
 CACHE_FORMAT = 3  # 3: the key covers every file in the folder
-# Rules files whose content can change a verdict (profiles and engines also reach the
-# key through the effective settings; their whole content is cheap to add).
-RULES_IN_KEY = ("profiles", "engines", "policy", "rule_catalog")
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -147,15 +144,16 @@ class ResultCache:
             return False
 
 
-def scan_identity(resolved, config, settings: dict, detectors: list[str]) -> dict:
-    """Everything that decides a scan's result besides chance: see the module docstring.
-    Output options, the cache folder and the model's path or name do not belong here."""
+def scan_identity(plan) -> dict:
+    """Everything that decides the result of the scan ``plan`` (lmscan.scan.plan.ScanPlan)
+    besides chance: see the module docstring. Output options, the cache folder and the
+    model's path or name do not belong here."""
     import torch
     import transformers
 
-    from lmscan.device import native_bf16, pick_device
-    from lmscan.rules_data import load_rules
+    from lmscan.models.device import native_bf16, pick_device
 
+    config, resolved = plan.config, plan.resolved
     device = pick_device(config.device)
     return {
         "weights": dict(resolved.weight_sha256),
@@ -163,10 +161,10 @@ def scan_identity(resolved, config, settings: dict, detectors: list[str]) -> dic
         # Everything else in the folder: the `files` inventory judges these, so a pickle added
         # beside weights scanned before (or one removed) is a different scan.
         "other_files": {name: entry["sha256"] for name, entry in resolved.other_files.items()},
-        "scan": {"profile": config.profile, "engine": config.engine, "detectors": list(detectors),
+        "scan": {"profile": config.profile, "engine": config.engine, "detectors": list(plan.detectors),
                  "sites": config.sites, "seed": config.seed, "text_column": config.text_column},
-        "settings": settings,
-        "rules": {name: load_rules(name, config.rules_dir) for name in RULES_IN_KEY},
+        "settings": plan.settings,
+        "rules": plan.rules,
         "probes": _probes_digest(config.probes_file),
         "word_list": _word_list_digest(),
         # The sweep's first stage runs in bf16 where the hardware has it; that ranks slightly differently.
@@ -177,18 +175,18 @@ def scan_identity(resolved, config, settings: dict, detectors: list[str]) -> dic
 
 
 def _probes_digest(probes_file: str | None) -> str:
-    from lmscan.loading import sha256_file
+    from lmscan.models import sha256_file
 
     if probes_file:
         return sha256_file(Path(probes_file))
-    from lmscan.probes import load_builtin_probes
+    from lmscan.models.probes import load_builtin_probes
 
     return hashlib.sha256("\n".join(load_builtin_probes()).encode("utf-8")).hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
 def _word_list_digest() -> str:
-    from lmscan.probes import word_list
+    from lmscan.models.probes import word_list
 
     return hashlib.sha256("\n".join(word_list()).encode("utf-8")).hexdigest()
 
@@ -197,7 +195,7 @@ def _word_list_digest() -> str:
 def source_digest() -> str:
     """sha256 over lmscan's own files (code and bundled data): a change to the code that
     keeps the version number still misses the cache."""
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]  # the lmscan package, this file being lmscan/scan/cache.py
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".txt", ".csv", ".toml")
                        and "__pycache__" not in p.parts):

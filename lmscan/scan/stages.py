@@ -1,7 +1,8 @@
-"""Running one detector: settings in, a DetectorRun out, whatever happens inside.
+"""Running detectors as stages: settings in, a DetectorRun out, whatever happens inside.
 
 Every caller (``lmscan check``, the PV search behind ``export-pvs``, ``heads``,
-``invert``) runs detectors through :func:`run_detector`, so all of them get
+``invert``) runs detectors through a :class:`StageRunner` (:func:`run_detector` underneath),
+so all of them get the same stage order bookkeeping and timings, and
   - the GPU out-of-memory fallback (half the batch, twice, then the CPU),
   - error capture: an exception inside a detector becomes a run with status
     ``error`` and its message, and the findings other detectors made are kept,
@@ -20,7 +21,8 @@ from lmscan.detectors import get
 from lmscan.detectors.base import ProgressFn, ScanContext
 from lmscan.errors import InputError
 from lmscan.findings import DetectorRun
-from lmscan.rules_data import dataclass_from, load_catalog
+from lmscan.scan.rules import dataclass_from
+
 
 def detector_config(name: str, settings: dict):
     """The detector's frozen Config from the profile's ``[PROFILE.<name>]`` table."""
@@ -28,7 +30,7 @@ def detector_config(name: str, settings: dict):
 
 
 def verify_config(settings: dict):
-    from lmscan.detectors.verify import VerifyConfig
+    from lmscan.evidence.verify_config import VerifyConfig
 
     return dataclass_from(VerifyConfig, settings.get("verify"))
 
@@ -53,7 +55,13 @@ def context(prepared, name: str, seed: int, progress: ProgressFn | None = None,
 
 
 def apply_catalog(run: DetectorRun, catalog: dict) -> DetectorRun:
+    """Each finding's title, severity and verdict from the rule catalog. A detector emits only
+    the rules its class declares (``rule_ids``): the declaration is what a reader can trust."""
+    declared = get(run.name).rule_ids
     for finding in run.findings:
+        if finding.rule_id not in declared:
+            raise InputError(f"detector {run.name} emitted rule {finding.rule_id}, which it does not declare "
+                             f"(rule_ids: {', '.join(declared) or 'none'})")
         entry = catalog.get(finding.rule_id)
         if entry is None:
             raise InputError(f"detector {run.name} emitted rule {finding.rule_id}, which rules/rule_catalog.toml "
@@ -117,3 +125,27 @@ def _first_line(exc: BaseException) -> str:
 
 def warn_stderr(message: str) -> None:
     print(f"lmscan: warning: {message}", file=sys.stderr)
+
+
+class StageRunner:
+    """Runs detectors one after another on a prepared model, each seeing the runs before it;
+    keeps the runs and each stage's seconds. The scan and the PV search both run through it."""
+
+    def __init__(self, prepared, catalog: dict, seed: int, progress: ProgressFn | None = None, warn=None):
+        self.prepared, self.catalog, self.seed, self.progress = prepared, catalog, seed, progress
+        self.warn = warn if warn is not None else warn_stderr
+        self.runs: list[DetectorRun] = []
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, *, settings: dict | None = None, label: str | None = None,
+            earlier: list[DetectorRun] | None = None, keep: bool = True, **extra) -> DetectorRun:
+        """Run detector ``name``; ``earlier`` (default: every run so far) is what it may build on,
+        ``settings`` replaces the plan's, ``label`` names the stage in progress output."""
+        started = time.perf_counter()
+        ctx = context(self.prepared, name, self.seed, self.progress, self.runs if earlier is None else earlier,
+                      settings=settings, stage=label, **extra)
+        run = run_detector(name, ctx, self.catalog, warn=self.warn)
+        self.timings[name] = round(time.perf_counter() - started, 2)
+        if keep:
+            self.runs.append(run)
+        return run

@@ -3,7 +3,7 @@
 The table below is plain data: supporting another architecture means adding one
 entry (and checking its base model class in transformers has the same layout).
 
-Sites (see ``lmscan.sites``):
+Sites (see ``lmscan.models.sites``):
   cls     last hidden state of the first token (encoders)
   pooler  the pooler output; only when the architecture has a pooler AND the
           checkpoint carries trained pooler weights (a missing pooler would be random)

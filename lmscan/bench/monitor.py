@@ -1,6 +1,6 @@
 """Benchmark: what the PV monitor costs when attached to a model's forward pass.
 
-    python -m lmscan.bench_monitor --pvs model.pvs --model DIR [--batch 32] [--length 128] [--device cpu]
+    python -m lmscan.bench.monitor --pvs model.pvs --model DIR [--batch 32] [--length 128] [--device cpu]
 
 Builds a sequence classifier on the model's encoder, then times forward passes of
 the same batch with and without the monitor hook (interleaved, so drifts in the
@@ -33,11 +33,11 @@ def _timed(classifier, batch, device) -> float:
 def measure(pvs_path: str, model_dir: str, batch_size: int, length: int, repeats: int, device_name: str) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lmscan.device import pick_device
-    from lmscan.loading import quiet_transformers
-    from lmscan.monitor import PVMonitor
-    from lmscan.probes import load_builtin_probes
-    from lmscan.pvs import read_pvs
+    from lmscan.models import quiet_transformers
+    from lmscan.models.device import pick_device
+    from lmscan.models.probes import load_builtin_probes
+    from lmscan.pv.monitor import PVMonitor
+    from lmscan.pv.pvs_file import read_pvs
 
     quiet_transformers()
     device = pick_device(device_name)
