@@ -8,7 +8,7 @@ be refused and never run. Each case also runs under a time limit, so a parser th
 loops or allocates on a crafted length fails instead of hanging the suite.
 
 Runs are bounded and seeded (derandomize=True, no example database); the case counts
-are the ``max_examples`` below and are listed in the README.
+are the ``max_examples`` below and are listed in docs/testing.md.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from lmscan.pv.pvs_file import read_pvs, trigger_words  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TINY_BERT = REPO / "fixtures" / "tiny-bert"
 
-# Case counts per door (max_examples); the README lists them.
+# Case counts per door (max_examples); docs/testing.md lists them.
 SAFETENSORS_RANDOM, SAFETENSORS_HEADER, SAFETENSORS_MUTATED = 200, 500, 200
 CONFIG_CHECK, CONFIG_FOLDER, CONFIG_MODEL, TOKENIZER_FILES = 500, 300, 120, 150
 PICKLE_RANDOM, PICKLE_MUTATED, PICKLE_CRAFTED = 200, 500, 300

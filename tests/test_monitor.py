@@ -142,7 +142,7 @@ def exported(scanned, planted, tmp_path_factory):
             folder = tmp_path_factory.mktemp(f"pvs-{name}")
             (folder / "report.json").write_text(json.dumps(report))
             # One extra fuzz loop instead of up to six: on MiniLM no mined vector is ever
-            # reproduced by real tokens (README, Benchmarks), so the loops add nothing the
+            # reproduced by real tokens (docs/measurements), so the loops add nothing the
             # assertions see but 70 % of the search's time. The path still runs on real weights.
             rules = folder / "rules"
             rules.mkdir()
