@@ -1,6 +1,13 @@
 """Resolve a model reference (local path, bundled MiniLM, Hub id) and load it without running its code."""
 
-from lmscan.models.architectures import ARCHITECTURES, ArchInfo, identify, supported_model_types
+from lmscan.models.architectures import (
+    ARCHITECTURES,
+    ArchInfo,
+    decoder_types,
+    identify,
+    supported_model_types,
+    supported_summary,
+)
 from lmscan.models.model import LoadedModel, load_model, quiet_transformers
 from lmscan.models.resolve import (
     BUNDLED_ALIASES,
@@ -18,6 +25,7 @@ __all__ = [
     "LoadedModel",
     "ResolvedModel",
     "find_weight_files",
+    "decoder_types",
     "identify",
     "load_model",
     "load_state_dict",
@@ -25,4 +33,5 @@ __all__ = [
     "resolve_model",
     "sha256_file",
     "supported_model_types",
+    "supported_summary",
 ]
