@@ -21,7 +21,7 @@ def detectors(fmt, rules_dir):
     for name in registry.names():
         cls = registry.get(name)
         rows.append({"name": name, "summary": cls.summary, "can_clear": cls.can_clear, "sites": list(cls.sites),
-                     "rules": list(cls.rule_ids),
+                     "families": list(cls.families), "rules": list(cls.rule_ids),
                      # the file inventory runs in every scan, whatever the profile lists
                      "profiles": list(profiles) if name == "files" else
                      [p for p, table in profiles.items() if name in table.get("detectors", [])]})
@@ -32,4 +32,5 @@ def detectors(fmt, rules_dir):
         clears = "clears sites" if row["can_clear"] else "flags only"
         click.echo(f"{row['name']}: {row['summary']}")
         click.echo(f"    {clears}; rules {', '.join(row['rules'])}; sites {', '.join(row['sites']) or 'none (reads the checkpoint)'};"
+                   f" {' and '.join(f'{f}s' for f in row['families'])};"
                    f" default in {', '.join(row['profiles']) or 'no profile'}")

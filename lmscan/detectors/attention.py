@@ -27,6 +27,7 @@ import torch
 
 from lmscan.detectors.base import Detector, ScanContext
 from lmscan.findings import DetectorRun, Finding
+from lmscan.models.architectures import ENCODER
 
 NAME = "attention"
 
@@ -161,6 +162,8 @@ class AttentionHeads(Detector):
     rule_ids = ("LMS301", "LMS302")
     can_clear = False
     sites = ()
+    # Checked on encoder sites only; a decoder's last token is skipped until a detector is verified there.
+    families = (ENCODER,)
     summary = "PURE attention-head profiling of candidate triggers (flags only)"
 
     def run(self, ctx: ScanContext) -> DetectorRun:

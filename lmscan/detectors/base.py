@@ -11,6 +11,9 @@ A detector is a class with
              searched a site to its budget can clear it; static rules and baselines
              can only flag
   sites      the feature sites it can read (empty: it reads the weights, not a site)
+  families   the model families ("encoder", "decoder") it is verified on; on any other
+             family the scan skips it with a note instead of letting it clear sites
+             whose features it was never checked against
 and one method ``run(ctx) -> DetectorRun``. Detectors never print; they report
 progress through ``ctx.progress(done, total, info)``. Registering one is one line in
 lmscan/detectors/__init__.py (or ``register(cls)`` at run time).
@@ -63,6 +66,7 @@ class Detector:
     rule_ids: ClassVar[tuple[str, ...]] = ()
     can_clear: ClassVar[bool] = False
     sites: ClassVar[tuple[str, ...]] = ()
+    families: ClassVar[tuple[str, ...]] = ("encoder", "decoder")
     # What a user reads in `lmscan check --help`-style listings and the README.
     summary: ClassVar[str] = ""
 

@@ -49,6 +49,7 @@ from lmscan.evidence.site_reader import SiteReader, pairwise_mse, spelling_piece
 from lmscan.evidence.soft_prompt import batch_entropy, prompted_embeds
 from lmscan.evidence.verify_config import VerifyConfig
 from lmscan.findings import DetectorRun, Finding
+from lmscan.models.architectures import ENCODER
 from lmscan.models.sites import SITES
 
 NAME = "piccolo"
@@ -249,6 +250,8 @@ class Piccolo(Detector):
     rule_ids = ("LMS401", "LMS402")
     can_clear = False
     sites = SITES
+    # Checked on encoder sites only; a decoder's last token is skipped until a detector is verified there.
+    families = (ENCODER,)
     summary = "PICCOLO-style word-level trigger inversion (baseline; flags only)"
 
     def run(self, ctx: ScanContext) -> DetectorRun:

@@ -38,6 +38,7 @@ from lmscan.evidence.site_reader import SiteReader, pairwise_mse, word_starts
 from lmscan.evidence.soft_prompt import batch_entropy, prompted_embeds
 from lmscan.evidence.verify_config import VerifyConfig
 from lmscan.findings import DetectorRun, Finding
+from lmscan.models.architectures import ENCODER
 from lmscan.models.sites import SITES
 
 NAME = "pv-mining"
@@ -251,6 +252,8 @@ class PVMining(Detector):
     rule_ids = ("LMS201", "LMS202")
     can_clear = True
     sites = SITES
+    # Checked on encoder sites only; a decoder's last token is skipped until a detector is verified there.
+    families = (ENCODER,)
     summary = "LMSanitizer soft-prompt PV mining; mined vectors count only when real tokens reproduce them"
 
     def run(self, ctx: ScanContext) -> DetectorRun:

@@ -51,6 +51,7 @@ from lmscan.evidence.site_reader import SiteReader, pairwise_mse, spelling_piece
 from lmscan.evidence.trigger_findings import backdoor_findings, class_cue_findings
 from lmscan.evidence.verify_config import VerifyConfig
 from lmscan.findings import DetectorRun, Finding
+from lmscan.models.architectures import ENCODER
 from lmscan.models.device import bf16_autocast, native_bf16
 from lmscan.models.sites import SITES
 
@@ -492,6 +493,8 @@ class TriggerSearch(Detector):
     rule_ids = ("LMS101", "LMS103", "LMS104", "LMS105")
     can_clear = False
     sites = SITES
+    # Checked on encoder sites only; a decoder's last token is skipped until a detector is verified there.
+    families = (ENCODER,)
     summary = "gradient-guided search over real token sequences for multi-piece, phrase and sentence triggers"
 
     def run(self, ctx: ScanContext) -> DetectorRun:

@@ -32,6 +32,7 @@ from lmscan.evidence.site_reader import SiteReader, insert_ids, pairwise_mse, sw
 from lmscan.evidence.trigger_findings import backdoor_findings, class_cue_findings
 from lmscan.evidence.verify_config import VerifyConfig
 from lmscan.findings import DetectorRun, Finding
+from lmscan.models.architectures import ENCODER
 from lmscan.models.device import bf16_autocast, native_bf16
 from lmscan.models.sites import SITES
 
@@ -430,6 +431,8 @@ class VocabSweep(Detector):
     rule_ids = ("LMS101", "LMS102", "LMS103", "LMS105")
     can_clear = True
     sites = SITES
+    # Checked on encoder sites only; a decoder's last token is skipped until a detector is verified there.
+    families = (ENCODER,)
     summary = "every vocabulary token inserted into clean sentences, extremes verified with real tokens"
 
     def run(self, ctx: ScanContext) -> DetectorRun:

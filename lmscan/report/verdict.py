@@ -159,7 +159,16 @@ def _caveats(findings, rule_ids: list[str]) -> str:
 
 
 def _open_reason(detectors: list[DetectorRun], open_sites: list[str]) -> str:
-    clearing = [run for run in detectors if run.can_clear]
+    # Detectors skipped because they were never verified on this model's family (a decoder)
+    # say nothing about its sites; when nothing else could clear them, say that first.
+    unverified = [run for run in detectors if run.status == "skipped" and run.stats.get("unverified_family")]
+    clearing = [run for run in detectors if run.can_clear and run not in unverified]
+    if unverified and not clearing:
+        family = unverified[0].stats["unverified_family"]
+        ran = [run.name for run in detectors if run not in unverified]
+        return (f"no {family} detector assessed {', '.join(open_sites)} yet: "
+                f"{', '.join(run.name for run in unverified)} are not verified on {family}s and were skipped; "
+                f"{', '.join(ran) or 'nothing else'} ran, which can flag a model but not clear it")
     if not clearing:
         names = [run.name for run in detectors if run.name != "files"]  # the inventory always runs
         what = "static checks only" if names == ["static"] else f"only flag-only detectors ran ({', '.join(names)})"

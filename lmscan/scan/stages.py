@@ -78,6 +78,9 @@ def run_detector(name: str, ctx: ScanContext, catalog: dict, warn=None) -> Detec
     import torch
 
     cls = get(name)
+    family = ctx.loaded.arch.family
+    if family not in cls.families:
+        return _unverified_family_run(cls, family, ctx.sites)
     detector = cls()
     ctx.stage = ctx.stage or name
     if cls.sites:
@@ -111,6 +114,16 @@ def run_detector(name: str, ctx: ScanContext, catalog: dict, warn=None) -> Detec
     if not cls.can_clear:
         run.cleared_sites = []  # flag-only detectors never vouch for a site, whatever they return
     return apply_catalog(run, catalog)
+
+
+def _unverified_family_run(cls, family: str, sites: list[str]) -> DetectorRun:
+    """A detector never run on a family it was not verified on: a skipped run that says so,
+    so its silence is never read as a cleared site."""
+    read = [s for s in sites if not cls.sites or s in cls.sites]
+    note = (f"no {family} detector yet: {cls.name} is verified on {' and '.join(f'{f}s' for f in cls.families)} "
+            f"only, so it did not read {', '.join(read) or 'this model'}")
+    return DetectorRun(cls.name, "skipped", 0.0, note=note, stats={"unverified_family": family},
+                       can_clear=cls.can_clear)
 
 
 def _error_run(name: str, started: float, message: str, notes: list[str]) -> DetectorRun:
