@@ -36,6 +36,9 @@ CONFIG_AND_TOKENIZER_PATTERNS = [
     "spm.model",
     "sentencepiece.bpe.model",
     "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates/*.jinja",
 ]
 SAFETENSORS_PATTERNS = ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
 PICKLE_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]
@@ -267,17 +270,21 @@ def _finish(resolved: ResolvedModel, label: str, weights: list[Path] | None) -> 
 
 
 # Files besides the weights that change what a checkpoint computes: its config, the
-# tokenizer, and the sentence-transformers layout (modules.json names module folders
-# such as 1_Pooling/ whose config.json decides the pooled embedding).
+# tokenizer and its chat templates (they decide the prompt a chat model sees), and the
+# sentence-transformers layout (modules.json names module folders such as 1_Pooling/
+# whose config.json decides the pooled embedding).
 COMPUTATION_FILES = (
     CONFIG_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "spm.model", "sentencepiece.bpe.model",
-    "tokenizer.model", "modules.json", "config_sentence_transformers.json", "sentence_bert_config.json",
+    "tokenizer.model", "chat_template.jinja", "chat_template.json", "modules.json",
+    "config_sentence_transformers.json", "sentence_bert_config.json",
 )
+CHAT_TEMPLATE_FOLDER = "additional_chat_templates"
 
 
 def computation_files(model_dir: Path) -> list[Path]:
     files = [model_dir / name for name in COMPUTATION_FILES if (model_dir / name).is_file()]
+    files.extend(sorted(p for p in (model_dir / CHAT_TEMPLATE_FOLDER).glob("*.jinja") if p.is_file()))
     modules = model_dir / "modules.json"
     if modules.is_file():
         try:
