@@ -265,7 +265,9 @@ def test_check_config_and_identify(config):
         assert isinstance(checked, str)
         info = outcome(lambda: identify(config, weight_keys=draw_keys(config)), CannotAssess)
         if not isinstance(info, LmscanError):
-            assert min(info.hidden_size, info.num_layers, info.num_heads) > 0
+            assert min(info.hidden_size, info.num_layers) > 0
+            # Attention-free decoders (mamba, rwkv) have no heads; every encoder has some.
+            assert info.num_heads > 0 or info.family == "decoder"
 
 
 def draw_keys(config) -> list[str]:
