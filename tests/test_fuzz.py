@@ -733,7 +733,7 @@ def _bad_folder(root: Path, case: str) -> list[str]:
         (folder / "config.json").write_text('{"model_type": "bert", "x": ' + deep(50_000) + "}")
     elif case == "config-unsupported":
         config = json.loads((TINY_BERT / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
     elif case == "tokenizer-garbage":
         (folder / "vocab.txt").unlink()
         (folder / "tokenizer.json").write_bytes(b'{"model": {"type": "WordPiece", "vocab": 7}}')
