@@ -263,9 +263,11 @@ def _finish(resolved: ResolvedModel, label: str, weights: list[Path] | None) -> 
     resolved.weight_files = weights
     resolved.weight_sha256 = {_rel_name(f, model_dir): file_digest(f) for f in weights}
     resolved.file_sha256 = {_rel_name(f, model_dir): file_digest(f) for f in computation_files(model_dir)}
-    resolved.unloaded = inventory_unloaded(model_dir, weights)
-    known = set(resolved.weight_sha256) | set(resolved.file_sha256)
-    resolved.other_files = {name: entry for name, entry in folder_inventory(model_dir).items() if name not in known}
+    # One walk of the folder; the weights and computation files hashed above are not hashed again.
+    files = folder_files(model_dir)
+    resolved.unloaded = inventory_unloaded(model_dir, weights, files)
+    resolved.other_files = folder_inventory(model_dir, files,
+                                            skip=set(resolved.weight_sha256) | set(resolved.file_sha256))
     return resolved
 
 
@@ -307,14 +309,14 @@ PICKLE_LIKE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".job
 OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".onnx", ".gguf", ".npz", ".npy", ".safetensors")
 
 
-def inventory_unloaded(model_dir: Path, loaded: list[Path]) -> dict[str, dict]:
+def inventory_unloaded(model_dir: Path, loaded: list[Path], files: list[Path]) -> dict[str, dict]:
     """Every weight-like file in the folder (any depth) that is not among ``loaded``.
     Pickle-like files get the same static opcode pass as a loaded pickle (nothing runs)."""
     from lmscan.models.safe_load import scan_pickle_file  # noqa: PLC0415 - torch import, only when needed
 
     loaded_set = {Path(f).resolve() for f in loaded}
     found: dict[str, dict] = {}
-    for path in folder_files(model_dir):
+    for path in files:
         name = path.name.lower()
         if path.resolve() in loaded_set or name.endswith(".index.json"):
             continue
@@ -339,10 +341,14 @@ def folder_files(model_dir: Path) -> list[Path]:
     return sorted(found)
 
 
-def folder_inventory(model_dir: Path) -> dict[str, dict]:
-    """Every file of :func:`folder_files`: relative name -> {"size", "sha256"}."""
-    return {_rel_name(path, model_dir): {"size": path.stat().st_size, "sha256": file_digest(path)}
-            for path in folder_files(model_dir)}
+def folder_inventory(model_dir: Path, files: list[Path], skip: set[str]) -> dict[str, dict]:
+    """``files`` (from :func:`folder_files`) but the names in ``skip``: relative name -> {"size", "sha256"}."""
+    found = {}
+    for path in files:
+        name = _rel_name(path, model_dir)
+        if name not in skip:
+            found[name] = {"size": path.stat().st_size, "sha256": file_digest(path)}
+    return found
 
 
 def _rel_name(path: Path, base: Path) -> str:
