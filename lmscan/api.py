@@ -96,10 +96,19 @@ def model_info(resolved, loaded=None) -> dict:
         "weight_sha256": dict(resolved.weight_sha256), "model_sha256": resolved.model_sha256,
         "folder_sha256": resolved.folder_sha256,
     }
+    if getattr(resolved, "gguf", None) is not None:
+        gguf = resolved.gguf
+        info["gguf"] = {"file": gguf.file, "version": gguf.version, "architecture": gguf.architecture,
+                        "tensor_count": gguf.tensor_count, "tensor_types": list(gguf.tensor_types)}
+    if getattr(resolved, "base", None) is not None:
+        # Both identities: the adapter (the fields above) and the base it was merged into.
+        info["adapter"] = True
+        info["base"] = model_info(resolved.base)
     if loaded is not None:
         arch = loaded.arch
         info.update(architecture=arch.model_type, hidden_size=arch.hidden_size, sites=list(arch.sites),
-                    head_labels=loaded.labels, pooling=loaded.pooling, weight_dtypes=loaded.stored_dtypes)
+                    head_labels=loaded.labels, pooling=loaded.pooling, weight_dtypes=loaded.stored_dtypes,
+                    compute_dtype=str(next(loaded.model.parameters()).dtype).replace("torch.", ""))
     return info
 
 

@@ -118,6 +118,6 @@ def test_the_detectors_command_lists_each_detector_from_its_declaration():
     assert list(rows) == detectors.names()
     assert rows["vocab-sweep"]["can_clear"] and "fast" in rows["vocab-sweep"]["profiles"]
     assert rows["pv-mining"]["profiles"] == ["standard", "thorough"]
-    assert rows["files"]["rules"] == ["LMS003", "LMS004", "LMS005", "LMS006"]
+    assert rows["files"]["rules"] == ["LMS003", "LMS004", "LMS005", "LMS006", "LMS007"]
     # Detectors verified on encoders only say so; the file and weight checks read any model.
     assert rows["vocab-sweep"]["families"] == ["encoder"] and rows["static"]["families"] == ["encoder", "decoder"]

@@ -14,7 +14,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from lmscan.models.model import _dtype_keyword
+from lmscan.models.model import dtype_keyword
 from lmscan.models.probes import load_builtin_probes
 
 VOCAB_SIZE = 200
@@ -56,7 +56,7 @@ def write_tiny_decoder(directory: Path, model_type: str, dtype: torch.dtype = to
     config = transformers.AutoConfig.for_model(model_type, **DECODER_CONFIGS[model_type])
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
-    setattr(model.config, _dtype_keyword(), dtype)  # what a bf16/fp16 Hub checkpoint's config.json says
+    setattr(model.config, dtype_keyword(), dtype)  # what a bf16/fp16 Hub checkpoint's config.json says
     kwargs = {}
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size

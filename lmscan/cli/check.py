@@ -37,6 +37,9 @@ from lmscan.errors import InputError, LmscanError
 @click.option("--rules", "rules_dir", default=None, help="Directory with rule files overriding the built-in ones.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="Config file (default: [tool.lmscan] in pyproject.toml or lmscan.toml, searched upwards).")
+@click.option("--base", "base_model", default=None,
+              help="Base model of a LoRA/PEFT adapter folder (default: its base_model_name_or_path); "
+                   "resolved like MODEL.")
 @click.option("--no-cache", is_flag=True, help="Ignore and do not write the result cache.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Models scanned at once, each in a local worker process (with CUDA: GPU k mod the GPU count).")
@@ -45,10 +48,11 @@ from lmscan.errors import InputError, LmscanError
                    "or an address (auto, ray://head:10001). Needs: pip install 'lmscan-backdoor[ray]'.")
 @model_options
 def check(models, models_file, profile, engine, detectors, sites, fmt, output, out_dir, fail_on, device, seed,
-          probes_file, text_column, rules_dir, config_file, no_cache, jobs, ray_address, revision, offline):
+          probes_file, text_column, rules_dir, config_file, base_model, no_cache, jobs, ray_address, revision, offline):
     """Scan MODEL for a task-agnostic backdoor; exit 1 when one is found.
 
-    MODEL is a Hub id (org/name[@rev]), a local directory, or "minilm" for the
+    MODEL is a Hub id (org/name[@rev]), a local directory, a .gguf file, a
+    LoRA/PEFT adapter folder (scanned merged into --base), or "minilm" for the
     bundled offline MiniLM. Exit codes: 0 clean, 1 finding at or above
     --fail-on, 2 error, 3 could not assess.
 
@@ -72,7 +76,7 @@ def check(models, models_file, profile, engine, detectors, sites, fmt, output, o
         engine=engine or project.get("engine", "fast"), detectors=split_option(detectors) or project.get("detectors"),
         sites=split_option(sites), device=device or project.get("device", "auto"), seed=seed,
         rules_dir=str(rules_dir) if rules_dir else None,
-        probes_file=str(probes_file) if probes_file else None, text_column=text_column,
+        probes_file=str(probes_file) if probes_file else None, text_column=text_column, base=base_model,
     )
     # Everything that can be checked without the model is checked before it is touched.
     check_writable(output)
@@ -102,7 +106,8 @@ def check_one(request, *, project: dict, fail_on: str, fmt: str, output: Path | 
     config, policy = request.config, request.policy
     resolved = None
     try:
-        resolved = resolve_model(config.model, revision=config.revision, offline=config.offline)
+        resolved = resolve_model(config.model, revision=config.revision, offline=config.offline,
+                                 base=config.base)
         plan = request.plan(resolved)
         with detector_progress(stderr) as progress:
             report = scan_cached(plan, cache, progress=progress,

@@ -9,6 +9,8 @@ with ``local_files_only``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -76,22 +78,31 @@ def load_model(
     """
     torch_device = _check_device(device)
     label = describe(resolved)
+    if resolved.gguf is not None:
+        model, tokenizer, missing, unexpected = _load_gguf(resolved, raw_config, eager_attention, dtype, label)
+        stored = list(resolved.gguf.tensor_types)
+        classifier = pooling = None
+        return _finish_load(model, classifier, pooling, tokenizer, resolved, torch_device, device, missing,
+                            unexpected, {}, stored, for_scan)
+    # An adapter: the base's weights, config and tokenizer, with the adapter merged in below.
+    source = resolved.base or resolved
     if raw_config is None:
-        raw_config = _read_config_json(resolved, label)
+        raw_config = _read_config_json(source, label)
 
     # Weights first: an unsafe pickle is reported before anything else about the model.
-    state_dict = load_state_dict(resolved.weight_files)
+    state_dict = load_state_dict(source.weight_files)
+    adapter_weights = load_state_dict(resolved.weight_files) if resolved.base is not None else None
     check_config(raw_config)
     stored = sorted({str(t.dtype).replace("torch.", "") for t in state_dict.values() if t.is_floating_point()})
-    # fp16 / bf16 files scan like fp32 ones: every tensor is computed in ``dtype``.
+    # fp16 / bf16 files are computed in ``dtype`` (fp32 unless the caller chose the stored dtype).
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
     quiet_transformers()
     classifier = pooling = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = _load_config(resolved.local_dir, label)
-        tokenizer = _load_tokenizer(resolved.local_dir, label)
+        config = _load_config(source.local_dir, label)
+        tokenizer = _load_tokenizer(source.local_dir, label)
         if for_scan and _names_a_classifier(raw_config):
             classifier, missing, unexpected = _build_classifier(config, state_dict, eager_attention, dtype, label)
         if classifier is not None:
@@ -99,14 +110,29 @@ def load_model(
         else:
             model, missing, unexpected = _build_model(config, state_dict, eager_attention, dtype, label)
     del state_dict
+    if adapter_weights is not None:
+        from lmscan.models.adapter import merge_adapter  # noqa: PLC0415
+
+        merged = merge_adapter(classifier or model, resolved.local_dir, adapter_weights, label)
+        if classifier is not None:
+            classifier, model = merged, merged.base_model
+        else:
+            model = merged
     skipped_sites = {}
     if for_scan:
         from lmscan.models.sentence import read_pooling  # noqa: PLC0415
 
-        pooling, pooling_note = read_pooling(resolved.local_dir)
+        pooling, pooling_note = read_pooling(source.local_dir)
         if pooling_note:
             skipped_sites["embedding"] = pooling_note
+    return _finish_load(model, classifier, pooling, tokenizer, resolved, torch_device, device, missing, unexpected,
+                        skipped_sites, stored, for_scan)
 
+
+def _finish_load(model, classifier, pooling, tokenizer, resolved, torch_device, device, missing, unexpected,
+                 skipped_sites, stored, for_scan) -> LoadedModel:
+    """The architecture as loaded, the scan wrapper, eval mode on the device."""
+    config = model.config
     missing_set = set(missing)
     loaded_keys = [k for k in (classifier or model).state_dict() if k not in missing_set]
     if getattr(model, "pooler", True) is None:  # e.g. RoBERTa classifiers build no pooler
@@ -138,6 +164,56 @@ def load_model(
         skipped_sites=skipped_sites,
         stored_dtypes=stored,
     )
+
+
+def _load_gguf(resolved, raw_config: dict | None, eager_attention: bool, dtype: torch.dtype, label: str):
+    """(base model, tokenizer, missing keys, unexpected keys) of the GGUF file of ``resolved``.
+
+    transformers dequantises the tensors with the gguf package (numpy, no code from the
+    file) and maps llama.cpp's tensor names onto its own; the tokenizer is rebuilt from the
+    vocabulary in the metadata."""
+    from transformers import MODEL_MAPPING, AutoConfig, AutoTokenizer  # noqa: PLC0415
+
+    from lmscan.models.gguf_file import gguf_config, require_gguf  # noqa: PLC0415
+
+    require_gguf()
+    info, folder = resolved.gguf, str(resolved.local_dir)
+    if raw_config is None:
+        raw_config = gguf_config(resolved.local_dir, info)
+    check_config(raw_config)
+    quiet_transformers()
+    settings = {k: v for k, v in raw_config.items() if k != "model_type"}
+    # The config already read from the metadata: the weights load reads the file once more, not twice.
+    config = AutoConfig.for_model(raw_config["model_type"], **settings)
+    try:
+        model_cls = MODEL_MAPPING[type(config)]
+    except KeyError:
+        raise CannotAssess(f"{label}: transformers has no base model for {config.model_type!r}") from None
+    kwargs = {"gguf_file": info.file, "config": config, "local_files_only": True, "trust_remote_code": False,
+              "output_loading_info": True, dtype_keyword(): dtype}
+    if eager_attention:
+        kwargs["attn_implementation"] = "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=info.file, local_files_only=True,
+                                                      trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - a vocabulary transformers cannot rebuild
+            raise InputError(f"{label}: cannot rebuild the tokenizer from the GGUF metadata "
+                             f"({type(exc).__name__}: {_first_line(exc)})") from None
+        try:
+            # transformers draws its own tqdm bar while dequantising; stderr is lmscan's progress line.
+            with contextlib.redirect_stderr(io.StringIO()):
+                model, loading = model_cls.from_pretrained(folder, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a tensor table that does not fit the metadata
+            raise InputError(f"{label}: the GGUF tensors do not load ({type(exc).__name__}: {_first_line(exc)})") \
+                from None
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = sorted(k for k in loading.get("missing_keys") or [] if k not in buffers)
+    if missing:
+        raise InputError(f"{label}: the GGUF file lacks {len(missing)} weight(s) of its architecture "
+                         f"(e.g. {missing[0]})")
+    return model, tokenizer, missing, sorted(loading.get("unexpected_keys") or [])
 
 
 def _names_a_classifier(raw_config: dict) -> bool:
@@ -264,7 +340,7 @@ def _load_tokenizer(model_dir: Path, label: str):
     return tokenizer
 
 
-def _dtype_keyword() -> str:
+def dtype_keyword() -> str:
     """transformers renamed ``torch_dtype`` to ``dtype`` in 4.56."""
     import transformers  # noqa: PLC0415
     from packaging.version import Version  # noqa: PLC0415
@@ -294,7 +370,7 @@ def _from_state_dict(model_cls, config, state_dict: dict, eager_attention: bool,
         "state_dict": state_dict,
         "output_loading_info": True,
         "ignore_mismatched_sizes": True,
-        _dtype_keyword(): dtype,
+        dtype_keyword(): dtype,
     }
     if eager_attention:
         kwargs["attn_implementation"] = "eager"

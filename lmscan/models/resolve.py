@@ -73,12 +73,19 @@ class ResolvedModel:
     # name -> {"size", "sha256"}. Part of the folder's identity, so a file added beside
     # weights that were scanned before is never covered by that earlier scan.
     other_files: dict[str, dict] = field(default_factory=dict)
+    # A single-file GGUF checkpoint: its header (lmscan.models.gguf_file.GGUFInfo); the
+    # file is the one weight file, and there is no config.json.
+    gguf: object | None = None
+    # A LoRA/PEFT adapter folder: the base model it is merged into, resolved like any
+    # model argument. The adapter's own files are the weights and files above.
+    base: ResolvedModel | None = None
 
     @property
     def model_sha256(self) -> str:
-        """One digest over the sorted (file name, file sha256) pairs: the identity of the weights."""
+        """One digest over the sorted (file name, file sha256) pairs: the identity of the weights
+        (for an adapter: the adapter's files and the base's weights, so either changing is new)."""
         digest = hashlib.sha256()
-        for name, sha in sorted(self.weight_sha256.items()):
+        for name, sha in sorted(self._weight_identity().items()):
             digest.update(name.encode("utf-8"))
             digest.update(b"\0")
             digest.update(sha.encode("ascii"))
@@ -91,13 +98,23 @@ class ResolvedModel:
         what the result cache and an allowlist entry vouch for."""
         entries = {**self.weight_sha256, **self.file_sha256,
                    **{name: entry["sha256"] for name, entry in self.other_files.items()}}
+        if self.base is not None:
+            entries["<base>"] = self.base.folder_sha256
         digest = hashlib.sha256()
         for name, sha in sorted(entries.items()):
             digest.update(f"{name}\0{sha}\n".encode("utf-8"))
         return digest.hexdigest()
 
+    def _weight_identity(self) -> dict[str, str]:
+        if self.base is None:
+            return self.weight_sha256
+        return {**self.weight_sha256, "<base>": self.base.model_sha256}
+
     @property
     def config_path(self) -> Path:
+        """The config.json that describes the architecture (an adapter's is its base's)."""
+        if self.base is not None:
+            return self.base.config_path
         return self.local_dir / CONFIG_FILE
 
 
@@ -131,13 +148,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_model(ref: str, revision: str | None = None, offline: bool | None = None) -> ResolvedModel:
+def resolve_model(ref: str, revision: str | None = None, offline: bool | None = None,
+                  base: str | None = None) -> ResolvedModel:
     """Resolve ``ref`` to files on disk.
 
     Order: an existing local path (a model directory, or one weight file in it), then
     the bundled MiniLM alias, then a Hugging Face Hub id (``org/name``, ``name``,
     optionally ``@revision``). ``offline`` (or ``HF_HUB_OFFLINE=1``) restricts the Hub
     to the local cache; an explicit ``offline=False`` cannot lift an offline environment.
+
+    ``base``: for a LoRA/PEFT adapter folder, the model it is merged into (default: the
+    adapter's ``base_model_name_or_path``), resolved by the same rules.
     """
     if not isinstance(ref, str) or not ref.strip():
         raise InputError("no model given: pass a local path, 'minilm', or a Hugging Face Hub id")
@@ -146,7 +167,13 @@ def resolve_model(ref: str, revision: str | None = None, offline: bool | None = 
     local = Path(ref_clean).expanduser()
     if local.exists():
         _reject_revision(revision, "a local path")
-        return _resolve_local(ref, local)
+        resolved = _resolve_local(ref, local, offline, base)
+        if base and resolved.base is None:
+            raise InputError(f"--base {base} only applies to a LoRA/PEFT adapter folder (adapter_config.json), "
+                             f"and {ref_clean} is a full model")
+        return resolved
+    if base:
+        raise InputError(f"--base {base} only applies to a local LoRA/PEFT adapter folder (adapter_config.json)")
     if os.path.lexists(local) or _is_symlink_loop(local):  # a broken link: meant as a path, whatever its name
         raise InputError(_missing_path_message(ref_clean, local))
 
@@ -173,7 +200,7 @@ def _looks_like_path(ref: str) -> bool:
         return True
     if ref.count("/") >= 2:  # Hub ids have at most one slash
         return True
-    return ref.lower().endswith(WEIGHT_SUFFIXES + (".json",))
+    return ref.lower().endswith(WEIGHT_SUFFIXES + (".json", GGUF_SUFFIX))
 
 
 def _is_symlink_loop(path: Path) -> bool:
@@ -200,12 +227,19 @@ def _reject_revision(revision: str | None, what: str) -> None:
         raise InputError(f"a revision ({revision!r}) only applies to Hub models, not to {what}")
 
 
-def _resolve_local(ref: str, path: Path) -> ResolvedModel:
+def _resolve_local(ref: str, path: Path, offline: bool | None = None, base: str | None = None) -> ResolvedModel:
     path = path.resolve()
     if path.is_dir():
         model_dir, weights = path, None
+        if not (path / CONFIG_FILE).is_file() and (path / ADAPTER_CONFIG).is_file():
+            return _resolve_adapter(ref, path, offline, base)
+        single_gguf = _lone_gguf(path)
+        if single_gguf is not None:
+            return _resolve_gguf(ref, single_gguf)
     elif path.is_file():
         model_dir = path.parent
+        if path.name.lower().endswith(GGUF_SUFFIX):
+            return _resolve_gguf(ref, path)
         if path.name == CONFIG_FILE:
             weights = None
         elif path.name.endswith(WEIGHT_SUFFIXES):
@@ -215,6 +249,65 @@ def _resolve_local(ref: str, path: Path) -> ResolvedModel:
     else:
         raise InputError(f"{path}: not a regular file or directory")
     return _finish(ResolvedModel(ref, "local", None, None, None, model_dir), str(path), weights)
+
+
+# --- GGUF files and adapters --------------------------------------------------------------------
+
+GGUF_SUFFIX = ".gguf"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _lone_gguf(model_dir: Path) -> Path | None:
+    """The one .gguf file of a folder that holds no other model (no config.json, no weights);
+    a folder of several is ambiguous and has to be named file by file."""
+    if (model_dir / CONFIG_FILE).is_file() or find_weight_files(model_dir):
+        return None
+    found = sorted(p for p in model_dir.glob("*") if p.name.lower().endswith(GGUF_SUFFIX) and p.is_file())
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
+        raise InputError(f"{model_dir} holds {len(found)} GGUF files ({names}); name the one to scan")
+    return found[0] if found else None
+
+
+def _resolve_gguf(ref: str, path: Path) -> ResolvedModel:
+    """A GGUF file: the weights, the config and usually the tokenizer in one file. The
+    header is read (never any code) and its table checked before anything loads it."""
+    from lmscan.models.gguf_file import read_gguf_header  # noqa: PLC0415 - optional extra
+
+    info = read_gguf_header(path)
+    resolved = ResolvedModel(ref, "local", None, None, None, path.parent, gguf=info)
+    return _hash_folder(resolved, [path])
+
+
+def _resolve_adapter(ref: str, adapter_dir: Path, offline: bool | None, base: str | None) -> ResolvedModel:
+    """A LoRA/PEFT adapter folder, with its base model resolved like any model argument."""
+    config_path = adapter_dir / ADAPTER_CONFIG
+    try:
+        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"{config_path}: not readable JSON ({_first_line(exc)})") from None
+    if not isinstance(adapter_config, dict):
+        raise InputError(f"{config_path}: not a JSON object")
+    weights = [adapter_dir / name for name in ADAPTER_WEIGHTS if (adapter_dir / name).is_file()][:1]
+    if not weights:
+        raise InputError(f"{adapter_dir} has an adapter_config.json but no adapter weights "
+                         f"(expected {' or '.join(ADAPTER_WEIGHTS)})")
+    base_ref = base or adapter_config.get("base_model_name_or_path")
+    if not isinstance(base_ref, str) or not base_ref.strip():
+        raise InputError(f"{adapter_dir} is a LoRA/PEFT adapter that does not name its base model "
+                         "(no base_model_name_or_path); name it with --base MODEL")
+    try:
+        base_model = resolve_model(base_ref, offline=offline)
+    except InputError as exc:
+        raise InputError(f"base model of the adapter {adapter_dir}: {exc}") from None
+    if base_model.base is not None:
+        raise InputError(f"base model of the adapter {adapter_dir}: {base_ref} is itself an adapter")
+    if base_model.gguf is not None:
+        raise InputError(f"base model of the adapter {adapter_dir}: {base_ref} is a GGUF file; merge an adapter "
+                         "into its safetensors base instead")
+    resolved = ResolvedModel(ref, "local", None, None, None, adapter_dir, base=base_model)
+    return _hash_folder(resolved, weights)
 
 
 def _weights_for_file(path: Path) -> list[Path]:
@@ -260,6 +353,12 @@ def _finish(resolved: ResolvedModel, label: str, weights: list[Path] | None) -> 
         raise InputError(f"{label} is not a model: no config.json and no weight files in {model_dir}")
     if not has_config:
         raise InputError(f"{label} has weights but no config.json in {model_dir}; lmscan needs the model config")
+    return _hash_folder(resolved, weights)
+
+
+def _hash_folder(resolved: ResolvedModel, weights: list[Path]) -> ResolvedModel:
+    """Hash the weights, the computation files and every other file in the folder."""
+    model_dir = resolved.local_dir
     resolved.weight_files = weights
     resolved.weight_sha256 = {_rel_name(f, model_dir): file_digest(f) for f in weights}
     resolved.file_sha256 = {_rel_name(f, model_dir): file_digest(f) for f in computation_files(model_dir)}
@@ -279,7 +378,7 @@ COMPUTATION_FILES = (
     CONFIG_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "spm.model", "sentencepiece.bpe.model",
     "tokenizer.model", "chat_template.jinja", "chat_template.json", "modules.json",
-    "config_sentence_transformers.json", "sentence_bert_config.json",
+    "config_sentence_transformers.json", "sentence_bert_config.json", "adapter_config.json",
 )
 CHAT_TEMPLATE_FOLDER = "additional_chat_templates"
 

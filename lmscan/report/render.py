@@ -98,6 +98,18 @@ def _header(report: Report, console: Console) -> None:
     weights = model.get("weight_sha256") or {}
     if isinstance(weights, dict) and weights:
         rows.append(("weights", ", ".join(str(name) for name in weights)))
+    gguf = model.get("gguf")
+    if isinstance(gguf, dict):
+        rows.append(("gguf", f"{gguf.get('file')}: {gguf.get('architecture')}, GGUF v{gguf.get('version')}, "
+                             f"{gguf.get('tensor_count')} tensors ({', '.join(gguf.get('tensor_types') or [])})"))
+    base = model.get("base")
+    if model.get("adapter") and isinstance(base, dict):
+        # An adapter is scanned merged into its base: both identities, each with its hash.
+        rows.append(("adapter", "LoRA/PEFT adapter (the rows above), merged into its base for the scan"))
+        where = base.get("repo_id") or base.get("local_dir") or base.get("ref")
+        rows.append(("base", f"{where}" + (f" @ {base['commit']}" if base.get("commit") else "")))
+        rows.append(("base sha256", str(base.get("model_sha256") or "")[:16] + "…"))
+        rows.append(("base weights", ", ".join(str(name) for name in base.get("weight_sha256") or {})))
     if model.get("head_labels"):
         rows.append(("head", f"sequence classifier, labels {', '.join(map(str, model['head_labels']))} (label site)"))
     if model.get("pooling"):

@@ -74,6 +74,7 @@ def to_sarif(report: Report, rules_dir: str | Path | None = None) -> dict:
             "commit": report.model.get("commit"),
             "model_sha256": model_sha,
             "folder_sha256": report.model.get("folder_sha256"),
+            "base": _base_identity(report.model),
             "architecture": report.model.get("architecture"),
             "allowlisted": report.allowlisted,
             "from_cache": bool(report.from_cache),
@@ -227,7 +228,25 @@ def _artifacts(report: Report) -> list[dict]:
         if sha:
             artifact["hashes"] = {"sha-256": sha}
         artifacts.append(artifact)
+    base = report.model.get("base")
+    if report.model.get("adapter") and isinstance(base, dict):
+        # The adapter was scanned merged into its base: the base's weight files were analysed too.
+        base_report = Report(**{**report.__dict__, "model": base})
+        for name, sha in _weight_files(base_report):
+            artifact = {"location": {"uri": artifact_uri(base_report, name)}, "roles": ["analysisTarget"],
+                        "description": {"text": "base model of the LoRA/PEFT adapter"}}
+            if sha:
+                artifact["hashes"] = {"sha-256": sha}
+            artifacts.append(artifact)
     return artifacts
+
+
+def _base_identity(model: dict) -> dict | None:
+    """An adapter's base model, as the report names it (None for any other model)."""
+    base = model.get("base")
+    if not model.get("adapter") or not isinstance(base, dict):
+        return None
+    return {key: base.get(key) for key in ("ref", "repo_id", "commit", "local_dir", "model_sha256", "folder_sha256")}
 
 
 def _invocation(report: Report) -> dict:

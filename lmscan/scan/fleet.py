@@ -140,7 +140,8 @@ def _scan(config: ScanConfig, label: str, cache, progress: str) -> Report:
     from lmscan.scan.plan import check_request
 
     request = check_request(config)
-    resolved = resolve_model(config.model, revision=config.revision, offline=config.offline)
+    resolved = resolve_model(config.model, revision=config.revision, offline=config.offline,
+                                 base=config.base)
     stderr = OutputConsole(stderr=True)
     plain = True if progress == "lines" else None  # None: bars on a terminal, lines elsewhere
     shown = nullcontext() if progress == "off" else detector_progress(stderr, label, plain=plain)

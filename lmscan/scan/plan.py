@@ -34,6 +34,7 @@ class ScanConfig:
     rules_dir: str | None = None
     probes_file: str | None = None
     text_column: str | None = None
+    base: str | None = None  # the base model of a LoRA/PEFT adapter (default: the one the adapter names)
     settings: dict = field(default_factory=dict)  # resolved profile settings (filled by scan)
 
 
@@ -68,7 +69,7 @@ class ScanRequest:
         from lmscan.models.architectures import check_config
         from lmscan.scan.stages import check_settings
 
-        model_config = read_json_object(resolved.config_path)
+        model_config = model_config_of(resolved)
         model_type = check_config(model_config)
         settings = merged_settings(self.profiles, self.engines, self.config.profile, self.config.engine, model_type)
         detectors = detector_order(self.config.detectors or settings["detectors"])
@@ -108,7 +109,8 @@ def plan_scan(config: ScanConfig, resolved=None) -> ScanPlan:
     if resolved is None:
         from lmscan.models import resolve_model
 
-        resolved = resolve_model(config.model, revision=config.revision, offline=config.offline)
+        resolved = resolve_model(config.model, revision=config.revision, offline=config.offline,
+                                 base=config.base)
     return request.plan(resolved)
 
 
@@ -142,6 +144,16 @@ def detector_order(requested: list[str]) -> list[str]:
     from lmscan.detectors import check_names
 
     return ["files", *(d for d in check_names(requested) if d != "files")]
+
+
+def model_config_of(resolved) -> dict:
+    """The model's config as config.json would give it: a GGUF file carries it in its metadata
+    (read through transformers), an adapter takes its base's."""
+    if getattr(resolved, "gguf", None) is not None:
+        from lmscan.models.gguf_file import gguf_config
+
+        return gguf_config(resolved.local_dir, resolved.gguf)
+    return read_json_object(resolved.config_path)
 
 
 def read_json_object(path) -> dict:
