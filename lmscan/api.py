@@ -221,8 +221,13 @@ def export_pvs(plan: ScanPlan | ScanConfig, from_report: Report | None = None, i
     from lmscan.pv.pvs_file import PVEntry, PVSet
     from lmscan.pv.search import SearchConfig, search_pvs
 
+    from lmscan.models.architectures import ENCODER, architecture_entry
+
     plan = _as_plan(plan)
     config = plan.config
+    if architecture_entry(plan.model_type)["family"] != ENCODER:  # refused before the weights load
+        raise CannotAssess(f"PV export needs an encoder (a BERT-like model whose sentence feature a PV fixes); "
+                           f"{plan.model_type} is a decoder, so there is nothing to export")
     t0 = time.perf_counter()
     prepared = prepare(plan)
     resume = None

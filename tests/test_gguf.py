@@ -212,3 +212,10 @@ def test_without_the_gguf_extra_the_error_names_it(tiny_gguf):
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == ("lmscan: error: reading GGUF files needs the gguf extra: "
                                                     "pip install 'lmscan-backdoor[gguf]'")
+
+
+def test_export_pvs_refuses_a_decoder(tiny_gguf, tmp_path):
+    result = CliRunner().invoke(main, ["export-pvs", str(tmp_path / "out.pvs"), "--model", str(tiny_gguf),
+                                       "--device", "cpu"])
+    line = _one_line_error(result, 3)
+    assert "PV export needs an encoder" in line and not (tmp_path / "out.pvs").exists()
