@@ -69,13 +69,15 @@ class Prepared:
 def prepare(plan: ScanPlan | ScanConfig) -> Prepared:
     """Load the plan's model and pick its sites and probe sets (a ScanConfig is planned first)."""
     from lmscan.models import load_model
-    from lmscan.models.device import pick_device
+    from lmscan.models.device import compute_dtype, pick_device
 
     plan = _as_plan(plan)
     config = plan.config
     t0 = time.perf_counter()
     device = pick_device(config.device)
-    loaded = load_model(plan.resolved, device=str(device), for_scan=True, raw_config=plan.model_config)
+    # A bf16/fp16 checkpoint computes in its own dtype where the device has it natively, else fp32.
+    loaded = load_model(plan.resolved, device=str(device), for_scan=True, raw_config=plan.model_config,
+                        dtype=compute_dtype(plan.model_config, device))
     sites = _pick_sites(config.sites, loaded.arch, loaded.skipped_sites)
     fit, heldout, spare = _probe_sets(config, plan.settings)
     # Sites the user narrowed away with --sites were not expected; the default sites were.

@@ -124,3 +124,26 @@ def test_decoder_scan_never_clean_with_clearing_detectors_asked_for(tmp_path):
     code, report = _check(tmp_path, "--detectors", "vocab-sweep,pv-mining", "--sites", "tokens")
     assert code == 3 and report["verdict"] == "not-assessed"
     assert "no decoder detector" in report["reason"]
+
+
+# --- the dtype a scan computes in ---------------------------------------------------------------
+
+
+def test_compute_dtype_follows_the_checkpoint_and_the_device():
+    from lmscan.models.device import compute_dtype, native_bf16
+
+    cpu_bf16 = torch.bfloat16 if native_bf16("cpu") else torch.float32
+    assert compute_dtype({"dtype": "bfloat16"}, "cpu") == cpu_bf16
+    assert compute_dtype({"torch_dtype": "bfloat16"}, "cpu") == cpu_bf16
+    assert compute_dtype({"model_type": "gemma3", "text_config": {"dtype": "bfloat16"}}, "cpu") == cpu_bf16
+    assert compute_dtype({"dtype": "float16"}, "cpu") == torch.float32  # no CPU computes fp16 natively
+    assert compute_dtype({"dtype": "float32"}, "cpu") == compute_dtype({}, "cpu") == torch.float32
+
+
+def test_bf16_checkpoint_scan_reports_both_dtypes(tmp_path):
+    from lmscan.models.device import native_bf16
+
+    write_tiny_decoder(tmp_path, "llama", dtype=torch.bfloat16)
+    code, report = _check(tmp_path)
+    assert code == 3 and report["model"]["weight_dtypes"] == ["bfloat16"]
+    assert report["model"]["compute_dtype"] == ("bfloat16" if native_bf16("cpu") else "float32")

@@ -68,7 +68,8 @@ def load_model(
     ``for_scan``: ``model`` is a ScanModel that also carries what the checkpoint ships
     on top of the encoder (a sequence-classification head, sentence-transformers
     pooling), so a scan reads the ``label`` and ``embedding`` sites from the same pass.
-    Weights stored in fp16/bf16 are computed in ``dtype`` (fp32) either way.
+    Weights stored in fp16/bf16 are computed in ``dtype``: fp32 unless the caller chose the
+    stored dtype (a scan does where the device computes it natively: device.compute_dtype).
 
     ``raw_config``: the config.json already read (a scan plan holds it); read here otherwise.
 
