@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from lmscan.cli import main
 from tests.conftest import FIXTURES, REPO
 from tests.test_loading import _write_malicious
+from tests.tiny_decoders import DECODER_CONFIGS, write_tiny_decoder
 
 TABLE_START = "<!-- exit-code-table -->"
 
@@ -87,6 +88,54 @@ def unwritable_folder(tmp: Path) -> Path:
     return folder
 
 
+def gguf_past_its_end(tmp: Path) -> Path:
+    pytest.importorskip("gguf")
+    import gguf
+
+    from tests.tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp / "broken.gguf")
+    reader = gguf.GGUFReader(str(path), "r+")
+    reader.tensors[-1].field.parts[-1][0] = 10**9  # the last tensor's data offset, far past the end
+    reader.data.flush()
+    return path
+
+
+def gguf_of_unknown_architecture(tmp: Path) -> Path:
+    pytest.importorskip("gguf")
+    import gguf
+    import numpy as np
+
+    path = tmp / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "frobnicator")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def adapter_of(tmp: Path, base_ref: str | None = None) -> Path:
+    from tests.test_adapters import make_adapter, set_base
+
+    adapter, _ = make_adapter(write_tiny_decoder(tmp / "base", "llama"), tmp / "adapter")
+    if base_ref is not None:
+        set_base(adapter, base_ref)
+    return adapter
+
+
+def wide_llama(tmp: Path) -> Path:
+    import transformers
+
+    wide = tmp / "wide"
+    config = transformers.AutoConfig.for_model("llama", **{**DECODER_CONFIGS["llama"], "hidden_size": 48})
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(wide)
+    write_tiny_decoder(tmp / "tok", "llama")
+    shutil.copy(tmp / "tok" / "tokenizer.json", wide / "tokenizer.json")
+    return wide
+
+
 def check(model, *options: str) -> list[str]:
     return ["check", str(model), "--no-cache", "--device", "cpu", *options]
 
@@ -108,6 +157,12 @@ RECIPES = {
     "custom modelling code (`auto_map` in config.json)":
         lambda tmp: check(edit_config(tiny_bert(tmp), auto_map={"AutoModel": "modeling_x.XModel"}),
                           "--format", "json"),
+    "a GGUF file whose tensor data lies past its end": lambda tmp: check(gguf_past_its_end(tmp)),
+    "a GGUF architecture transformers cannot dequantise":
+        lambda tmp: check(gguf_of_unknown_architecture(tmp), "--format", "json"),
+    "an adapter whose base model cannot be found": lambda tmp: check(adapter_of(tmp, str(tmp / "gone"))),
+    "an adapter for another hidden size than its base":
+        lambda tmp: check(adapter_of(tmp), "--base", str(wide_llama(tmp)), "--format", "json"),
     "an unknown `--profile`": lambda tmp: check(FIXTURES / "tiny-bert", "--profile", "nope"),
     "an unknown detector in `--detectors`": lambda tmp: check(FIXTURES / "tiny-bert", "--detectors", "nope"),
     "an unknown site in `--sites`": lambda tmp: check(FIXTURES / "tiny-bert", "--sites", "lst"),

@@ -642,6 +642,36 @@ def test_pickle_huge_string_length_fails_fast(tmp_path, length):
             load_state_dict([path])
 
 
+# === door 3b: GGUF files ===========================================================================
+
+GGUF_MUTATED = 200
+
+
+@pytest.fixture(scope="module")
+def real_gguf(tmp_path_factory) -> tuple[bytes, int]:
+    """A tiny llama GGUF written by the gguf package, and where its tensor data starts."""
+    gguf = pytest.importorskip("gguf")
+    from tests.tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf",
+                           chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    return path.read_bytes(), int(gguf.GGUFReader(str(path)).data_offset)
+
+
+@fuzz(GGUF_MUTATED)
+@given(data=st.data())
+def test_gguf_header_mutated(work, real_gguf, data):
+    """The header, metadata and tensor table mutated (the tensor data is only numbers): the
+    resolver reads and checks it or refuses it in one line."""
+    blob, data_offset = real_gguf
+    head = mutate(data.draw, blob[:data_offset], max_edits=3)
+    path = fresh_dir(work) / "model.gguf"
+    path.write_bytes(head + blob[data_offset:])
+    result = outcome(lambda: resolve_model(str(path)), InputError)
+    if not isinstance(result, LmscanError):
+        assert all(isinstance(p, str) and "\n" not in p for p in result.gguf.problems)
+
+
 # === door 4: .pvs files ============================================================================
 
 SITE_VALUES = st.sampled_from(["cls", "pooler", "mask", "tokens", "last", "embedding", "label", "nope"]) | json_values
