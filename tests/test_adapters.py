@@ -211,3 +211,15 @@ def test_minilm_adapter_merges(minilm_path, tmp_path):
     assert loaded.arch.model_type == "bert"
     ours = loaded.model.encoder.layer[0].attention.self.query.weight
     assert torch.allclose(ours, merged.encoder.layer[0].attention.self.query.weight, atol=1e-6)
+
+
+def test_the_result_cache_keys_on_the_base_too(llama_pair, tmp_path):
+    from lmscan.api import ScanConfig, plan_scan
+    from lmscan.scan.cache import scan_identity
+
+    base, adapter, _ = llama_pair
+    other = write_tiny_decoder(tmp_path / "other-base", "llama", seed=7)
+    first = scan_identity(plan_scan(ScanConfig(model=str(adapter), device="cpu")))
+    again = scan_identity(plan_scan(ScanConfig(model=str(adapter), base=str(base), device="cpu")))
+    moved = scan_identity(plan_scan(ScanConfig(model=str(adapter), base=str(other), device="cpu")))
+    assert first == again and moved != first and moved["base"] != first["base"]

@@ -161,6 +161,8 @@ def scan_identity(plan) -> dict:
         # Everything else in the folder: the `files` inventory judges these, so a pickle added
         # beside weights scanned before (or one removed) is a different scan.
         "other_files": {name: entry["sha256"] for name, entry in resolved.other_files.items()},
+        # An adapter is scanned merged into its base: the same adapter on another base is another scan.
+        "base": None if getattr(resolved, "base", None) is None else resolved.base.folder_sha256,
         "scan": {"profile": config.profile, "engine": config.engine, "detectors": list(plan.detectors),
                  "sites": config.sites, "seed": config.seed, "text_column": config.text_column},
         "settings": plan.settings,
