@@ -59,7 +59,7 @@ def test_sizes_from_a_nested_text_config():
     arch = identify({"model_type": "gemma3", "text_config": {"hidden_size": 48, "num_hidden_layers": 2,
                                                              "num_attention_heads": 4}})
     assert (arch.family, arch.hidden_size, arch.num_layers, arch.num_heads) == ("decoder", 48, 2, 4)
-    assert arch.sites == ("last", "tokens") and arch.default_sites == ("last",) and not arch.has_pooler
+    assert arch.sites == ("last", "tokens", "next") and arch.default_sites == ("last",) and not arch.has_pooler
 
 
 def test_attention_free_decoder_has_no_heads():

@@ -12,6 +12,7 @@ Sites (see ``lmscan.models.sites``):
   mask    last hidden state at the mask token of a prompt (masked-LM encoders)
   tokens  mean of the last hidden states over real tokens (every architecture)
   last    last hidden state of the last real token (decoders)
+  next    last hidden state at the end of a generation prompt (decoders; chat template applied)
 """
 
 from __future__ import annotations
@@ -211,7 +212,9 @@ def identify(config: Any, weight_keys: Iterable[str] | None = None, head: bool =
     else:
         default_sites = ("last",)
     default_sites += ("embedding",) * embedding + ("label",) * head
-    sites = default_sites + ("tokens",)
+    # next: a decoder's state where generation starts; offered, not read by default until a
+    # decoder detector is verified on it.
+    sites = default_sites + ("tokens",) + ("next",) * (family != ENCODER)
 
     return ArchInfo(
         model_type=model_type,

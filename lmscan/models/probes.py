@@ -71,6 +71,18 @@ def _opinion_probes() -> tuple[str, ...]:
     return tuple(line.strip() for line in text.split("\n") if line.strip())
 
 
+@functools.lru_cache(maxsize=1)
+def _generation_prompts() -> tuple[str, ...]:
+    text = (resources.files("lmscan") / "data" / "prompts_en.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.split("\n") if line.strip())
+
+
+def load_generation_prompts() -> list[str]:
+    """Prompts a decoder answers or continues (requests, questions, unfinished sentences), for
+    the ``next`` site: real text that ends where generation starts, never a [MASK] template."""
+    return list(_generation_prompts())
+
+
 def load_opinion_probes() -> list[str]:
     """Opinionated and topical sentences (fixtures/make_opinion_probes.py): text a fine-tuned
     model classifies confidently, for the opposite test of lmscan.evidence.class_cues."""

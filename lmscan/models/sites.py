@@ -6,6 +6,10 @@ A site turns one forward pass into one vector per input:
   mask    last hidden state at the [MASK] token of a prompt template  BToP
   tokens  mean of the last hidden states over real tokens             POR-NER (every token)
   last    last hidden state of the last real token                    decoder models
+  next    last hidden state at the end of a generation prompt (decoders): where the
+          first token of the reply is predicted. A base model reads the raw text; a model
+          whose tokenizer has a chat template reads the text as the user's turn, followed
+          by the template's generation prompt.
   embedding  the sentence-transformers embedding (its pooling, normalised when it says so)
   label   the class probabilities of the checkpoint's classification head
 The last two exist when the checkpoint ships them (lmscan.models.scan_model).
@@ -23,7 +27,7 @@ import torch
 
 from lmscan.errors import CannotAssess
 
-SITES = ("cls", "pooler", "mask", "tokens", "last", "embedding", "label")
+SITES = ("cls", "pooler", "mask", "tokens", "last", "next", "embedding", "label")
 
 # The prompt the mask site reads. BToP-style backdoors fire for any prompt, so a
 # fixed neutral template is enough to observe them.
@@ -53,7 +57,46 @@ def prepare_tokenizer(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
 
 
+def chat_template_of(tokenizer) -> str | None:
+    """The tokenizer's default chat template, or None for a base model."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the default one, if any
+        template = template.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def generation_prompts(tokenizer, texts: list[str]) -> list[str]:
+    """``texts`` as the ``next`` site reads them: raw for a base model; for a chat model each
+    text as the user's turn of the chat template, with the generation prompt after it.
+
+    The template is checked first (lmscan.models.chat_template, parse only) and one that
+    reaches Python internals is never rendered; a clean one is rendered by transformers in
+    jinja2's immutable sandbox."""
+    template = chat_template_of(tokenizer)
+    if template is None:
+        return list(texts)
+    from jinja2 import TemplateError  # noqa: PLC0415
+
+    from lmscan.models.chat_template import check_template  # noqa: PLC0415
+
+    try:
+        hits = check_template(template)
+    except TemplateError as exc:
+        raise CannotAssess(f"the next site needs the chat template, which does not parse ({exc})") from None
+    if hits:
+        raise CannotAssess(f"the next site needs the chat template, which {hits[0].why} (LMS005); lmscan does not "
+                           "render it")
+    try:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                              add_generation_prompt=True) for text in texts]
+    except Exception as exc:  # noqa: BLE001 - TemplateError, SecurityError, a template that raises on purpose
+        raise CannotAssess(f"the next site needs the chat template, which does not render a user turn "
+                           f"({type(exc).__name__}: {exc})") from None
+
+
 def site_texts(tokenizer, texts: list[str], site: str) -> list[str]:
+    if site == "next":
+        return generation_prompts(tokenizer, texts)
     if site != "mask":
         return list(texts)
     if tokenizer.mask_token is None:
@@ -70,6 +113,8 @@ def encode(tokenizer, texts: list[str], site: str, max_length: int = 128) -> Sit
         truncation=True,
         max_length=max_length,
         return_tensors="pt",
+        # A rendered chat prompt already holds the template's special tokens (its BOS among them).
+        add_special_tokens=not (site == "next" and chat_template_of(tokenizer) is not None),
     )
     positions = mask_positions(enc["input_ids"], enc["attention_mask"], tokenizer.mask_token_id) if site == "mask" else None
     return SiteBatch(enc["input_ids"], enc["attention_mask"], positions)
@@ -112,7 +157,7 @@ def read_site(outputs, site: str, attention_mask: torch.Tensor, mask_positions=N
     if site == "tokens":
         weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-    if site == "last":
+    if site in ("last", "next"):  # next differs in its input (the generation prompt), not in where it reads
         return hidden[rows, attention_mask.sum(dim=1) - 1]
     if site == "embedding":
         if getattr(outputs, "embedding", None) is None:
