@@ -80,7 +80,13 @@ def gemma_dequantized(gemma_gguf, cache_dir) -> Path:
         return out
     folder, name = str(gemma_gguf.parent), gemma_gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
+    # transformers refuses to save a model loaded from GGUF: copy the dequantised weights into a fresh one.
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.bfloat16)
+    model.load_state_dict(loaded.state_dict())
+    model.config.dtype = torch.bfloat16
+    if hasattr(model.config, "quantization_config"):  # the weights are plain bf16 now, not GGUF
+        del model.config.quantization_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -116,3 +122,4 @@ def test_gemma_dequantized_folder_scans_to_a_verdict(gemma_dequantized):
     config = json.loads((gemma_dequantized / "config.json").read_text())
     expected = str(compute_dtype(config, "cpu")).replace("torch.", "")
     assert report["model"]["compute_dtype"] == expected
+    assert "quantization_config" not in config
