@@ -223,3 +223,39 @@ def test_the_result_cache_keys_on_the_base_too(llama_pair, tmp_path):
     again = scan_identity(plan_scan(ScanConfig(model=str(adapter), base=str(base), device="cpu")))
     moved = scan_identity(plan_scan(ScanConfig(model=str(adapter), base=str(other), device="cpu")))
     assert first == again and moved != first and moved["base"] != first["base"]
+
+
+def test_an_adapter_from_the_hub_cache(llama_pair, tmp_path, monkeypatch):
+    try:
+        from hubcache import make_hf_cache
+    except ImportError:  # tests/ imported as a package
+        from tests.hubcache import make_hf_cache
+
+    base, adapter, _ = llama_pair
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    make_hf_cache(tmp_path / "hub", "org/tiny-lora",
+                  {name: adapter / name for name in ("adapter_config.json", "adapter_model.safetensors")})
+    resolved = resolve_model("org/tiny-lora")
+    assert (resolved.kind, resolved.repo_id) == ("hub", "org/tiny-lora") and resolved.commit
+    assert resolved.base.local_dir == base.resolve()
+    result = _check("org/tiny-lora")
+    assert result.exit_code == 3, result.output
+    model = json.loads(result.stdout)["model"]
+    assert model["repo_id"] == "org/tiny-lora" and model["base"]["local_dir"] == str(base.resolve())
+
+
+def test_an_adapter_config_that_is_not_json_is_bad_input(llama_pair, tmp_path):
+    _, adapter, _ = llama_pair
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    (tmp_path / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    assert "adapter_config.json: not readable JSON" in _one_line(_check(tmp_path), 2)
+
+
+def test_an_adapter_that_cannot_be_merged_is_not_assessed(llama_pair, tmp_path):
+    base, adapter, _ = llama_pair
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "PROMPT_TUNING"}))
+    (tmp_path / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    line = _one_line(_check(tmp_path), 3)
+    assert "a PROMPT_TUNING adapter cannot be merged into its base" in line

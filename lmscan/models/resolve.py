@@ -172,19 +172,23 @@ def resolve_model(ref: str, revision: str | None = None, offline: bool | None = 
             raise InputError(f"--base {base} only applies to a LoRA/PEFT adapter folder (adapter_config.json), "
                              f"and {ref_clean} is a full model")
         return resolved
-    if base:
-        raise InputError(f"--base {base} only applies to a local LoRA/PEFT adapter folder (adapter_config.json)")
     if os.path.lexists(local) or _is_symlink_loop(local):  # a broken link: meant as a path, whatever its name
         raise InputError(_missing_path_message(ref_clean, local))
 
     if ref_clean.lower() in BUNDLED_ALIASES:
         _reject_revision(revision, "the bundled model")
+        if base:
+            raise InputError(f"--base {base} only applies to a LoRA/PEFT adapter, not to the bundled model")
         return _resolve_bundled(ref)
 
     if _looks_like_path(ref_clean):
         raise InputError(_missing_path_message(ref_clean, local))
 
-    return _resolve_hub(ref, ref_clean, revision, offline_mode(offline))
+    resolved = _resolve_hub(ref, ref_clean, revision, offline_mode(offline), base)
+    if base and resolved.base is None:
+        raise InputError(f"--base {base} only applies to a LoRA/PEFT adapter (adapter_config.json), "
+                         f"and {ref_clean} is a full model")
+    return resolved
 
 
 # --- local paths -----------------------------------------------------------------
@@ -256,6 +260,7 @@ def _resolve_local(ref: str, path: Path, offline: bool | None = None, base: str 
 GGUF_SUFFIX = ".gguf"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_PATTERNS = [ADAPTER_CONFIG, ADAPTER_WEIGHTS[0]]
 
 
 def _lone_gguf(model_dir: Path) -> Path | None:
@@ -280,8 +285,10 @@ def _resolve_gguf(ref: str, path: Path) -> ResolvedModel:
     return _hash_folder(resolved, [path])
 
 
-def _resolve_adapter(ref: str, adapter_dir: Path, offline: bool | None, base: str | None) -> ResolvedModel:
-    """A LoRA/PEFT adapter folder, with its base model resolved like any model argument."""
+def _resolve_adapter(ref: str, adapter_dir: Path, offline: bool | None, base: str | None,
+                     hub: tuple[str, str | None, str | None] | None = None) -> ResolvedModel:
+    """A LoRA/PEFT adapter folder, with its base model resolved like any model argument.
+    ``hub``: (repo id, revision, commit) when the folder is a Hub snapshot."""
     config_path = adapter_dir / ADAPTER_CONFIG
     try:
         adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -306,7 +313,10 @@ def _resolve_adapter(ref: str, adapter_dir: Path, offline: bool | None, base: st
     if base_model.gguf is not None:
         raise InputError(f"base model of the adapter {adapter_dir}: {base_ref} is a GGUF file; merge an adapter "
                          "into its safetensors base instead")
-    resolved = ResolvedModel(ref, "local", None, None, None, adapter_dir, base=base_model)
+    if hub is not None:
+        resolved = ResolvedModel(ref, "hub", *hub, adapter_dir, base=base_model)
+    else:
+        resolved = ResolvedModel(ref, "local", None, None, None, adapter_dir, base=base_model)
     return _hash_folder(resolved, weights)
 
 
@@ -570,7 +580,8 @@ def _split_hub_ref(ref: str, revision: str | None) -> tuple[str, str | None]:
     return repo_id, revision or None
 
 
-def _resolve_hub(ref: str, ref_clean: str, revision: str | None, offline: bool) -> ResolvedModel:
+def _resolve_hub(ref: str, ref_clean: str, revision: str | None, offline: bool,
+                 base: str | None = None) -> ResolvedModel:
     repo_id, revision = _split_hub_ref(ref_clean, revision)
     try:
         from huggingface_hub.utils import validate_repo_id  # noqa: PLC0415
@@ -583,8 +594,15 @@ def _resolve_hub(ref: str, ref_clean: str, revision: str | None, offline: bool) 
 
     _quiet_hub()
     cache_dir = hub_cache_dir()
-    folder = _snapshot(repo_id, revision, offline, cache_dir, CONFIG_AND_TOKENIZER_PATTERNS + SAFETENSORS_PATTERNS)
+    folder = _snapshot(repo_id, revision, offline, cache_dir,
+                       CONFIG_AND_TOKENIZER_PATTERNS + SAFETENSORS_PATTERNS + ADAPTER_PATTERNS)
     commit = _commit_of(folder)
+    if not (folder / CONFIG_FILE).is_file() and (folder / ADAPTER_CONFIG).is_file():
+        # A LoRA/PEFT adapter repo: its pickled weights only when it has no safetensors.
+        if not offline and not (folder / ADAPTER_WEIGHTS[0]).is_file():
+            folder = _snapshot(repo_id, commit or revision, offline, cache_dir, [ADAPTER_WEIGHTS[1]])
+            commit = _commit_of(folder) or commit
+        return _resolve_adapter(ref, folder, offline, base, hub=(repo_id, revision, commit))
     if not offline and not has_safetensors_weights(folder):
         # No safetensors in the repo: fetch the pickled weights of the same commit.
         folder = _snapshot(repo_id, commit or revision, offline, cache_dir, PICKLE_PATTERNS)
