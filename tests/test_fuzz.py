@@ -774,6 +774,19 @@ def _bad_folder(root: Path, case: str) -> list[str]:
         (folder / "model.safetensors").unlink()
         payload = dangerous_pickle("os", "system", ("touch {m}",), root / "RAN", case.split("-")[1], "short", True)
         (folder / "pytorch_model.bin").write_bytes(_zip_checkpoint(payload) if case.endswith("zip") else payload)
+    elif case == "gguf-huge-count":  # a GGUF header claiming 2**60 tensors in a few bytes
+        (folder / "model.safetensors").unlink()
+        (folder / "config.json").unlink()
+        (folder / "model.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**60, 1) + bytes(64))
+        return ["check", str(folder / "model.gguf"), "--device", "cpu", "--no-cache"]
+    elif case == "adapter-pickle-code":  # a LoRA adapter on the tiny BERT whose pickle carries code
+        (folder / "config.json").unlink()
+        (folder / "model.safetensors").unlink()
+        (folder / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "base_model_name_or_path": str(TINY_BERT), "r": 2, "lora_alpha": 4,
+            "target_modules": ["query", "value"]}))
+        payload = dangerous_pickle("os", "system", ("touch {m}",), root / "RAN", "GLOBAL", "short", True)
+        (folder / "adapter_model.bin").write_bytes(_zip_checkpoint(payload))
     elif case.startswith("pvs-"):
         text = {"pvs-digits": '{"format": "lmscan-pvs", "version": 1, "model": {"hidden_size": ' + "9" * 5000 + "}}",
                 "pvs-types": json.dumps({"format": "lmscan-pvs", "version": 1, "model": {"hidden_size": 1},
@@ -788,7 +801,7 @@ CLI_CASES = {
     "safetensors-huge-length": 2, "safetensors-bad-dtype": 2,
     "config-nested": 2, "config-unsupported": 3, "tokenizer-garbage": 2, "shards-huge-count": 2,
     "pickle-GLOBAL-raw": 2, "pickle-MEMO-zip": 2, "pickle-INST-raw": 2,
-    "pvs-digits": 2, "pvs-types": 2, "pvs-nan": 2,
+    "pvs-digits": 2, "pvs-types": 2, "pvs-nan": 2, "gguf-huge-count": 2, "adapter-pickle-code": 2,
 }
 
 
