@@ -189,6 +189,14 @@ def test_several_gguf_files_in_a_folder_must_be_named(tiny_gguf, tmp_path):
     assert "b.gguf" in resolved.other_files
 
 
+def test_a_folder_with_a_config_json_and_one_gguf_is_the_gguf(tiny_gguf, tmp_path):
+    shutil.copy(tiny_gguf, tmp_path / "m.gguf")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    resolved = resolve_model(str(tmp_path))
+    assert resolved.gguf is not None and list(resolved.weight_sha256) == ["m.gguf"]
+    assert "config.json" in resolved.file_sha256  # not read, but part of the folder's identity
+
+
 def test_the_folder_identity_covers_the_gguf_file(tiny_gguf, tmp_path):
     path = shutil.copy(tiny_gguf, tmp_path / "m.gguf")
     (tmp_path / "README.md").write_text("a model\n")

@@ -264,9 +264,10 @@ ADAPTER_PATTERNS = [ADAPTER_CONFIG, ADAPTER_WEIGHTS[0]]
 
 
 def _lone_gguf(model_dir: Path) -> Path | None:
-    """The one .gguf file of a folder that holds no other model (no config.json, no weights);
-    a folder of several is ambiguous and has to be named file by file."""
-    if (model_dir / CONFIG_FILE).is_file() or find_weight_files(model_dir):
+    """The one .gguf file of a folder that holds no other weights (a config.json beside it, as
+    some GGUF repos ship, is not read: the file carries its own); a folder of several is
+    ambiguous and has to be named file by file."""
+    if find_weight_files(model_dir):
         return None
     found = sorted(p for p in model_dir.glob("*") if p.name.lower().endswith(GGUF_SUFFIX) and p.is_file())
     if len(found) > 1:
