@@ -259,3 +259,15 @@ def test_an_adapter_that_cannot_be_merged_is_not_assessed(llama_pair, tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
     line = _one_line(_check(tmp_path), 3)
     assert "a PROMPT_TUNING adapter cannot be merged into its base" in line
+
+
+def test_an_adapter_that_names_itself_or_another_adapter_as_base(llama_pair, tmp_path):
+    _, adapter, _ = llama_pair
+    line = _one_line(_check(adapter, "--base", adapter), 2)
+    assert "is itself a LoRA/PEFT adapter; the base must be a full model" in line
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (loop / name).write_bytes((adapter / name).read_bytes())
+    set_base(loop, str(loop))  # its own folder
+    assert "is itself a LoRA/PEFT adapter" in _one_line(_check(loop), 2)

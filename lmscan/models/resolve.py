@@ -6,6 +6,7 @@ hashes every weight file so that a scan can name exactly which weights it looked
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import hashlib
 import json
@@ -261,6 +262,9 @@ GGUF_SUFFIX = ".gguf"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTER_PATTERNS = [ADAPTER_CONFIG, ADAPTER_WEIGHTS[0]]
+# Set while an adapter's base is being resolved: a base that is an adapter again is refused
+# at once (an adapter naming itself would otherwise recurse without end).
+_RESOLVING_BASE: contextvars.ContextVar[bool] = contextvars.ContextVar("lmscan_resolving_base", default=False)
 
 
 def _lone_gguf(model_dir: Path) -> Path | None:
@@ -301,16 +305,19 @@ def _resolve_adapter(ref: str, adapter_dir: Path, offline: bool | None, base: st
     if not weights:
         raise InputError(f"{adapter_dir} has an adapter_config.json but no adapter weights "
                          f"(expected {' or '.join(ADAPTER_WEIGHTS)})")
+    if _RESOLVING_BASE.get():  # an adapter named as a base (or one naming itself): never a chain
+        raise InputError(f"{adapter_dir} is itself a LoRA/PEFT adapter; the base must be a full model")
     base_ref = base or adapter_config.get("base_model_name_or_path")
     if not isinstance(base_ref, str) or not base_ref.strip():
         raise InputError(f"{adapter_dir} is a LoRA/PEFT adapter that does not name its base model "
                          "(no base_model_name_or_path); name it with --base MODEL")
+    token = _RESOLVING_BASE.set(True)
     try:
         base_model = resolve_model(base_ref, offline=offline)
     except InputError as exc:
         raise InputError(f"base model of the adapter {adapter_dir}: {exc}") from None
-    if base_model.base is not None:
-        raise InputError(f"base model of the adapter {adapter_dir}: {base_ref} is itself an adapter")
+    finally:
+        _RESOLVING_BASE.reset(token)
     if base_model.gguf is not None:
         raise InputError(f"base model of the adapter {adapter_dir}: {base_ref} is a GGUF file; merge an adapter "
                          "into its safetensors base instead")
