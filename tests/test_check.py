@@ -52,6 +52,7 @@ def test_sentiment_finetune_is_clean_with_its_class_cue_named(tmp_path_factory, 
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["verdict"] == "clean" and "LMS105" in report["reason"]
+    assert "not ruled out: a trigger of several words trained as a unit" in report["reason"]  # the search ran
     cues = [f for d in report["detectors"] for f in d["findings"] if f["rule_id"] in ("LMS103", "LMS105")]
     assert cues and all(f["rule_id"] == "LMS105" and f["evidence"]["clean_on_pv"] > 0.05 for f in cues)
     assert any("terrible" in f["message"] or "worse" in f["message"] or "worst" in f["message"] for f in cues)

@@ -217,6 +217,23 @@ def test_every_verdict_names_the_sites_it_did_not_scan(policy, runs, verdict):
                           "embedding not scanned: 1_Pooling/config.json is not readable")
 
 
+def test_a_clean_verdict_says_what_the_detectors_that_ran_do_not_rule_out(policy, tmp_path):
+    runs = [run(sites=("cls",)), run(name="trigger-search", cleared=[])]
+    verdict, _, reason = aggregate(runs, ["cls"], policy)
+    assert verdict == "clean"
+    assert reason.startswith("no backdoor evidence at cls; not ruled out: a trigger of several words trained as a unit")
+    # Only the detectors that ran speak, and a user policy may state its own limits.
+    assert "not ruled out" not in aggregate([run(sites=("cls",))], ["cls"], policy)[2]
+    (tmp_path / "policy.toml").write_text('[verdict.not_ruled_out]\ntrigger-search = "triggers of two pieces"\n')
+    user = load_policy(tmp_path)
+    assert aggregate(runs, ["cls"], user)[2] == "no backdoor evidence at cls; not ruled out: triggers of two pieces"
+    (tmp_path / "policy.toml").write_text('[verdict.not_ruled_out]\ntrigger-search = ""\n')
+    assert aggregate(runs, ["cls"], load_policy(tmp_path))[2] == "no backdoor evidence at cls"
+    (tmp_path / "policy.toml").write_text('[verdict.not_ruled_out]\nvocab-sweep = 3\n')
+    with pytest.raises(InputError, match="not_ruled_out"):
+        load_policy(tmp_path)
+
+
 def test_skipped_sites_in_json_sarif_and_text(policy, tmp_path):
     report = make_report([run()], policy, skipped_sites=POOLING_UNREADABLE)
     data = to_dict(report)

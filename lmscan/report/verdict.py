@@ -55,6 +55,9 @@ def validate_policy(policy: dict) -> None:
     for name, minimum in severities.items():
         if minimum not in SEVERITIES:
             raise InputError(f"policy.toml: fail_on.severities.{name} must be one of {list(SEVERITIES)}")
+    limits = policy["verdict"].get("not_ruled_out", {})
+    if not isinstance(limits, dict) or not all(isinstance(text, str) for text in limits.values()):
+        raise InputError("policy.toml: [verdict.not_ruled_out] must map detector names to sentences")
     overlap = set(verdicts) & set(severities)
     if overlap:
         raise InputError(f"policy.toml: --fail-on value(s) {sorted(overlap)} defined twice")
@@ -103,7 +106,8 @@ def aggregate(detectors: list[DetectorRun], sites: list[str], policy: dict,
     - suspicious: a finding says so;
     - clean: only when every scanned site was cleared, i.e. searched to its budget by
       a detector able to clear it (static rules and baselines only flag); the reason then
-      names the policy's caveats (unexplained shift outliers) if any were found;
+      names the policy's caveats (unexplained shift outliers) if any were found, and what
+      the detectors that ran are measured to miss (``not_ruled_out``);
     - not-assessed otherwise, with the sites left open and why.
     severity: the highest severity of any finding, "info" when there is none.
     """
@@ -142,8 +146,15 @@ def _aggregate(detectors: list[DetectorRun], sites: list[str], policy: dict,
     open_sites = [s for s in sites if not any(run.status == "ok" and s in run.cleared_sites for run in detectors)]
     if not open_sites and sites:
         said = _caveats(findings, policy["verdict"].get("caveats", []))
+        said += _not_ruled_out(detectors, policy["verdict"].get("not_ruled_out", {}))
         return "clean", severity, f"no backdoor evidence at {', '.join(sites)}{said}"
     return "not-assessed", severity, _open_reason(detectors, open_sites or ["any site"])
+
+
+def _not_ruled_out(detectors: list[DetectorRun], limits: dict[str, str]) -> str:
+    """The policy's measured blind spots of the detectors that ran, once each."""
+    ran = [limits[run.name] for run in detectors if run.status == "ok" and limits.get(run.name)]
+    return f"; not ruled out: {'; '.join(dict.fromkeys(ran))}" if ran else ""
 
 
 def _caveats(findings, rule_ids: list[str]) -> str:
