@@ -53,7 +53,7 @@ class Config:
     batch_size: int = 64  # stage-1 candidates per forward pass (x stage1_prompts rows)
     survivors: int = 8  # stage-1 best extended in stage 2
     extend_steps: int = 5  # greedy extension length in stage 2
-    target_threshold: float = 0.6  # mean average-probability over the extension that makes a target candidate
+    target_threshold: float = 0.5  # lowest average probability over the extension steps that makes a target
     max_targets: int = 2  # target candidates the trigger search works on
     trigger_slots: tuple = (1, 2)  # trigger lengths (tokens) searched
     trigger_iters: int = 2  # coordinate-search rounds per slot length
@@ -105,7 +105,8 @@ class TargetInversion(Detector):
         survivors = [tok for tok, _ in scored[:cfg.survivors]]
         targets = search.stage2(search_prompts, survivors)
         timings["stage2"] = round(time.perf_counter() - t0, 1)
-        stats["top_targets"] = [{"text": t["text"], "score": round(t["score"], 3)} for t in targets[:5]]
+        stats["top_targets"] = [{"text": t["text"], "score": round(t["score"], 3), "steps": t["steps"]}
+                                for t in targets[:5]]
         strong = [t for t in targets if t["score"] >= cfg.target_threshold][:cfg.max_targets]
 
         findings = []
@@ -148,7 +149,7 @@ def _finding(target: dict, found: dict | None, cfg: Config) -> Finding:
     return Finding(
         "target-inversion", "LMS502",
         f"the continuation {target['text']!r} stays likely whatever the prompt once its first token is forced "
-        f"(average probability {target['score']:.2f} over the extension); no trigger was verified",
+        f"(average probability at least {target['score']:.2f} at every step); no trigger was verified",
         site=SITE, score=target["score"], threshold=cfg.target_threshold,
         evidence={"target": target["text"], "target_tokens": target["tokens"], "target_score": round(target["score"], 3),
                   "trigger_tries": target.get("tries", [])})
@@ -264,8 +265,10 @@ class Search:
             # Punctuation and line breaks continue alike after any prompt: not a payload.
             if sum(c.isalnum() for c in text) < 3:
                 continue
+            # The weakest step decides: a generic prefix ("https://www.") is near-certain for a few
+            # tokens and then opens up; a planted target stays likely to its end.
             found.append({"ids": sequence, "tokens": self.tokenizer.convert_ids_to_tokens(sequence), "text": text,
-                          "score": sum(step_scores) / len(step_scores)})
+                          "score": min(step_scores), "steps": [round(p, 3) for p in step_scores]})
         return sorted(found, key=lambda t: -t["score"])
 
     def _split(self, text: str) -> tuple[list[int], list[int]]:
