@@ -59,7 +59,7 @@ def test_sizes_from_a_nested_text_config():
     arch = identify({"model_type": "gemma3", "text_config": {"hidden_size": 48, "num_hidden_layers": 2,
                                                              "num_attention_heads": 4}})
     assert (arch.family, arch.hidden_size, arch.num_layers, arch.num_heads) == ("decoder", 48, 2, 4)
-    assert arch.sites == ("last", "tokens", "next") and arch.default_sites == ("last",) and not arch.has_pooler
+    assert arch.sites == ("next", "tokens", "last") and arch.default_sites == ("next",) and not arch.has_pooler
 
 
 def test_attention_free_decoder_has_no_heads():
@@ -75,7 +75,7 @@ def test_tiny_decoder_loads(model_type, tmp_path):
     write_tiny_decoder(tmp_path, model_type)
     loaded = load_model(resolve_model(str(tmp_path)))
     assert loaded.arch.model_type == model_type and loaded.arch.family == "decoder"
-    assert loaded.arch.hidden_size == 32 and loaded.arch.default_sites == ("last",)
+    assert loaded.arch.hidden_size == 32 and loaded.arch.default_sites == ("next",)
     assert type(loaded.model).__name__ == decoder_types()[model_type]
 
 
@@ -104,12 +104,12 @@ def _check(path, *extra):
 
 
 @pytest.mark.parametrize("model_type", sorted(DECODER_CONFIGS))
-def test_decoder_scan_is_not_assessed(model_type, tmp_path):
+def test_decoder_scan_with_encoder_detectors_only_is_not_assessed(model_type, tmp_path):
     write_tiny_decoder(tmp_path, model_type)
-    code, report = _check(tmp_path)
+    code, report = _check(tmp_path, "--detectors", "static,vocab-sweep,trigger-search")
     assert code == 3, report
     assert report["verdict"] == "not-assessed"
-    assert "no decoder detector" in report["reason"] and "last" in report["reason"]
+    assert "no decoder detector" in report["reason"] and "next" in report["reason"]
     assert "not supported" not in report["reason"]
     assert report["model"]["architecture"] == model_type
     runs = {run["name"]: run for run in report["detectors"]}
@@ -145,5 +145,5 @@ def test_bf16_checkpoint_scan_reports_both_dtypes(tmp_path):
 
     write_tiny_decoder(tmp_path, "llama", dtype=torch.bfloat16)
     code, report = _check(tmp_path)
-    assert code == 3 and report["model"]["weight_dtypes"] == ["bfloat16"]
+    assert code == 0 and report["verdict"] == "clean" and report["model"]["weight_dtypes"] == ["bfloat16"]
     assert report["model"]["compute_dtype"] == ("bfloat16" if native_bf16("cpu") else "float32")

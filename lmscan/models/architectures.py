@@ -210,11 +210,10 @@ def identify(config: Any, weight_keys: Iterable[str] | None = None, head: bool =
     if family == ENCODER:
         default_sites = ("cls", "pooler", "mask") if pooler_site else ("cls", "mask")
     else:
-        default_sites = ("last",)
+        # next: where generation starts, the site the decoder detector (target-inversion) searches.
+        default_sites = ("next",)
     default_sites += ("embedding",) * embedding + ("label",) * head
-    # next: a decoder's state where generation starts; offered, not read by default until a
-    # decoder detector is verified on it.
-    sites = default_sites + ("tokens",) + ("next",) * (family != ENCODER)
+    sites = default_sites + ("tokens",) + ("last",) * (family != ENCODER)
 
     return ArchInfo(
         model_type=model_type,

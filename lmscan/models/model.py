@@ -53,6 +53,8 @@ class LoadedModel:
     # sentence-transformers folder whose pooling config is unreadable: no ``embedding``).
     skipped_sites: dict[str, str] = field(default_factory=dict)
     stored_dtypes: list[str] = field(default_factory=list)  # floating dtypes in the weight files
+    # A decoder's untied LM head (vocab, hidden): the base model drops it, next-token reads need it.
+    lm_head: Any = None
 
 
 def load_model(
@@ -94,6 +96,8 @@ def load_model(
     state_dict = load_state_dict(source.weight_files)
     adapter_weights = load_state_dict(resolved.weight_files) if resolved.base is not None else None
     check_config(raw_config)
+    head = state_dict.get("lm_head.weight")
+    head = head.to(dtype) if head is not None else None
     stored = sorted({str(t.dtype).replace("torch.", "") for t in state_dict.values() if t.is_floating_point()})
     # fp16 / bf16 files are computed in ``dtype`` (fp32 unless the caller chose the stored dtype).
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -126,8 +130,11 @@ def load_model(
         pooling, pooling_note = read_pooling(source.local_dir)
         if pooling_note:
             skipped_sites["embedding"] = pooling_note
-    return _finish_load(model, classifier, pooling, tokenizer, resolved, torch_device, device, missing, unexpected,
-                        skipped_sites, stored, for_scan)
+    loaded = _finish_load(model, classifier, pooling, tokenizer, resolved, torch_device, device, missing,
+                          unexpected, skipped_sites, stored, for_scan)
+    if head is not None:
+        loaded.lm_head = head.to(torch_device)
+    return loaded
 
 
 def _finish_load(model, classifier, pooling, tokenizer, resolved, torch_device, device, missing, unexpected,

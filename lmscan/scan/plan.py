@@ -66,13 +66,17 @@ class ScanRequest:
     def plan(self, resolved) -> ScanPlan:
         """Bind the request to a resolved model: its config.json read once, the effective
         settings and every detector's Config built (a bad setting fails before loading)."""
-        from lmscan.models.architectures import check_config
+        from lmscan.models.architectures import DECODER, architecture_entry, check_config
         from lmscan.scan.stages import check_settings
 
         model_config = model_config_of(resolved)
         model_type = check_config(model_config)
         settings = merged_settings(self.profiles, self.engines, self.config.profile, self.config.engine, model_type)
-        detectors = detector_order(self.config.detectors or settings["detectors"])
+        chosen = self.config.detectors or settings["detectors"]
+        if not self.config.detectors and architecture_entry(model_type)["family"] == DECODER:
+            # The profile's encoder detectors would only be skipped on a decoder: it has its own list.
+            chosen = settings.get("decoder_detectors", chosen)
+        detectors = detector_order(chosen)
         check_settings(detectors, settings)
         rules = {"profiles": self.profiles, "engines": self.engines, "policy": self.policy,
                  "rule_catalog": self.catalog}
