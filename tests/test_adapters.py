@@ -88,9 +88,10 @@ def test_adapter_is_merged_into_its_base(llama_pair):
 def test_adapter_scan_names_both_identities(llama_pair):
     base, adapter, _ = llama_pair
     result = _check(adapter)
-    assert result.exit_code == 3, result.output
+    assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["verdict"] == "not-assessed" and "no decoder detector" in report["reason"]
+    # The merged model is what the decoder detector searched (a random tiny model: nothing found).
+    assert report["verdict"] == "clean" and "target-inversion" in [d["name"] for d in report["detectors"]]
     model = report["model"]
     assert model["adapter"] is True and list(model["weight_sha256"]) == ["adapter_model.safetensors"]
     assert model["base"]["local_dir"] == str(base.resolve()) and "model.safetensors" in model["base"]["weight_sha256"]
@@ -121,7 +122,7 @@ def test_base_option_overrides_the_adapter_note(llama_pair, tmp_path):
     line = _one_line(_check(moved), 2)
     assert f"base model of the adapter {moved}" in line and "no such file or directory" in line
     result = _check(moved, "--base", base)
-    assert result.exit_code == 3 and json.loads(result.stdout)["model"]["base"]["local_dir"] == str(base.resolve())
+    assert result.exit_code == 0 and json.loads(result.stdout)["model"]["base"]["local_dir"] == str(base.resolve())
 
 
 def test_adapter_without_a_base_name_asks_for_base(llama_pair, tmp_path):
@@ -240,7 +241,7 @@ def test_an_adapter_from_the_hub_cache(llama_pair, tmp_path, monkeypatch):
     assert (resolved.kind, resolved.repo_id) == ("hub", "org/tiny-lora") and resolved.commit
     assert resolved.base.local_dir == base.resolve()
     result = _check("org/tiny-lora")
-    assert result.exit_code == 3, result.output
+    assert result.exit_code == 0, result.output
     model = json.loads(result.stdout)["model"]
     assert model["repo_id"] == "org/tiny-lora" and model["base"]["local_dir"] == str(base.resolve())
 

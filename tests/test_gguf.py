@@ -76,11 +76,14 @@ def test_tiny_gguf_loads_as_its_decoder(tiny_gguf):
 
 
 @pytest.mark.parametrize("as_folder", [False, True])
-def test_gguf_scan_is_not_assessed_like_any_decoder(tiny_gguf, as_folder):
+def test_gguf_scan_reaches_the_decoder_detector(tiny_gguf, as_folder):
+    # The tiny file has no LM head and does not tie one: the decoder detector runs and says why it cannot read
+    # next-token probabilities, so the verdict stays not-assessed for that reason, not for the format.
     result = _check(tiny_gguf.parent if as_folder else tiny_gguf)
     assert result.exit_code == 3, result.output
     report = json.loads(result.stdout)
-    assert report["verdict"] == "not-assessed" and "no decoder detector" in report["reason"]
+    assert report["verdict"] == "not-assessed" and "target-inversion" in report["reason"]
+    assert "ships no LM head" in report["reason"]
     assert "not supported" not in report["reason"]
     model = report["model"]
     assert model["architecture"] == "llama" and model["gguf"]["architecture"] == "llama"
