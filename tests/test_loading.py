@@ -646,7 +646,7 @@ def test_identify_each_architecture(model_type, tmp_path):
         assert arch.sites == {**EXPECTED_SITES, **DECODER_SITES}[model_type]
         assert (arch.hidden_size, arch.num_layers, arch.num_heads) == (32, 2, 2)
         assert arch.has_pooler == hasattr(model, "pooler")
-        expected_default = ("last",) if model_type == "gpt2" else tuple(s for s in arch.sites if s != "tokens")
+        expected_default = ("next",) if model_type == "gpt2" else tuple(s for s in arch.sites if s != "tokens")
         assert arch.default_sites == expected_default
 
     if arch.has_pooler:
