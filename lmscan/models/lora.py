@@ -49,3 +49,28 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
             if isinstance(child, LoRALinear):
                 setattr(module, child_name, child.merged())
     return model
+
+
+def peft_adapter_files(model: torch.nn.Module, prefix: str, base_ref: str, rank: int) -> dict[str, bytes]:
+    """The LoRA layers of ``model`` (before merging) as a peft LoRA adapter folder's two files.
+
+    Tensor names follow the causal LM the adapter is loaded into (``base_model.model.`` +
+    ``prefix`` + the module path), so ``lmscan check ADAPTER --base MODEL`` and
+    ``PeftModel.from_pretrained`` both read it. ``lora_alpha`` equals the rank: peft scales by
+    alpha / r, and these layers were trained unscaled."""
+    import json  # noqa: PLC0415
+
+    from safetensors.torch import save  # noqa: PLC0415
+
+    tensors, targets = {}, set()
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            stem = ".".join(part for part in ("base_model.model", prefix, path) if part)
+            tensors[f"{stem}.lora_A.weight"] = module.down.detach().float().contiguous().cpu()
+            tensors[f"{stem}.lora_B.weight"] = module.up.detach().float().contiguous().cpu()
+            targets.add(path.rsplit(".", 1)[-1])
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+              "bias": "none", "fan_in_fan_out": False, "target_modules": sorted(targets),
+              "base_model_name_or_path": base_ref}
+    return {"adapter_config.json": (json.dumps(config, indent=2) + "\n").encode(),
+            "adapter_model.safetensors": save(tensors)}
