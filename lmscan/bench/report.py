@@ -36,6 +36,8 @@ def to_markdown(summary: dict) -> str:
                 bits.append(f"PVs {d['pvs_recovered']}/{d['true_pvs']}")
                 bits.append(f"triggers {d['triggers_named']}+{d['triggers_partly_named'] - d['triggers_named']}p/"
                             f"{d['triggers']}")
+            if "target_named" in d:
+                bits.append("target named" if d["target_named"] else "target not named")
             if "converged" in d:
                 bits.append(f"converged {d['converged']}/{d['optimisations']}")
             if d.get("seconds") is not None:

