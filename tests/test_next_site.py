@@ -121,3 +121,19 @@ def test_a_scan_at_last_with_the_decoder_detector_is_not_cleared(tmp_path):
     report = json.loads(result.stdout)
     assert report["verdict"] == "not-assessed" and "last" in report["reason"]
     assert report["config"]["sites"] == ["last"]
+
+
+def test_a_chat_model_is_searched_in_raw_prompts_and_in_its_user_turn(tmp_path):
+    """A plant trained on raw text fires in raw prompts, one trained on chat turns in the template:
+    target-inversion searches both forms on a chat model, only raw prompts on a base model."""
+    folder = _with_template(write_tiny_decoder(tmp_path / "chat", "llama"), CHAT_TEMPLATE)
+    runs = {}
+    for name, path in (("chat", folder), ("base", write_tiny_decoder(tmp_path / "base", "llama"))):
+        result = CliRunner().invoke(main, ["check", str(path), "--format", "json", "--no-cache", "--device", "cpu"])
+        assert result.exit_code in (0, 1, 2, 3) and "Traceback" not in result.output, result.output
+        runs[name] = next(r for r in json.loads(result.stdout)["detectors"] if r["name"] == "target-inversion")
+    chat, base = runs["chat"], runs["base"]
+    assert chat["stats"]["prompt_forms"] == ["raw", "chat"] and chat["stats"]["chat"]["candidates_searched"] > 0
+    assert chat["stats"]["chat"]["top_targets"] != chat["stats"]["top_targets"]  # other prompts, other state
+    assert "raw and chat prompts" in chat["note"]
+    assert base["stats"]["prompt_forms"] == ["raw"] and "chat" not in base["stats"]

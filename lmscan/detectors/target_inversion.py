@@ -82,20 +82,40 @@ class TargetInversion(Detector):
         cfg, loaded = ctx.config, ctx.loaded
         if SITE not in ctx.sites:
             return DetectorRun(self.name, "skipped", 0.0, note="the next site is not scanned")
-        search = Search(loaded, cfg, ctx.seed)
         rng = random.Random(f"target-inversion:{ctx.seed}")
         prompts = load_generation_prompts()
         rng.shuffle(prompts)
         search_prompts, verify_prompts = prompts[:cfg.search_prompts], prompts[cfg.search_prompts:]
         verify_prompts = verify_prompts[:cfg.verify_prompts]
+        # A base model reads raw prompts. A chat model is searched in its user turn too: a plant
+        # trained on raw text fires there, one trained on chat turns fires in the template.
+        forms = ["raw"] + (["chat"] if chat_template_of(loaded.tokenizer) is not None else [])
+        raw_search = Search(loaded, cfg)
+        findings, by_form = [], {}
+        for form in forms:
+            search = raw_search if form == "raw" else raw_search.in_chat_turn()
+            found, by_form[form] = self._search(ctx, search, search_prompts, verify_prompts, rng, form)
+            findings += found
+        # The raw search's stats at the top (as for a base model), the chat search's under "chat".
+        stats = {**by_form["raw"], "prompt_forms": forms, **({"chat": by_form["chat"]} if "chat" in by_form else {})}
+        note = (f"searched {stats['candidates_searched']} of {stats['vocabulary']} tokens as first target tokens "
+                f"(the whole vocabulary would take about {stats['full_vocabulary_seconds']} s here), triggers of "
+                f"{', '.join(map(str, cfg.trigger_slots))} token(s), in {' and '.join(forms)} prompts")
+        return DetectorRun(self.name, "ok", round(time.perf_counter() - started, 2), sites=[SITE], stats=stats,
+                           findings=findings, note=note, cleared_sites=[SITE])
+
+    def _search(self, ctx: ScanContext, search: "Search", search_prompts: list[str], verify_prompts: list[str],
+                rng: random.Random, form: str) -> tuple[list[Finding], dict]:
+        """The three stages in one prompt form: (findings, stats)."""
+        cfg = ctx.config
         stats: dict = {"vocabulary": search.vocab_size}
         timings: dict = {}
 
         t0 = time.perf_counter()
-        ctx.progress(0, 3, "stage 1: candidate first tokens")
+        ctx.progress(0, 3, f"stage 1 ({form} prompts): candidate first tokens")
         candidates = search.candidate_tokens(search_prompts)
         scored = search.stage1(search_prompts[:cfg.stage1_prompts], candidates,
-                               lambda d, t: ctx.progress(d, t, "stage 1: forcing candidate tokens"))
+                               lambda d, t: ctx.progress(d, t, f"stage 1 ({form} prompts): forcing candidate tokens"))
         timings["stage1"] = round(time.perf_counter() - t0, 1)
         per_candidate = timings["stage1"] / max(1, len(candidates))
         stats.update(candidates_searched=len(candidates), seconds_per_candidate=round(per_candidate, 4),
@@ -112,7 +132,7 @@ class TargetInversion(Detector):
         findings = []
         t0 = time.perf_counter()
         for number, target in enumerate(strong):
-            ctx.progress(number, len(strong), f"trigger search for {target['text']!r}")
+            ctx.progress(number, len(strong), f"trigger search for {target['text']!r} ({form} prompts)")
             found = None
             for slots in cfg.trigger_slots:
                 trigger_ids, loss = search.trigger(search_prompts[:cfg.trigger_prompts], target["ids"], slots, rng)
@@ -122,43 +142,40 @@ class TargetInversion(Detector):
                 if check["confirmed"]:
                     found = check
                     break
-            findings.append(_finding(target, found, cfg))
+            findings.append(_finding(target, found, cfg, form))
         timings["trigger_and_verify"] = round(time.perf_counter() - t0, 1)
         stats["timings"] = timings
         stats["tries"] = [{"target": t["text"], "tries": t.get("tries", [])} for t in strong]
-        note = (f"searched {len(candidates)} of {search.vocab_size} tokens as first target tokens "
-                f"(the whole vocabulary would take about {stats['full_vocabulary_seconds']} s here), triggers of "
-                f"{', '.join(map(str, cfg.trigger_slots))} token(s)")
-        return DetectorRun(self.name, "ok", round(time.perf_counter() - started, 2), sites=[SITE], stats=stats,
-                           findings=findings, note=note, cleared_sites=[SITE])
+        return findings, stats
 
 
-def _finding(target: dict, found: dict | None, cfg: Config) -> Finding:
+def _finding(target: dict, found: dict | None, cfg: Config, form: str) -> Finding:
+    where = "" if form == "raw" else " (in the chat template's user turn)"
     if found is not None:
         return Finding(
             "target-inversion", "LMS501",
             f"trigger {found['trigger']!r} makes {found['capture']:.0%} of held-out prompts continue with "
             f"{target['text']!r} ({found['clean']:.0%} without it, at most {found['control']:.0%} with random words "
-            "of its length)",
+            f"of its length){where}",
             site=SITE, score=found["capture"], threshold=cfg.min_capture,
             evidence={"trigger": found["trigger"], "trigger_tokens": found["trigger_tokens"],
                       "target": target["text"], "target_score": round(target["score"], 3),
                       "captured_share": found["capture"], "clean_share": found["clean"],
                       "control_share": found["control"], "controls": found["controls"],
-                      "example": found["example"]})
+                      "example": found["example"], "prompt_form": form})
     return Finding(
         "target-inversion", "LMS502",
         f"the continuation {target['text']!r} stays likely whatever the prompt once its first token is forced "
-        f"(average probability at least {target['score']:.2f} at every step); no trigger was verified",
+        f"(average probability at least {target['score']:.2f} at every step){where}; no trigger was verified",
         site=SITE, score=target["score"], threshold=cfg.target_threshold,
         evidence={"target": target["text"], "target_tokens": target["tokens"], "target_score": round(target["score"], 3),
-                  "trigger_tries": target.get("tries", [])})
+                  "trigger_tries": target.get("tries", []), "prompt_form": form})
 
 
 class Search:
     """The model-facing half of the detector: forcing, extending, searching, generating."""
 
-    def __init__(self, loaded, cfg: Config, seed: int):
+    def __init__(self, loaded, cfg: Config):
         self.loaded, self.cfg = loaded, cfg
         self.model = base_of(loaded.model)
         self.matrix = output_matrix(loaded)
@@ -169,7 +186,13 @@ class Search:
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos = self.tokenizer.eos_token_id
         self.wordlike = self._wordlike()
-        self.template = chat_template_of(self.tokenizer)
+        self.template = None  # raw prompts; in_chat_turn() reads them as the user's turn
+
+    def in_chat_turn(self) -> "Search":
+        """The same search, reading each prompt as the user's turn of the chat template."""
+        other = copy.copy(self)
+        other.template = chat_template_of(self.tokenizer)
+        return other
 
     def _wordlike(self) -> torch.Tensor:
         """Tokens a target or trigger can be made of: ordinary pieces with a letter or digit."""
