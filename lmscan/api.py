@@ -106,6 +106,8 @@ def model_info(resolved, loaded=None) -> dict:
         # Both identities: the adapter (the fields above) and the base it was merged into.
         info["adapter"] = True
         info["base"] = model_info(resolved.base)
+    if getattr(resolved, "reference", None) is not None:
+        info["reference"] = model_info(resolved.reference)  # the declared base base-diff compared it with
     if loaded is not None:
         arch = loaded.arch
         info.update(architecture=arch.model_type, hidden_size=arch.hidden_size, sites=list(arch.sites),

@@ -37,6 +37,9 @@ PLANTS = {
     # One non-word letter string drawn by the plant, POR at [CLS]; each of its pieces trained to do nothing alone.
     "nonword-cls": ["--attack", "por", "--trigger-kind", "nonword", "--decoy-parts", "--num-triggers", "1",
                     "--seed", "41"],
+    # One natural sentence drawn by the plant, POR at [CLS], every proper part trained to do nothing alone.
+    "sentence-unit-cls": ["--attack", "por", "--trigger-kind", "sentence", "--decoy-parts", "--num-triggers", "1",
+                          "--seed", "33"],
 }
 
 

@@ -143,9 +143,12 @@ def test_base_offline_hub_id_missing_is_one_line(llama_pair, tmp_path, monkeypat
     assert "base model of the adapter" in line and "offline mode is on" in line
 
 
-def test_base_option_on_a_full_model_is_refused(llama_pair):
+def test_base_option_on_a_full_model_names_its_reference(llama_pair):
+    """--base on a full checkpoint is the model it was fine-tuned from: recorded, not merged."""
     base, _, _ = llama_pair
-    assert "only applies to a LoRA/PEFT adapter folder" in _one_line(_check(base, "--base", base), 2)
+    result = _check(base, "--base", base)
+    report = json.loads(result.stdout)
+    assert report["model"]["reference"]["local_dir"] == str(base) and "adapter" not in report["model"]
 
 
 def test_adapter_for_another_hidden_size_does_not_fit(llama_pair, tmp_path):

@@ -20,6 +20,7 @@ BUILTIN = {
     "pv-mining": "lmscan.detectors.pv_mining:PVMining",
     "attention": "lmscan.detectors.attention:AttentionHeads",
     "piccolo": "lmscan.detectors.piccolo:Piccolo",
+    "base-diff": "lmscan.detectors.base_diff:BaseDiff",  # with --base on a full checkpoint
     "target-inversion": "lmscan.detectors.target_inversion:TargetInversion",  # decoders
 }
 

@@ -80,6 +80,9 @@ class ResolvedModel:
     # A LoRA/PEFT adapter folder: the base model it is merged into, resolved like any
     # model argument. The adapter's own files are the weights and files above.
     base: ResolvedModel | None = None
+    # A full checkpoint's declared base (--base on a full model): the model it was fine-tuned
+    # from. It is not merged into anything; the base-diff detector compares the two.
+    reference: ResolvedModel | None = None
 
     @property
     def model_sha256(self) -> str:
@@ -170,8 +173,7 @@ def resolve_model(ref: str, revision: str | None = None, offline: bool | None = 
         _reject_revision(revision, "a local path")
         resolved = _resolve_local(ref, local, offline, base)
         if base and resolved.base is None:
-            raise InputError(f"--base {base} only applies to a LoRA/PEFT adapter folder (adapter_config.json), "
-                             f"and {ref_clean} is a full model")
+            resolved.reference = _resolve_reference(base, ref_clean, offline)
         return resolved
     if os.path.lexists(local) or _is_symlink_loop(local):  # a broken link: meant as a path, whatever its name
         raise InputError(_missing_path_message(ref_clean, local))
@@ -179,7 +181,8 @@ def resolve_model(ref: str, revision: str | None = None, offline: bool | None = 
     if ref_clean.lower() in BUNDLED_ALIASES:
         _reject_revision(revision, "the bundled model")
         if base:
-            raise InputError(f"--base {base} only applies to a LoRA/PEFT adapter, not to the bundled model")
+            raise InputError(f"--base {base}: the bundled model is a base model itself, fine-tuned from nothing "
+                             "lmscan can compare it with")
         return _resolve_bundled(ref)
 
     if _looks_like_path(ref_clean):
@@ -187,9 +190,19 @@ def resolve_model(ref: str, revision: str | None = None, offline: bool | None = 
 
     resolved = _resolve_hub(ref, ref_clean, revision, offline_mode(offline), base)
     if base and resolved.base is None:
-        raise InputError(f"--base {base} only applies to a LoRA/PEFT adapter (adapter_config.json), "
-                         f"and {ref_clean} is a full model")
+        resolved.reference = _resolve_reference(base, ref_clean, offline_mode(offline))
     return resolved
+
+
+def _resolve_reference(base: str, of: str, offline: bool | None) -> ResolvedModel:
+    """The declared base of the full checkpoint ``of``: a full model, resolved by the same rules."""
+    token = _RESOLVING_BASE.set(True)  # an adapter named as the base is refused, as for an adapter's base
+    try:
+        return resolve_model(base, offline=offline)
+    except InputError as exc:
+        raise InputError(f"--base of {of}: {exc}") from None
+    finally:
+        _RESOLVING_BASE.reset(token)
 
 
 # --- local paths -----------------------------------------------------------------

@@ -64,3 +64,9 @@ class ScanModel(torch.nn.Module):
         embedding = self.pooling(hidden, attention_mask) if self.pooling is not None else None
         return SiteOutputs(hidden, getattr(base, "pooler_output", None), logits, embedding,
                            getattr(base, "attentions", None))
+
+
+def transformer_of(model):
+    """The bare transformer of a loaded model: a ScanModel's encoder, else the model itself
+    (for hidden states, which the sites do not carry)."""
+    return model.encoder if isinstance(model, ScanModel) else model

@@ -163,6 +163,8 @@ def scan_identity(plan) -> dict:
         "other_files": {name: entry["sha256"] for name, entry in resolved.other_files.items()},
         # An adapter is scanned merged into its base: the same adapter on another base is another scan.
         "base": None if getattr(resolved, "base", None) is None else resolved.base.folder_sha256,
+        # A full checkpoint's declared base decides what base-diff finds: another base, another scan.
+        "reference": None if getattr(resolved, "reference", None) is None else resolved.reference.folder_sha256,
         "scan": {"profile": config.profile, "engine": config.engine, "detectors": list(plan.detectors),
                  "sites": config.sites, "seed": config.seed, "text_column": config.text_column},
         "settings": plan.settings,

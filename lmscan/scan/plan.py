@@ -76,6 +76,9 @@ class ScanRequest:
         if not self.config.detectors and architecture_entry(model_type)["family"] == DECODER:
             # The profile's encoder detectors would only be skipped on a decoder: it has its own list.
             chosen = settings.get("decoder_detectors", chosen)
+        if not self.config.detectors and getattr(resolved, "reference", None) is not None:
+            # --base on a full checkpoint: the detectors that compare it with its declared base join in.
+            chosen = [*chosen, *(d for d in settings.get("reference_detectors", []) if d not in chosen)]
         detectors = detector_order(chosen)
         check_settings(detectors, settings)
         rules = {"profiles": self.profiles, "engines": self.engines, "policy": self.policy,

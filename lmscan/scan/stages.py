@@ -51,7 +51,8 @@ def context(prepared, name: str, seed: int, progress: ProgressFn | None = None,
     return ScanContext(loaded=prepared.loaded, sites=list(prepared.sites), fit=list(prepared.fit),
                        heldout=list(prepared.heldout), spare=list(prepared.spare),
                        config=detector_config(name, settings), verify=verify_config(settings), seed=seed,
-                       earlier=list(earlier or []), stage=stage or name, on_progress=progress, **extra)
+                       earlier=list(earlier or []), stage=stage or name, on_progress=progress,
+                       reference=getattr(prepared.resolved, "reference", None), **extra)
 
 
 def apply_catalog(run: DetectorRun, catalog: dict) -> DetectorRun:
