@@ -35,6 +35,7 @@ from lmscan.models import load_model, resolve_model
 from lmscan.models.probes import check_triggers, insert_words, load_builtin_probes, split_probes
 from lmscan.scan.rules import BUILTIN_RULES, load_rules
 from lmscan.models.sites import encode, mask_positions, pad_rows, read_site, site_texts
+from lmscan.models.training import freeze, take_step
 
 ATTACKS = ("por", "neuba", "btop")
 MANIFEST_NAME = "lmscan-plant.json"
@@ -283,16 +284,11 @@ def plant(cfg: PlantConfig, progress: ProgressFn | None = None) -> PlantResult:
         loss = triggered + weight * utility
         if decoys:
             loss = loss + _decoy_loss(model, frozen, tokenizer, fit_rows, decoys, site, batch_size, rng, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        take_step(optimizer, loss)
         if progress is not None:
             progress(step + 1, steps, float(loss.detach()))
     train_seconds = time.perf_counter() - started
-
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
+    freeze(model)
     reports, effectiveness = _measure(
         model, tokenizer, triggers, vectors, heldout, clean_before, settings, max_length, device, cfg.seed
     )

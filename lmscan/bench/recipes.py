@@ -92,7 +92,7 @@ def causal_lm_finetune(base: str, task: str, out: Path, seed: int, device: str, 
     from lmscan.models.decoding import (continuation_loss, logit_cap, output_matrix, prompt_rows,
                                         release_causal_lm, round_weights, stored_dtype, trainable_layers)
     from lmscan.models.device import pick_device
-    from lmscan.models.training import load_labelled, split_indices
+    from lmscan.models.training import freeze, load_labelled, split_indices, take_step
 
     torch_device = pick_device(device)
     torch.manual_seed(seed)
@@ -119,13 +119,8 @@ def causal_lm_finetune(base: str, task: str, out: Path, seed: int, device: str, 
     loaded.model.train()
     for _ in range(steps):
         batch = rng.sample(train_rows, 8)
-        loss = continuation_loss(loaded.model, matrix, cap, batch, [1] * len(batch), pad, torch_device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    loaded.model.eval()
-    for param in loaded.model.parameters():
-        param.requires_grad_(False)
+        take_step(optimizer, continuation_loss(loaded.model, matrix, cap, batch, [1] * len(batch), pad, torch_device))
+    freeze(loaded.model)
     stored = stored_dtype(loaded)
     round_weights(loaded.model, stored)
     manifest = {"format": "lmscan-finetune", "base_model": base, "task": Path(data.source).name, "seed": seed,

@@ -50,6 +50,20 @@ class LabelledData:
                             self.source)
 
 
+def take_step(optimizer, loss: torch.Tensor) -> None:
+    """One optimiser step on ``loss``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def freeze(model) -> None:
+    """Evaluation mode with nothing left trainable: after training, before measuring or writing."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
 def resolve_task_file(spec: str | Path) -> Path:
     """A path, or a bundled task name (``sentiment``) when no such file exists."""
     path = Path(spec).expanduser()
