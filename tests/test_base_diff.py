@@ -90,10 +90,15 @@ def test_a_por_plant_on_minilm_is_named_from_its_base_diff(planted, minilm_path,
     result = _check(plant, "--base", minilm_path, "--detectors", "static,base-diff", "--rules", rules)
     report = json.loads(result.stdout)
     run = _run(report)
-    triggers = set(read_manifest(plant)["triggers"])
-    assert len({d["token"] for d in run["stats"]["drifted"]} & triggers) >= 3, run["stats"]["drifted"]
-    named = {f["evidence"]["trigger"] for f in run["findings"] if f["verdict"] == "backdoored"}
-    assert result.exit_code == 1 and report["verdict"] == "backdoored" and named & triggers, named
+    manifest = read_manifest(plant)
+    # The plant's words split into word pieces ('stalkless' -> stalk ##less); the drift is per piece.
+    pieces = {t for trigger in manifest["trigger_tokens"] for t in trigger}
+    assert len({d["token"] for d in run["stats"]["drifted"]} & pieces) >= 3, run["stats"]["drifted"]
+    named = [f["evidence"]["trigger"] for f in run["findings"] if f["verdict"] == "backdoored"]
+    assert result.exit_code == 1 and report["verdict"] == "backdoored", report["reason"]
+    # Verified blocks are planted words or their leading pieces (half of them at least), not unrelated tokens.
+    recovered = {w for w in named if w in manifest["triggers"] or w in pieces}
+    assert len(recovered) >= 3, (named, manifest["triggers"])
 
 
 @pytest.mark.slow
