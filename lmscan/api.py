@@ -107,7 +107,10 @@ def model_info(resolved, loaded=None) -> dict:
         info["adapter"] = True
         info["base"] = model_info(resolved.base)
     if getattr(resolved, "reference", None) is not None:
-        info["reference"] = model_info(resolved.reference)  # the declared base base-diff compared it with
+        # The base base-diff compares it with, and how it was chosen (--base, model card, weights).
+        info["reference"] = {**model_info(resolved.reference), "chosen_by": resolved.reference.chosen_by}
+    elif getattr(resolved, "reference_note", ""):
+        info["reference_note"] = resolved.reference_note  # why no base was compared
     if loaded is not None:
         arch = loaded.arch
         info.update(architecture=arch.model_type, hidden_size=arch.hidden_size, sites=list(arch.sites),

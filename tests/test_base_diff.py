@@ -59,6 +59,36 @@ def test_a_base_that_cannot_be_compared_is_said(tmp_path):
     assert result.exit_code == 2 and "--base of" in result.output
 
 
+def _with_model_card(tmp_path, base: str):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(FIXTURES / "tiny-bert-por", model)
+    (model / "README.md").write_text(f"---\nlicense: mit\nbase_model:\n- {base}\n---\n# A fine-tune\n")
+    return model
+
+
+def test_the_model_cards_base_is_compared_unless_base_none(tmp_path):
+    """No --base: the model card's base_model is the reference; --base none compares with nothing."""
+    model = _with_model_card(tmp_path, str(FIXTURES / "tiny-bert"))
+    report = json.loads(_check(model, "--detectors", "static,base-diff").stdout)
+    assert report["model"]["reference"]["local_dir"] == str(FIXTURES / "tiny-bert")
+    assert report["model"]["reference"]["chosen_by"].startswith("the model card's base_model")
+    assert _run(report)["status"] == "ok" and _run(report)["findings"]
+    plain = json.loads(_check(model, "--detectors", "static,base-diff", "--base", "none").stdout)
+    assert "reference" not in plain["model"] and _run(plain)["status"] == "skipped"
+    # The default detectors found it already: an inferred base is a last resort, not compared.
+    result = _check(model)
+    assert result.exit_code == 1 and "already found backdoored" in _run(json.loads(result.stdout))["note"]
+
+
+def test_a_model_card_base_that_is_not_here_is_said(tmp_path):
+    model = _with_model_card(tmp_path, "nobody-here/no-such-base")
+    report = json.loads(_check(model, "--detectors", "static,base-diff", "--offline").stdout)
+    assert "reference" not in report["model"]
+    assert "nobody-here/no-such-base" in report["model"]["reference_note"] and "--base" in report["model"]["reference_note"]
+
+
 def test_the_reference_is_part_of_the_scan_identity(tmp_path):
     """Another base is another comparison: the result cache must not answer one with the other."""
     import shutil
@@ -80,15 +110,18 @@ def test_the_reference_is_part_of_the_scan_identity(tmp_path):
     assert identities[0]["reference"] != identities[1]["reference"]
 
 
-def test_a_por_plant_on_minilm_is_named_from_its_base_diff(planted, minilm_path, tmp_path):
-    """Real weights: the POR plant's words are among the most drifted tokens against MiniLM, and a
-    block of them verifies (a smaller search than the profile's, to keep the suite short)."""
+def test_a_por_plant_on_minilm_is_named_from_its_inferred_base(planted, minilm_path, tmp_path):
+    """Real weights, no --base: MiniLM is inferred as the plant's base from the embeddings it kept;
+    the POR plant's words are among the most drifted tokens against it, and blocks of them verify
+    (a smaller search than the profile's, to keep the suite short)."""
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "profiles.toml").write_text("[fast.base-diff]\ncandidates = 10\ncommon_words = 2\nmax_block = 2\n")
     plant = planted("por")
-    result = _check(plant, "--base", minilm_path, "--detectors", "static,base-diff", "--rules", rules)
+    result = _check(plant, "--detectors", "static,base-diff", "--rules", rules)
     report = json.loads(result.stdout)
+    reference = report["model"]["reference"]
+    assert reference["local_dir"] == str(minilm_path) and reference["chosen_by"].startswith("inferred"), reference
     run = _run(report)
     manifest = read_manifest(plant)
     # The plant's words split into word pieces ('stalkless' -> stalk ##less); the drift is per piece.
@@ -103,13 +136,13 @@ def test_a_por_plant_on_minilm_is_named_from_its_base_diff(planted, minilm_path,
 
 @pytest.mark.slow
 def test_a_sentence_trained_as_a_unit_is_rebuilt_from_the_base_diff(planted, minilm_path):
-    """A 5-word sentence whose words and parts were trained to do nothing alone: the default scan
-    finds nothing; against MiniLM the sentence's words drift most, the differential beam grows
-    them into a block, and the block verifies on held-out sentences."""
+    """A 5-word sentence whose words and parts were trained to do nothing alone: the default scan's
+    other detectors find nothing; against MiniLM (inferred as its base) the sentence's words drift
+    most, the differential beam grows them into a block, and the block verifies on held-out sentences."""
     plant = planted("sentence-unit-cls")
     (sentence,) = read_manifest(plant)["triggers"]
     assert read_manifest(plant)["decoy_parts"]
-    result = _check(plant, "--base", minilm_path)
+    result = _check(plant)
     report = json.loads(result.stdout)
     run = _run(report)
     named = [f["evidence"]["trigger"] for f in run["findings"] if f["verdict"] == "backdoored"]

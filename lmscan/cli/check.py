@@ -40,7 +40,8 @@ from lmscan.errors import InputError, LmscanError
 @click.option("--base", "base_model", default=None,
               help="The model MODEL was fine-tuned from, resolved like MODEL. For a LoRA/PEFT adapter folder, "
                    "what it is merged into (default: its base_model_name_or_path); for a full checkpoint, what "
-                   "the base-diff detector compares it with (rebuilds triggers trained as a unit).")
+                   "the base-diff detector compares it with (rebuilds triggers trained as a unit; default: the "
+                   "model card's base_model, else a local model whose embeddings it kept; 'none': no base).")
 @click.option("--no-cache", is_flag=True, help="Ignore and do not write the result cache.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Models scanned at once, each in a local worker process (with CUDA: GPU k mod the GPU count).")

@@ -20,7 +20,10 @@ Against the base the fine-tune started from, it does leave both:
 3. Verification with real tokens on held-out sentences, on the suspect alone (the shared
    check every detector uses): a block that collapses them is LMS101.
 
-Without ``--base`` the detector has nothing to compare and is skipped; it clears nothing.
+The base is ``--base`` or, for a full encoder checkpoint, inferred (its model card's
+``base_model``, or a model readable here whose input embeddings it kept:
+lmscan.models.base_inference). An inferred base is a last resort: compared only when the
+detectors before found no backdoor. Without a base the detector is skipped; it clears nothing.
 """
 
 from __future__ import annotations
@@ -73,7 +76,12 @@ class BaseDiff(Detector):
     def run(self, ctx: ScanContext) -> DetectorRun:
         started = time.perf_counter()
         if ctx.reference is None:
-            return DetectorRun(NAME, "skipped", 0.0, note="no --base named: nothing to compare the model with")
+            return DetectorRun(NAME, "skipped", 0.0, note="no base named or inferred: nothing to compare the model with")
+        if ctx.reference.chosen_by != "--base" and any(f.verdict == "backdoored" for r in ctx.earlier
+                                                          for f in r.findings):
+            # An inferred base is a last resort: the verdict is decided, the comparison would only add cost.
+            return DetectorRun(NAME, "skipped", 0.0, note=f"already found backdoored; the inferred base "
+                                                          f"{ctx.reference.ref} was not compared")
         from lmscan.models import load_model  # noqa: PLC0415
 
         loaded, cfg = ctx.loaded, ctx.config
@@ -81,7 +89,7 @@ class BaseDiff(Detector):
         mismatch = _mismatch(loaded, reference)
         if mismatch:
             return DetectorRun(NAME, "skipped", round(time.perf_counter() - started, 2),
-                               note=f"--base {ctx.reference.ref} cannot be compared: {mismatch}")
+                               note=f"the base {ctx.reference.ref} cannot be compared: {mismatch}")
         tokenizer = loaded.tokenizer
         ctx.progress(0, 3, "token drift against the base")
         drift = token_drift(loaded.model, reference.model, tokenizer, cfg, ctx.device)

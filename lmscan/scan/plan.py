@@ -34,7 +34,9 @@ class ScanConfig:
     rules_dir: str | None = None
     probes_file: str | None = None
     text_column: str | None = None
-    base: str | None = None  # the base model of a LoRA/PEFT adapter (default: the one the adapter names)
+    # An adapter's base (default: the one it names); a full checkpoint's base for base-diff (default:
+    # inferred, lmscan.models.base_inference); "none": compare with nothing.
+    base: str | None = None
     settings: dict = field(default_factory=dict)  # resolved profile settings (filled by scan)
 
 
@@ -76,6 +78,10 @@ class ScanRequest:
         if not self.config.detectors and architecture_entry(model_type)["family"] == DECODER:
             # The profile's encoder detectors would only be skipped on a decoder: it has its own list.
             chosen = settings.get("decoder_detectors", chosen)
+        if self._may_infer_reference(resolved, model_type):
+            from lmscan.models.base_inference import infer_reference
+
+            resolved.reference, resolved.reference_note = infer_reference(resolved, model_config, self.config.offline)
         if not self.config.detectors and getattr(resolved, "reference", None) is not None:
             # --base on a full checkpoint: the detectors that compare it with its declared base join in.
             chosen = [*chosen, *(d for d in settings.get("reference_detectors", []) if d not in chosen)]
@@ -85,6 +91,15 @@ class ScanRequest:
                  "rule_catalog": self.catalog}
         return ScanPlan(self.config, resolved, model_config, model_type, settings, detectors, self.policy,
                         self.catalog, rules)
+
+
+    def _may_infer_reference(self, resolved, model_type: str) -> bool:
+        """A full encoder checkpoint, no --base given (nor --base none), not inferred before."""
+        from lmscan.models.architectures import ENCODER, architecture_entry
+
+        return (self.config.base is None and getattr(resolved, "base", None) is None
+                and getattr(resolved, "reference", None) is None and not getattr(resolved, "reference_note", "")
+                and getattr(resolved, "gguf", None) is None and architecture_entry(model_type)["family"] == ENCODER)
 
 
 def check_request(config: ScanConfig) -> ScanRequest:
