@@ -46,7 +46,8 @@ class ScanContext:
     candidates: list[str] = field(default_factory=list)  # trigger candidates a caller supplies (lmscan heads)
     resume: DetectorRun | None = None  # an earlier run of this detector to continue from (search from a report)
     known_pvs: dict | None = None  # site -> PVs found before (search mode steers away from them)
-    reference: Any = None  # the checkpoint's declared base (a ResolvedModel, from --base), not loaded
+    reference: Any = None  # a full checkpoint's base (a ResolvedModel: --base, model card, inferred), not loaded
+    base: Any = None  # an adapter's base (a ResolvedModel): what it was merged into, not loaded
     stage: str = ""  # name shown in progress
     on_progress: ProgressFn | None = None
 

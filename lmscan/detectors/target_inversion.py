@@ -65,6 +65,12 @@ class Config:
     max_clean: float = 0.1
     max_control: float = 0.1
     max_length: int = 48
+    # With the model it was fine-tuned from (an adapter's base, or --base): triggers from the weights.
+    lens_layers: tuple = (0, 1, 2)  # layers whose input projections' change ranks the tokens
+    lens_tokens: int = 10  # most reactive tokens tried alone
+    lens_pairs: int = 6  # the best of them also tried in ordered pairs
+    lens_steps: int = 8  # tokens generated after each tried trigger
+    lens_agreement: float = 0.75  # share of prompts that must continue alike to make a target
 
 
 class TargetInversion(Detector):
@@ -92,12 +98,18 @@ class TargetInversion(Detector):
         forms = ["raw"] + (["chat"] if chat_template_of(loaded.tokenizer) is not None else [])
         raw_search = Search(loaded, cfg)
         findings, by_form = [], {}
+        origin = ctx.base or ctx.reference  # the model it was fine-tuned from, when known
+        lens = None
+        if origin is not None:
+            found, lens = self._lens_search(ctx, raw_search, origin, search_prompts, verify_prompts, rng)
+            findings += found
         for form in forms:
             search = raw_search if form == "raw" else raw_search.in_chat_turn()
             found, by_form[form] = self._search(ctx, search, search_prompts, verify_prompts, rng, form)
             findings += found
         # The raw search's stats at the top (as for a base model), the chat search's under "chat".
-        stats = {**by_form["raw"], "prompt_forms": forms, **({"chat": by_form["chat"]} if "chat" in by_form else {})}
+        stats = {**by_form["raw"], "prompt_forms": forms, **({"chat": by_form["chat"]} if "chat" in by_form else {}),
+                 **({"weight_delta": lens} if lens is not None else {})}
         note = (f"searched {stats['candidates_searched']} of {stats['vocabulary']} tokens as first target tokens "
                 f"(the whole vocabulary would take about {stats['full_vocabulary_seconds']} s here), triggers of "
                 f"{', '.join(map(str, cfg.trigger_slots))} token(s), in {' and '.join(forms)} prompts")
@@ -146,6 +158,44 @@ class TargetInversion(Detector):
         timings["trigger_and_verify"] = round(time.perf_counter() - t0, 1)
         stats["timings"] = timings
         stats["tries"] = [{"target": t["text"], "tries": t.get("tries", [])} for t in strong]
+        return findings, stats
+
+
+    def _lens_search(self, ctx: ScanContext, search: "Search", origin, search_prompts: list[str],
+                     verify_prompts: list[str], rng: random.Random) -> tuple[list[Finding], dict]:
+        """Triggers from what the fine-tune changed: the tokens its first layers react to most
+        (lmscan.models.weight_delta), tried alone and in ordered pairs. A trigger after which most
+        prompts continue alike, unlike the prompts alone, is verified like any other."""
+        from lmscan.models.weight_delta import reactive_tokens  # noqa: PLC0415
+
+        cfg = ctx.config
+        t0 = time.perf_counter()
+        ctx.progress(0, 2, "tokens the fine-tune reacts to (weights against its base)")
+        tokens = reactive_tokens(search.model, origin.weight_files, cfg.lens_layers, search.wordlike, cfg.lens_tokens)
+        ids = [t for t, _ in tokens]
+        # Alone first, then ordered pairs; only what a prompt can hold as typed text ('grave' alone
+        # is read as '▁grave' once typed, so it is tried after a word start: 'wild' + 'grave').
+        pairs = [[a, b] for a in ids[:cfg.lens_pairs] for b in ids[:cfg.lens_pairs] if a != b]
+        tried = [t for t in [[t] for t in ids] + pairs if search.typeable(t)]
+        prompts = search_prompts[:cfg.trigger_prompts]
+        plain = search.continuations(prompts, [], cfg.lens_steps)
+        findings, tries = [], []
+        for number, trigger_ids in enumerate(tried):
+            ctx.progress(number, len(tried), "trying the tokens the fine-tune reacts to as triggers")
+            target = search.shared_continuation(prompts, trigger_ids, cfg.lens_steps, cfg.lens_agreement)
+            if target is None or sum(target["text"] in p for p in plain) * 2 >= len(plain):
+                continue
+            check = search.verify(verify_prompts, trigger_ids, target, rng)
+            tries.append({"trigger": check["trigger"], "target": target["text"],
+                          **{k: check[k] for k in ("capture", "clean", "control")}})
+            if check["confirmed"]:
+                finding = _finding(target, check, cfg, "raw")
+                finding.evidence["found_by"] = "weight delta against " + origin.ref
+                findings.append(finding)
+                break
+        stats = {"origin": origin.ref, "tokens": [{"token": search.tokenizer.convert_ids_to_tokens(t), "z": z}
+                                                  for t, z in tokens],
+                 "triggers_tried": len(tried), "verified": tries, "seconds": round(time.perf_counter() - t0, 1)}
         return findings, stats
 
 
@@ -379,6 +429,43 @@ class Search:
                                        reduce=False)
             out.extend(losses.view(len(chunk), 2, len(parts)).min(1).values.mean(1).tolist())
         return out
+
+    def typeable(self, ids: list[int]) -> bool:
+        """Whether ``ids`` are what the tokenizer makes of their own text typed as a word in a
+        sentence (after a space: how verification inserts a trigger)."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return bool(text) and self.tokenizer(" " + text, add_special_tokens=False)["input_ids"] == ids
+
+    def continuations(self, texts: list[str], trigger_ids: list[int], steps: int) -> list[str]:
+        """The greedy continuation of each prompt with ``trigger_ids`` inserted at its middle word."""
+        rows = [left + trigger_ids + right for left, right in (self._split(t) for t in texts)]
+        return [self.tokenizer.decode(m, skip_special_tokens=True) for m in greedy(self.loaded, rows, steps)]
+
+    def shared_continuation(self, texts: list[str], trigger_ids: list[int], steps: int,
+                            agreement: float) -> dict | None:
+        """The continuation at least ``agreement`` of the prompts share after the trigger (its
+        longest common start of three or more tokens with letters or digits), as a target; or None."""
+        rows = [left + trigger_ids + right for left, right in (self._split(t) for t in texts)]
+        made = greedy(self.loaded, rows, steps)
+        heads: dict[tuple, list[list[int]]] = {}
+        for m in made:
+            heads.setdefault(tuple(m[:3]), []).append(m)
+        alike = max(heads.values(), key=len)
+        if len(alike) < agreement * len(made):
+            return None
+        common = alike[0]
+        for m in alike[1:]:
+            same = 0
+            while same < min(len(common), len(m)) and common[same] == m[same]:
+                same += 1
+            common = common[:same]
+        if self.eos in common:
+            common = common[:common.index(self.eos)]
+        text = self.tokenizer.decode(common, skip_special_tokens=True).strip()
+        if len(common) < 3 or sum(c.isalnum() for c in text) < 3:
+            return None
+        return {"ids": common, "tokens": self.tokenizer.convert_ids_to_tokens(common), "text": text,
+                "score": round(len(alike) / len(made), 3), "steps": []}
 
     def _share(self, texts: list[str], target_text: str, steps: int) -> tuple[float, list[str]]:
         made = greedy(self.loaded, self._rows(texts), steps)

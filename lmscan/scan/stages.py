@@ -52,7 +52,8 @@ def context(prepared, name: str, seed: int, progress: ProgressFn | None = None,
                        heldout=list(prepared.heldout), spare=list(prepared.spare),
                        config=detector_config(name, settings), verify=verify_config(settings), seed=seed,
                        earlier=list(earlier or []), stage=stage or name, on_progress=progress,
-                       reference=getattr(prepared.resolved, "reference", None), **extra)
+                       reference=getattr(prepared.resolved, "reference", None),
+                       base=getattr(prepared.resolved, "base", None), **extra)
 
 
 def apply_catalog(run: DetectorRun, catalog: dict) -> DetectorRun:
