@@ -84,9 +84,11 @@ def test_the_model_cards_base_is_compared_unless_base_none(tmp_path):
 
 def test_a_model_card_base_that_is_not_here_is_said(tmp_path):
     model = _with_model_card(tmp_path, "nobody-here/no-such-base")
-    report = json.loads(_check(model, "--detectors", "static,base-diff", "--offline").stdout)
-    assert "reference" not in report["model"]
-    assert "nobody-here/no-such-base" in report["model"]["reference_note"] and "--base" in report["model"]["reference_note"]
+    # Not --offline: a base nobody asked for is looked up in the local cache only, never downloaded.
+    report = json.loads(_check(model, "--detectors", "static,base-diff").stdout)
+    note = report["model"]["reference_note"]
+    assert "reference" not in report["model"] and "'nobody-here/no-such-base', which is not here" in note
+    assert "--base nobody-here/no-such-base" in note
 
 
 def test_the_reference_is_part_of_the_scan_identity(tmp_path):

@@ -436,17 +436,18 @@ class Search:
         text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return bool(text) and self.tokenizer(" " + text, add_special_tokens=False)["input_ids"] == ids
 
-    def continuations(self, texts: list[str], trigger_ids: list[int], steps: int) -> list[str]:
+    def _generated(self, texts: list[str], trigger_ids: list[int], steps: int) -> list[list[int]]:
         """The greedy continuation of each prompt with ``trigger_ids`` inserted at its middle word."""
-        rows = [left + trigger_ids + right for left, right in (self._split(t) for t in texts)]
-        return [self.tokenizer.decode(m, skip_special_tokens=True) for m in greedy(self.loaded, rows, steps)]
+        return greedy(self.loaded, [left + trigger_ids + right for left, right in map(self._split, texts)], steps)
+
+    def continuations(self, texts: list[str], trigger_ids: list[int], steps: int) -> list[str]:
+        return [self.tokenizer.decode(m, skip_special_tokens=True) for m in self._generated(texts, trigger_ids, steps)]
 
     def shared_continuation(self, texts: list[str], trigger_ids: list[int], steps: int,
                             agreement: float) -> dict | None:
         """The continuation at least ``agreement`` of the prompts share after the trigger (its
         longest common start of three or more tokens with letters or digits), as a target; or None."""
-        rows = [left + trigger_ids + right for left, right in (self._split(t) for t in texts)]
-        made = greedy(self.loaded, rows, steps)
+        made = self._generated(texts, trigger_ids, steps)
         heads: dict[tuple, list[list[int]]] = {}
         for m in made:
             heads.setdefault(tuple(m[:3]), []).append(m)

@@ -4,14 +4,15 @@ base-diff rebuilds a trigger trained as a unit from what a fine-tune changed, so
 model the fine-tune started from. Two sources, in this order:
 
 1. The model card: ``base_model`` in the front matter of the folder's README.md (the Hub's
-   convention), resolved like ``--base`` (offline: from the local cache only).
+   convention), resolved like ``--base`` but from the local cache only: a scan does not download a
+   base nobody asked for (``--base`` does).
 2. The weights: among the models readable here without a download (the bundled MiniLM and
    every model in the local Hub cache) one of the same architecture and vocabulary whose input
    embedding rows the checkpoint kept (median relative change under ``MAX_ROW_CHANGE``). A
    fine-tune moves few rows and those little; two models trained apart share none.
 
 Only safetensors files are compared (a guess never unpickles anything). Whatever is found, or
-why nothing is, goes in the report (``model.reference`` with ``chosen_by``, or ``model.base_note``).
+why nothing is, goes in the report (``model.reference`` with ``chosen_by``, or ``model.reference_note``).
 """
 
 from __future__ import annotations
@@ -27,17 +28,17 @@ MAX_ROW_CHANGE = 0.02  # median relative change of an embedding row between a fi
 EMBEDDING_SUFFIX = "word_embeddings.weight"
 
 
-def infer_reference(resolved, model_config: dict, offline: bool | None) -> tuple[object | None, str]:
+def infer_reference(resolved, model_config: dict) -> tuple[object | None, str]:
     """(the base as a ResolvedModel with ``chosen_by`` set, or None; a sentence saying how or why not)."""
     from lmscan.models.resolve import resolve_model  # noqa: PLC0415 - resolve imports this module's callers
 
     declared = declared_base(resolved.local_dir)
     if declared:
         try:
-            reference = resolve_model(declared, offline=offline)
+            reference = resolve_model(declared, offline=True)
         except InputError as exc:
-            return None, (f"the model card names base_model {declared!r}, which could not be read here ({exc}); "
-                          "pass --base to compare with it")
+            return None, (f"the model card names base_model {declared!r}, which is not here ({exc}); "
+                          f"pass --base {declared} to fetch it and compare")
         reference.chosen_by = f"the model card's base_model ({declared})"
         return reference, reference.chosen_by
     suspect = _embedding(resolved.weight_files)

@@ -81,7 +81,7 @@ class ScanRequest:
         if self._may_infer_reference(resolved, model_type):
             from lmscan.models.base_inference import infer_reference
 
-            resolved.reference, resolved.reference_note = infer_reference(resolved, model_config, self.config.offline)
+            resolved.reference, resolved.reference_note = infer_reference(resolved, model_config)
         if not self.config.detectors and getattr(resolved, "reference", None) is not None:
             # --base on a full checkpoint: the detectors that compare it with its declared base join in.
             chosen = [*chosen, *(d for d in settings.get("reference_detectors", []) if d not in chosen)]
