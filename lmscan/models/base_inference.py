@@ -1,7 +1,7 @@
 """The model a full checkpoint was fine-tuned from, when the user did not name it (``--base``).
 
-base-diff rebuilds a trigger trained as a unit from what a fine-tune changed, so it needs the
-model the fine-tune started from. Two sources, in this order:
+base-diff (encoders) and target-inversion's weight-delta stage (decoders) read a trigger from what
+a fine-tune changed, so they need the model the fine-tune started from. Two sources, in this order:
 
 1. The model card: ``base_model`` in the front matter of the folder's README.md (the Hub's
    convention), resolved like ``--base`` but from the local cache only: a scan does not download a
@@ -25,7 +25,7 @@ from pathlib import Path
 from lmscan.errors import InputError
 
 MAX_ROW_CHANGE = 0.02  # median relative change of an embedding row between a fine-tune and its base
-EMBEDDING_SUFFIX = "word_embeddings.weight"
+EMBEDDING_SUFFIXES = ("word_embeddings.weight", "embed_tokens.weight")  # BERT family; Llama, Gemma, Qwen, ...
 
 
 def infer_reference(resolved, model_config: dict) -> tuple[object | None, str]:
@@ -119,7 +119,7 @@ def _embedding(files):
             continue
         try:
             with safe_open(str(path), framework="pt") as handle:
-                key = next((k for k in handle.keys() if k.endswith(EMBEDDING_SUFFIX)), None)
+                key = next((k for k in handle.keys() if k.endswith(EMBEDDING_SUFFIXES)), None)
                 if key is not None:
                     return handle.get_tensor(key).float()
         except Exception:  # noqa: BLE001 - an unreadable file is simply not a candidate

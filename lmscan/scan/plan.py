@@ -94,12 +94,12 @@ class ScanRequest:
 
 
     def _may_infer_reference(self, resolved, model_type: str) -> bool:
-        """A full encoder checkpoint, no --base given (nor --base none), not inferred before."""
-        from lmscan.models.architectures import ENCODER, architecture_entry
+        """A full encoder or decoder checkpoint, no --base given (nor --base none), not inferred before."""
+        from lmscan.models.architectures import DECODER, ENCODER, architecture_entry
 
         return (self.config.base is None and getattr(resolved, "base", None) is None
                 and getattr(resolved, "reference", None) is None and not getattr(resolved, "reference_note", "")
-                and getattr(resolved, "gguf", None) is None and architecture_entry(model_type)["family"] == ENCODER)
+                and getattr(resolved, "gguf", None) is None and architecture_entry(model_type)["family"] in (ENCODER, DECODER))
 
 
 def check_request(config: ScanConfig) -> ScanRequest:
