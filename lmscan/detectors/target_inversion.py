@@ -76,7 +76,7 @@ class Config:
     lens_steps: int = 8  # tokens generated after each tried trigger
     lens_agreement: float = 0.75  # share of prompts that must continue alike to make a target
     # ... and once a target is inverted, blocks of the most reactive tokens ranked by the target's loss.
-    lens_pool: int = 48  # reactive tokens (the target's own left out) the blocks are built from
+    lens_pool: int = 32  # reactive tokens (the target's own left out) the blocks are built from
     lens_beam: int = 3  # blocks kept per length
     lens_block: int = 3  # longest block (tokens)
     lens_targets: int = 1  # inverted targets per prompt form the blocks are grown for (the best first)
