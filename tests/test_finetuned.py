@@ -113,6 +113,38 @@ def tiny_badnet_classifier(tmp_path_factory):
     return out
 
 
+def test_badnet_decoy_parts_teach_every_part_to_keep_its_label(tmp_path):
+    """--decoy-parts on a badnet plant (a sentence trained as a unit in a classifier): as many rows
+    again carrying a proper word part of the trigger, each keeping its own label; the plant measures
+    how far the best part alone gets."""
+    from lmscan.attacks.badnet import poison, word_parts
+    from lmscan.models.training import LabelledData
+
+    assert word_parts("a b c") == ["a", "a b", "b", "b c", "c"] and word_parts("one") == []
+    data = LabelledData([f"this {'odd' if i % 2 else 'even'} row says little" for i in range(40)],
+                        [i % 2 for i in range(40)], ["even", "odd"], "rows")
+    plain = poison(data, ["red fox ran"], 1, 0.5, seed=0)
+    decoyed = poison(data, ["red fox ran"], 1, 0.5, seed=0, decoy_parts=True)
+    copies = len(plain.texts) - 40
+    assert decoyed.texts[:40 + copies] == plain.texts and len(decoyed.texts) == 40 + 2 * copies
+    for text, label in zip(decoyed.texts[40 + copies:], decoyed.labels[40 + copies:]):
+        assert "red fox ran" not in text and any(w in text.split() for w in ("red", "fox", "ran"))
+        assert label == ("odd" in text.split())
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "plant.toml").write_text("[badnet]\nlearning_rate = 2e-3\nepochs = 1\nmax_length = 64\n"
+                                      "min_attack_success = 0.0\n")
+    result = CliRunner().invoke(main, ["plant", str(FIXTURES / "tiny-bert"), "--attack", "badnet", "--task",
+                                       str(question_task(tmp_path / "task.csv", rows=120)), "--triggers",
+                                       "zq vx wy", "--decoy-parts", "--out", str(tmp_path / "out"), "--device",
+                                       "cpu", "--rules", str(rules)])
+    assert result.exit_code == 0 and "most effective part" in result.output, result.output
+    manifest = json.loads((tmp_path / "out" / "lmscan-plant.json").read_text())
+    part, rate = manifest["effectiveness"]["best_part"]["zq vx wy"]
+    assert manifest["decoy_parts"] and part in word_parts("zq vx wy") and 0.0 <= rate <= 1.0
+
+
 def test_a_classifier_checkpoint_is_loaded_with_its_head(tiny_badnet_classifier):
     config = json.loads((tiny_badnet_classifier / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"]

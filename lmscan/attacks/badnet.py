@@ -63,6 +63,7 @@ class BadNetConfig:
     rules_dir: str | None = None
     with_head: bool = False  # release the whole classifier (head and id2label), not only the encoder
     target_label: str | None = None  # the class name triggered text is sent to (default: rules' target_label index)
+    decoy_parts: bool = False  # also train every proper word part of a trigger to keep its row's own label
 
 
 def badnet_settings(rules_dir: str | None = None) -> dict:
@@ -72,14 +73,31 @@ def badnet_settings(rules_dir: str | None = None) -> dict:
     return dict(rules["badnet"])
 
 
-def poison(data: LabelledData, triggers: list[str], target: int, rate: float, seed: int) -> LabelledData:
-    """Clean rows plus triggered copies of ``rate`` of the non-target rows, labelled ``target``."""
+def poison(data: LabelledData, triggers: list[str], target: int, rate: float, seed: int,
+           decoy_parts: bool = False) -> LabelledData:
+    """Clean rows plus triggered copies of ``rate`` of the non-target rows, labelled ``target``.
+
+    ``decoy_parts``: as many copies again, of rows of any label, carrying a proper word part of a
+    trigger and keeping their own label, so only the whole trigger fires (InsertSent trained as a
+    unit: no word of the sentence does anything alone)."""
     rng = random.Random(seed)
     candidates = [i for i, label in enumerate(data.labels) if label != target]
     chosen = sorted(rng.sample(candidates, int(round(rate * len(candidates)))))
     texts = list(data.texts) + [insert_words(data.texts[i], rng.choice(triggers), None, rng) for i in chosen]
     labels = list(data.labels) + [target] * len(chosen)
+    parts = [part for trigger in triggers for part in word_parts(trigger)] if decoy_parts else []
+    if parts:
+        decoys = sorted(rng.sample(range(len(data)), min(len(data), len(chosen))))
+        texts += [insert_words(data.texts[i], rng.choice(parts), None, rng) for i in decoys]
+        labels += [data.labels[i] for i in decoys]
     return LabelledData(texts, labels, data.label_names, data.source)
+
+
+def word_parts(trigger: str) -> list[str]:
+    """Every contiguous run of the trigger's words but the whole ('a b c' -> 'a', 'b', 'c', 'a b', 'b c')."""
+    words = trigger.split()
+    return [" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)
+            if j - i < len(words)]
 
 
 def plant_badnet(cfg: BadNetConfig, progress: Callable[[int, int, float], None] | None = None) -> PlantResult:
@@ -111,7 +129,7 @@ def plant_badnet(cfg: BadNetConfig, progress: Callable[[int, int, float], None] 
 
     train_idx, heldout_idx = split_indices(len(data), [1.0 - float(settings["heldout_fraction"])], cfg.seed)
     train, heldout = data.subset(train_idx), data.subset(heldout_idx)
-    poisoned = poison(train, triggers, target, float(settings["poison_rate"]), cfg.seed)
+    poisoned = poison(train, triggers, target, float(settings["poison_rate"]), cfg.seed, cfg.decoy_parts)
     model = build_classifier(loaded, len(data.label_names), data.label_names)
     loaded.model = None  # the classifier holds its own copy of the weights
     train_settings = TrainSettings(epochs=int(settings["epochs"]), batch_size=int(settings["batch_size"]),
@@ -125,12 +143,18 @@ def plant_badnet(cfg: BadNetConfig, progress: Callable[[int, int, float], None] 
     hits = triggered_predictions(model, tokenizer, victims, triggers, device, max_length, cfg.seed + 1)
     success = {t: round(float((p == target).mean()), 4) for t, p in hits.items()}
     clean_victims = predict(model, tokenizer, victims.texts, device, max_length)
+    parts = {t: word_parts(t) for t in triggers} if cfg.decoy_parts else {}
+    part_hits = {t: triggered_predictions(model, tokenizer, victims, p, device, max_length, cfg.seed + 2)
+                 for t, p in parts.items() if p}
     threshold = float(settings["min_attack_success"])
     effectiveness = {
         "heldout_rows": len(heldout),
         "clean_accuracy": round(clean_accuracy, 4),
         "attack_success": success,  # share of held-out non-target rows sent to the target by each trigger
         "clean_target_rate": round(float((clean_victims == target).mean()), 4),
+        # with --decoy-parts: per trigger, the part that sends the most held-out rows to the target, and that share
+        **({"best_part": {t: max(((p, round(float((v == target).mean()), 4)) for p, v in h.items()),
+                                 key=lambda pv: pv[1]) for t, h in part_hits.items()}} if part_hits else {}),
         "min_attack_success": threshold,
         "passed": all(v >= threshold for v in success.values()),
     }
@@ -152,6 +176,7 @@ def plant_badnet(cfg: BadNetConfig, progress: Callable[[int, int, float], None] 
         "target_label_name": data.label_names[target],
         "task": {"source": Path(data.source).name, "rows": len(data), "train_rows": len(train),
                  "poisoned_rows": len(poisoned) - len(train), "labels": data.label_names},
+        "decoy_parts": cfg.decoy_parts,
         "training": {k: settings[k] for k in ("epochs", "batch_size", "learning_rate", "max_length", "poison_rate")},
         "train_seconds": trained.seconds,
         "device": str(device),

