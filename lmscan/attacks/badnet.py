@@ -143,18 +143,20 @@ def plant_badnet(cfg: BadNetConfig, progress: Callable[[int, int, float], None] 
     hits = triggered_predictions(model, tokenizer, victims, triggers, device, max_length, cfg.seed + 1)
     success = {t: round(float((p == target).mean()), 4) for t, p in hits.items()}
     clean_victims = predict(model, tokenizer, victims.texts, device, max_length)
-    parts = {t: word_parts(t) for t in triggers} if cfg.decoy_parts else {}
-    part_hits = {t: triggered_predictions(model, tokenizer, victims, p, device, max_length, cfg.seed + 2)
-                 for t, p in parts.items() if p}
+    best_part = {}  # with --decoy-parts: per trigger, the part alone that sends the most rows to the target
+    for trigger in triggers if cfg.decoy_parts else []:
+        part_hits = triggered_predictions(model, tokenizer, victims, word_parts(trigger), device, max_length,
+                                          cfg.seed + 2)
+        shares = {part: round(float((p == target).mean()), 4) for part, p in part_hits.items()}
+        if shares:
+            best_part[trigger] = max(shares.items(), key=lambda kv: kv[1])
     threshold = float(settings["min_attack_success"])
     effectiveness = {
         "heldout_rows": len(heldout),
         "clean_accuracy": round(clean_accuracy, 4),
         "attack_success": success,  # share of held-out non-target rows sent to the target by each trigger
         "clean_target_rate": round(float((clean_victims == target).mean()), 4),
-        # with --decoy-parts: per trigger, the part that sends the most held-out rows to the target, and that share
-        **({"best_part": {t: max(((p, round(float((v == target).mean()), 4)) for p, v in h.items()),
-                                 key=lambda pv: pv[1]) for t, h in part_hits.items()}} if part_hits else {}),
+        **({"best_part": best_part} if best_part else {}),
         "min_attack_success": threshold,
         "passed": all(v >= threshold for v in success.values()),
     }

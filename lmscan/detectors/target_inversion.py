@@ -215,15 +215,15 @@ class Reactive:
         own = set(target["ids"])
         pool = [t for t, _ in self.tokens if t not in own][:cfg.lens_pool]
         aim = target["ids"][:cfg.lens_target_tokens]  # each target token scored costs a 262k-row product
-        losses: dict[tuple, float] = {}
+        losses: dict[tuple, float] = {}  # only blocks a prompt can hold as typed text: no other can verify
 
         def score(blocks: list[tuple]) -> None:
-            fresh = [b for b in blocks if b not in losses]
+            fresh = [b for b in blocks if b not in losses and search.typeable(list(b))]
             if fresh:
                 losses.update(zip(fresh, search.target_losses(prompts, aim, [list(b) for b in fresh])))
 
         def best() -> list[tuple]:
-            return sorted((b for b in losses if search.typeable(list(b))), key=losses.__getitem__)[:cfg.lens_beam]
+            return sorted(losses, key=losses.__getitem__)[:cfg.lens_beam]
 
         label = f"blocks of reactive tokens for {target['text']!r}"
         ctx.progress(0, cfg.lens_block, label)
@@ -233,8 +233,7 @@ class Reactive:
             if not beam or losses[beam[0]] <= cfg.lens_stop_loss:
                 break
             ctx.progress(length - 1, cfg.lens_block, label)
-            score([g for g in sorted({b + (t,) for b in beam for t in pool} | {(t,) + b for b in beam for t in pool})
-                   if search.typeable(list(g))])
+            score(sorted({b + (t,) for b in beam for t in pool} | {(t,) + b for b in beam for t in pool}))
             previous, beam = beam, best()
             if losses[beam[0]] > (1 - cfg.lens_min_gain) * losses[previous[0]]:
                 break
