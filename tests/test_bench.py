@@ -187,3 +187,16 @@ def test_the_decoder_zoo_reads_its_recipes(tmp_path, monkeypatch):
                                        'num_triggers = 1\nadapter = true\n')
     with pytest.raises(InputError, match="adapter = true needs tune"):
         load_zoo(tmp_path / "bad.toml")
+
+
+def test_a_scans_peak_memory_is_its_own_not_the_benchs():
+    """The bench may hold gigabytes (an in-process fine-tune) when it starts a scan; the scan's
+    peak RSS must not include them (wait4's did: 6.3 GB for every Gemma scan)."""
+    import numpy as np
+
+    from lmscan.bench.runner import run_process
+
+    held = np.ones(800 * 2**20 // 8)  # 800 MB resident in this process
+    result = run_process(["--version"], time_limit=60)
+    assert result.returncode == 0 and 0 < result.peak_rss_mb < 400, result
+    assert held[-1] == 1.0

