@@ -50,10 +50,16 @@ def trigger_naming(hits: list[dict], manifest: dict) -> dict[str, tuple[bool, bo
     """Per planted trigger of ``manifest``: whether the findings ``hits`` (JSON) name it whole,
     and whether one names its first pieces (a multi-piece word that fires from its start)."""
     named = {_normalise(f["evidence"]["trigger"]) for f in hits if f["evidence"].get("trigger")}
-    pieces = [tuple(f["evidence"].get("trigger_tokens") or ()) for f in hits]
+    pieces = [_unmarked(f["evidence"].get("trigger_tokens") or ()) for f in hits]
     return {_normalise(trigger): (_normalise(trigger) in named,
-                                  any(p and tuple(tokens[: len(p)]) == p for p in pieces))
+                                  any(p and _unmarked(tokens[: len(p)]) == p for p in pieces))
             for trigger, tokens in zip(manifest["triggers"], manifest["trigger_tokens"])}
+
+
+def _unmarked(tokens) -> tuple:
+    """Pieces without a word-start mark: a plant records its trigger's pieces as the trigger alone
+    tokenises ('|', 'D', ...), a finding as typed after a space ('▁|')."""
+    return tuple(t.lstrip("▁Ġ") for t in tokens)
 
 
 def _overlaps(found: str | None, planted: str) -> bool:
