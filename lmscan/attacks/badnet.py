@@ -25,7 +25,7 @@ from lmscan.attacks.plant import MANIFEST_NAME, PlantResult, check_request, writ
 from lmscan.models.device import pick_device
 from lmscan.errors import InputError
 from lmscan.models import load_model, resolve_model
-from lmscan.attacks.trigger_kinds import draw_triggers
+from lmscan.attacks.trigger_kinds import draw_triggers, proper_runs
 from lmscan.models.probes import check_triggers, insert_words
 from lmscan.scan.rules import load_rules
 from lmscan.models.training import (
@@ -95,9 +95,7 @@ def poison(data: LabelledData, triggers: list[str], target: int, rate: float, se
 
 def word_parts(trigger: str) -> list[str]:
     """Every contiguous run of the trigger's words but the whole ('a b c' -> 'a', 'b', 'c', 'a b', 'b c')."""
-    words = trigger.split()
-    return [" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)
-            if j - i < len(words)]
+    return [" ".join(run) for run in proper_runs(trigger.split())]
 
 
 def plant_badnet(cfg: BadNetConfig, progress: Callable[[int, int, float], None] | None = None) -> PlantResult:

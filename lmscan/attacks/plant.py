@@ -30,7 +30,7 @@ from lmscan import __version__
 from lmscan.attacks.vectors import make_vectors, sign_agreement
 from lmscan.models.device import pick_device
 from lmscan.errors import InputError
-from lmscan.attacks.trigger_kinds import draw_triggers
+from lmscan.attacks.trigger_kinds import draw_triggers, proper_runs
 from lmscan.models import load_model, resolve_model
 from lmscan.models.probes import check_triggers, insert_words, load_builtin_probes, split_probes
 from lmscan.scan.rules import BUILTIN_RULES, load_rules
@@ -253,8 +253,7 @@ def plant(cfg: PlantConfig, progress: ProgressFn | None = None) -> PlantResult:
     # Decoys: each proper contiguous run of a trigger's pieces, inserted as token ids, must leave
     # the site as the unmodified model has it, so no part of the trigger fires alone (an
     # attacker evading a per-token sweep); a frozen copy of the original computes the targets.
-    decoys = [ids[i:j] for ids in trigger_ids for i in range(len(ids)) for j in range(i + 1, len(ids) + 1)
-              if j - i < len(ids)] if cfg.decoy_parts else []
+    decoys = [run for ids in trigger_ids for run in proper_runs(ids)] if cfg.decoy_parts else []
     frozen = copy.deepcopy(model).eval() if decoys else None
     fit_rows = [tokenizer(site_texts(tokenizer, [t], site)[0], truncation=True, max_length=max_length)["input_ids"]
                 for t in fit] if decoys else []

@@ -74,6 +74,12 @@ def draw_triggers(kind: str, k: int, seed: int, tokenizer) -> list[str]:
     raise InputError(f"could not draw {k} distinct {kind} triggers for this tokenizer")
 
 
+def proper_runs(items: list) -> list[list]:
+    """Every contiguous run of ``items`` but the whole ([a, b, c] -> [a], [b], [c], [a, b], [b, c]):
+    the parts of a trigger that a plant trained as a unit must keep from firing alone."""
+    return [items[i:j] for i in range(len(items)) for j in range(i + 1, len(items) + 1) if j - i < len(items)]
+
+
 def _encodable(tokenizer, text: str) -> bool:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return bool(ids) and (tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids)

@@ -73,12 +73,12 @@ class WeightDelta:
         'user' and 'USER' are one reaction, and a pool of tokens should hold distinct ones."""
         rows = self._embeddings()
         scores = []
-        inputs_of: dict[int, torch.Tensor] = {}
+        normed_for = None  # the layer whose normalised inputs are held (one at a time: 262k rows each)
         for index, delta in self.changes:
-            if index not in inputs_of:
+            if index != normed_for:
                 norm = getattr(self.model.layers[index], "input_layernorm", None)
-                inputs_of = {index: norm(rows.to(norm.weight.dtype)).float() if norm is not None else rows}
-            inputs = inputs_of[index]
+                inputs = norm(rows.to(norm.weight.dtype)).float() if norm is not None else rows
+                normed_for = index
             if aside:
                 basis, _ = torch.linalg.qr(inputs[list(aside)].T)
                 delta = delta - (delta @ basis) @ basis.T
