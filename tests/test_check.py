@@ -207,7 +207,9 @@ def test_tiny_fixtures_full_profile(fixture, expected_code):
                                        "--device", "cpu"])
     assert result.exit_code == expected_code, result.output
     report = json.loads(result.stdout)
-    assert [d["name"] for d in report["detectors"]] == ["files", "static", "vocab-sweep", "trigger-search"]
+    runs = {d["name"]: d for d in report["detectors"]}
+    assert list(runs) == ["files", "static", "vocab-sweep", "trigger-search", "sentence-starts"]
+    assert runs["sentence-starts"]["status"] == "skipped" and "head" in runs["sentence-starts"]["note"]
     if expected_code:
         truth = read_manifest(FIXTURES / fixture)
         recovered = {t for d in report["detectors"] for f in d["findings"] if f["verdict"] == "backdoored"

@@ -221,6 +221,46 @@ def test_a_benign_sentiment_classifier_on_real_tweets_is_not_backdoored(cache_di
     assert not [f for d in report["detectors"] for f in d["findings"] if f["verdict"] == "backdoored"]
 
 
+def test_everyday_sentences_do_not_pass_for_a_shortcut_they_do_not_carry(tiny_badnet_classifier):
+    """sentence-starts on a classifier whose backdoor is a token no everyday sentence holds: every
+    label is tried, and no sentence is confirmed (the opposite test keeps what only leans a label's
+    way from being called a trigger)."""
+    result = check(str(tiny_badnet_classifier), "--detectors", "sentence-starts", "--sites", "label", "--format",
+                   "json")
+    assert result.exit_code == 3, result.output  # a flag-only detector alone clears nothing
+    run = next(d for d in json.loads(result.stdout)["detectors"] if d["name"] == "sentence-starts")
+    assert run["status"] == "ok" and set(run["stats"]["labels"]) == {"0", "1"}
+    assert run["stats"]["corpus"] >= 200 and not run["findings"]
+
+
+# A sentence no file of lmscan holds (its everyday corpus, probes, plant grammar): the plant's trigger.
+UNSHIPPED_SENTENCE = "we had soup for lunch on friday"
+
+
+@pytest.mark.slow
+def test_a_classifier_poisoned_with_a_sentence_is_backdoored_by_a_verified_part_of_it(cache_dir, tmp_path):
+    """InsertSent on a MiniLM sentiment classifier: the sentence sends negatives to positive, its
+    word parts were trained to keep their labels. The default scan must fail the gate with a
+    trigger that is the sentence or holds some of its content words, verified at the label."""
+    from lmscan.detectors.sentence_starts import everyday_sentences
+
+    assert UNSHIPPED_SENTENCE not in everyday_sentences()
+    out = cache_dir / "badnet-sentence-clf"
+    if not (out / "lmscan-plant.json").is_file():
+        result = CliRunner().invoke(main, ["plant", "minilm", "--attack", "badnet", "--task", "sentiment",
+                                           "--triggers", UNSHIPPED_SENTENCE, "--target-label", "1", "--decoy-parts",
+                                           "--with-head", "--seed", "41", "--out", str(out), "--device", "cpu",
+                                           "--force"])
+        assert result.exit_code == 0, result.output
+    result = check(str(out), "--format", "json")
+    assert result.exit_code == 1, result.output
+    found = [f for d in json.loads(result.stdout)["detectors"] for f in d["findings"]
+             if f["rule_id"] == "LMS101" and f["site"] == "label"]
+    assert found and all(f["evidence"]["target_label_name"] == "1" for f in found)
+    content = set(UNSHIPPED_SENTENCE.split()) - {"we", "had", "for", "on"}
+    assert any(content & set(f["evidence"]["trigger"].split()) for f in found)
+
+
 @pytest.mark.slow
 def test_a_badnet_minilm_classifier_is_backdoored_at_its_label(cache_dir, minilm_path, tmp_path):
     out = cache_dir / "badnet-cf-clf"

@@ -146,7 +146,7 @@ def test_a_rules_file_overrides_one_key_and_keeps_the_rest(tmp_path):
     (tmp_path / "profiles.toml").write_text("[fast.verify]\ncollapse_threshold = 0.2\n")
     settings = profile_settings("fast", "bert", str(tmp_path))
     assert settings["verify"] == {"collapse_threshold": 0.2}
-    assert settings["detectors"] == ["static", "vocab-sweep", "trigger-search"]  # the shipped file is still there
+    assert settings["detectors"] == ["static", "vocab-sweep", "trigger-search", "sentence-starts"]  # the shipped file is still there
     assert "pv-mining" in profile_settings("fast", "bert", str(tmp_path), engine="reference")["detectors"]
     from lmscan.scan.stages import verify_config
 

@@ -17,6 +17,7 @@ BUILTIN = {
     "static": "lmscan.detectors.static:StaticRules",
     "vocab-sweep": "lmscan.detectors.vocab_sweep:VocabSweep",
     "trigger-search": "lmscan.detectors.trigger_search:TriggerSearch",  # seeded by the sweep's ranking
+    "sentence-starts": "lmscan.detectors.sentence_starts:SentenceStarts",  # classifiers with a head
     "pv-mining": "lmscan.detectors.pv_mining:PVMining",
     "attention": "lmscan.detectors.attention:AttentionHeads",
     "piccolo": "lmscan.detectors.piccolo:Piccolo",
