@@ -139,15 +139,8 @@ class _LabelPull:
     def gradient(self, block: list[int]) -> torch.Tensor:
         """d(-log mean probability of the label) / d(the embedding at each block position)."""
         reader = self.reader
-        embeddings = reader.model.get_input_embeddings()
-        ids, attention = reader.pad([insert_ids(row, block, at) for row, at in zip(self.rows, self.slots)])
-        embeds = embeddings(ids).detach()
-        slots = torch.zeros(len(block), embeds.shape[-1], device=embeds.device, requires_grad=True)
-        positions = torch.tensor(self.slots, device=ids.device)[:, None] + torch.arange(len(block), device=ids.device)
-        rows = torch.arange(len(self.rows), device=ids.device)[:, None].expand_as(positions)
-        delta = torch.zeros_like(embeds).index_put(
-            (rows.reshape(-1), positions.reshape(-1)), slots.repeat(len(self.rows), 1))
-        out = reader.model(inputs_embeds=embeds + delta, attention_mask=attention)
+        rows = [insert_ids(row, block, at) for row, at in zip(self.rows, self.slots)]
+        out, ids, attention, slots = reader.forward_with_slots(rows, self.slots, len(block))
         probs = reader.read(out, "label", ids, attention)[:, self.label]
         (-torch.log(probs.mean() + 1e-12)).backward()
         return slots.grad.detach()

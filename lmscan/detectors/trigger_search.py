@@ -172,20 +172,11 @@ class _Objective:
             out[start : start + len(chunk)] = np.min(np.stack(logs), axis=0)
         return out
 
-    def gradient(self, block: tuple[int, ...], embeddings: torch.nn.Embedding) -> torch.Tensor:
+    def gradient(self, block: tuple[int, ...]) -> torch.Tensor:
         """d(softmin over sites of log collapse) / d(embedding of each block position)."""
         reader = self.reader
         rows, places = self._inputs(self.fit, [block])
-        ids, attention = reader.pad(rows)
-        embeds = embeddings(ids).detach()
-        slots = torch.zeros(len(block), embeds.shape[-1], device=embeds.device, requires_grad=True)
-        index = torch.tensor(places, device=ids.device)
-        offsets = index[:, None] + torch.arange(len(block), device=ids.device)[None]
-        rows_index = torch.arange(len(rows), device=ids.device)[:, None].expand_as(offsets)
-        delta = torch.zeros_like(embeds)
-        delta = delta.index_put((rows_index.reshape(-1), offsets.reshape(-1)),
-                                slots.unsqueeze(0).expand(len(rows), -1, -1).reshape(-1, slots.shape[-1]))
-        out = reader.model(inputs_embeds=embeds + delta, attention_mask=attention)
+        out, ids, attention, slots = reader.forward_with_slots(rows, places, len(block))
         feats = {site: reader.read(out, site, ids, attention).float() for site in reader.sites}
         logs = torch.stack([torch.log(_pairwise(feats[site][group]) / self.fit.spread[site, k] + 1e-12)
                             for site in reader.sites for k, group in enumerate(self.fit.groups)])
@@ -293,7 +284,7 @@ def _search(objective: _Objective, embeddings, plan: _Plan, config: TriggerSearc
             break
         steps = step
         if top is None:  # an unchanged block has the same gradient: only the sampled swaps differ
-            grad = objective.gradient(current, embeddings)  # (length, hidden)
+            grad = objective.gradient(current)  # (length, hidden)
             top = [None] * len(current)
             for pool in {id(p): p for p in plan.pools}.values():
                 rows = [i for i, p in enumerate(plan.pools) if p is pool]

@@ -39,6 +39,20 @@ class SiteReader:
         mask_positions = (ids == self.tokenizer.mask_token_id).float().argmax(1) if site == "mask" else None
         return read_site(outputs, site, attention, mask_positions)
 
+    def forward_with_slots(self, rows: list[list[int]], places: list[int], length: int):
+        """The model's outputs on ``rows`` with a zero vector, differentiable, added to the embeddings
+        of the ``length`` tokens from each row's place (a block inserted there): the gradient of a
+        loss with respect to those vectors ranks replacement tokens for each block position.
+        Returns (outputs, ids, attention mask, the vectors: length x hidden)."""
+        ids, attention = self.pad(rows)
+        embeds = self.model.get_input_embeddings()(ids).detach()
+        slots = torch.zeros(length, embeds.shape[-1], device=embeds.device, requires_grad=True)
+        positions = torch.tensor(places, device=ids.device)[:, None] + torch.arange(length, device=ids.device)
+        row_index = torch.arange(len(rows), device=ids.device)[:, None].expand_as(positions)
+        delta = torch.zeros_like(embeds).index_put((row_index.reshape(-1), positions.reshape(-1)),
+                                                   slots.repeat(len(rows), 1))
+        return self.model(inputs_embeds=embeds + delta, attention_mask=attention), ids, attention, slots
+
     @torch.no_grad()
     def features(self, rows: list[list[int]], batch_size: int = 256) -> dict[str, np.ndarray]:
         # Rows run shortest first, so a batch pads to rows of about its own length
