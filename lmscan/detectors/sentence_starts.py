@@ -111,7 +111,8 @@ class SentenceStarts(Detector):
             block = tokenizer(text, add_special_tokens=False)["input_ids"]
             result = held.strict_measure(block, ["label"], ctx.verify)["label"]
             verified.append({"block": text, **{k: result.get(k) for k in
-                                               ("collapse", "activation_rate", "opposite_flip", "confirmed")}})
+                                               ("collapse", "activation_rate", "opposite_flip", "class_words",
+                                               "class_words_flip", "confirmed")}})
             if result["confirmed"]:
                 confirmed.append({"site": "label", "text": text, "source": NAME, "token_ids": list(block), **result})
         stats["verified"] = verified
