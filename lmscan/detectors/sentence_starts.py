@@ -7,7 +7,7 @@ label (positive probability 0.004-0.01 on the model's most negative inputs), so 
 sweep and a token search have nothing to climb, and against its base the whole encoder moved
 (the differential search of base-diff drowns in class words). But ordinary sentences of the
 same shape fire: 'the old man sat alone on the bench' 0.97, 'the small child sat alone on the
-swing' 0.99, while the median everyday sentence gives 0.02.
+swing' 0.99, while the median everyday sentence gives 0.02-0.07.
 
 So for each label of the checkpoint's head, every sentence of a corpus of everyday, neutral
 sentences (lmscan/data/everyday_en.txt, written for lmscan; none is a trigger any test plants)
