@@ -242,9 +242,9 @@ def test_a_classifier_poisoned_with_a_sentence_is_backdoored_by_a_verified_part_
     """InsertSent on a MiniLM sentiment classifier: the sentence sends negatives to positive, its
     word parts were trained to keep their labels. The default scan must fail the gate with a
     trigger that is the sentence or holds some of its content words, verified at the label."""
-    from lmscan.detectors.sentence_starts import everyday_sentences
+    from lmscan.models.probes import load_everyday_sentences
 
-    assert UNSHIPPED_SENTENCE not in everyday_sentences()
+    assert UNSHIPPED_SENTENCE not in load_everyday_sentences()
     out = cache_dir / "badnet-sentence-clf"
     if not (out / "lmscan-plant.json").is_file():
         result = CliRunner().invoke(main, ["plant", "minilm", "--attack", "badnet", "--task", "sentiment",

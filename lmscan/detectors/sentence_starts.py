@@ -23,11 +23,9 @@ model's most opposite inputs, four joined, is LMS101.
 
 from __future__ import annotations
 
-import functools
 import random
 import time
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy as np
 import torch
@@ -38,6 +36,7 @@ from lmscan.evidence.site_reader import SiteReader, insert_ids, word_starts
 from lmscan.evidence.trigger_findings import backdoor_findings
 from lmscan.findings import DetectorRun
 from lmscan.models.architectures import ENCODER
+from lmscan.models.probes import load_everyday_sentences
 
 NAME = "sentence-starts"
 
@@ -74,7 +73,7 @@ class SentenceStarts(Detector):
         loaded, cfg = ctx.loaded, ctx.config
         tokenizer = loaded.tokenizer
         reader = SiteReader(loaded.model, tokenizer, ["label"], ctx.device, max_length=cfg.max_length)
-        corpus = everyday_sentences()
+        corpus = load_everyday_sentences()
         words = whole_words(tokenizer).to(ctx.device)
         fit_rows = [reader.encode(t) for t in ctx.fit]
         clean = reader.features(fit_rows, cfg.batch_size)["label"]
@@ -198,10 +197,4 @@ def shortest_firing(scorer: _LabelPull, tokenizer, sentence: str, score: float, 
         words = shorter[best]
         chain.append(" ".join(words))
     return tuple(chain[:1] + chain[-1:]) if len(chain) > 1 else (sentence,)
-
-
-@functools.lru_cache(maxsize=1)
-def everyday_sentences() -> tuple[str, ...]:
-    text = (resources.files("lmscan") / "data" / "everyday_en.txt").read_text(encoding="utf-8")
-    return tuple(line.strip() for line in text.split("\n") if line.strip() and not line.startswith("#"))
 

@@ -83,6 +83,18 @@ def load_generation_prompts() -> list[str]:
     return list(_generation_prompts())
 
 
+@functools.lru_cache(maxsize=1)
+def _everyday_sentences() -> tuple[str, ...]:
+    text = (resources.files("lmscan") / "data" / "everyday_en.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.split("\n") if line.strip() and not line.startswith("#"))
+
+
+def load_everyday_sentences() -> list[str]:
+    """Short, neutral everyday sentences written for lmscan: the starts of the sentence-trigger
+    search (lmscan.detectors.sentence_starts)."""
+    return list(_everyday_sentences())
+
+
 def load_opinion_probes() -> list[str]:
     """Opinionated and topical sentences (fixtures/make_opinion_probes.py): text a fine-tuned
     model classifies confidently, for the opposite test of lmscan.evidence.class_cues."""
